@@ -1,0 +1,390 @@
+"""The flash bundle: one model laid out the way the flash engine reads it.
+
+A bundle is a folder (format documented in docs/FORMAT.md):
+
+    manifest.json           versioned description, checksummed: architecture, config, dtype,
+                            every file with its size and sha256, the FFN record layout
+    resident.safetensors    weights kept in memory: embeddings, attention, norms, lm_head
+    ffn.bin                 FFN records; per (family, layer) one 4096-aligned segment,
+                            per neuron one record holding all that neuron's weights
+    tokenizer/              tokenizer files as transformers writes them
+
+`BundleWriter` builds one in a temporary sibling folder and renames it into place only when
+complete, so a failed conversion leaves nothing behind. `Bundle.open` validates a bundle before
+anything reads it and raises `BundleError` with a one-line reason when it is not sound.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterable, Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+import numpy as np
+
+FORMAT = "mlx_flash.bundle"
+VERSION = 1
+ALIGNMENT = 4096
+MANIFEST = "manifest.json"
+RESIDENT_FILE = "resident.safetensors"
+FFN_FILE = "ffn.bin"
+TOKENIZER_DIR = "tokenizer"
+
+DTYPES: dict[str, mx.Dtype] = {
+    "float16": mx.float16,
+    "bfloat16": mx.bfloat16,
+    "float32": mx.float32,
+}
+ITEMSIZE = {"float16": 2, "bfloat16": 2, "float32": 4}
+
+
+class BundleError(Exception):
+    """A bundle is missing, incomplete, altered, or of an unsupported version."""
+
+
+@dataclass(frozen=True)
+class RecordPart:
+    """One tensor slice inside a record, in elements from the record's start."""
+
+    name: str
+    offset: int
+    length: int
+
+
+@dataclass(frozen=True)
+class RecordFamily:
+    """Records of one kind (e.g. one per FFN neuron), one segment of them per layer.
+
+    Every record of a family has the same layout: `stride` elements of `dtype`, holding the
+    `parts` at fixed offsets (the rest is padding).
+    """
+
+    name: str
+    count: int
+    stride: int
+    dtype: str
+    parts: tuple[RecordPart, ...]
+    segments: tuple[tuple[int, int], ...]
+
+    @property
+    def record_bytes(self) -> int:
+        return self.stride * ITEMSIZE[self.dtype]
+
+    @property
+    def layers(self) -> int:
+        return len(self.segments)
+
+    def part(self, name: str) -> RecordPart:
+        for p in self.parts:
+            if p.name == name:
+                return p
+        raise KeyError(f"record family {self.name!r} has no part {name!r}")
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "count": self.count,
+            "stride": self.stride,
+            "dtype": self.dtype,
+            "parts": [{"name": p.name, "offset": p.offset, "length": p.length} for p in self.parts],
+            "segments": [list(s) for s in self.segments],
+        }
+
+    @classmethod
+    def from_json(cls, name: str, d: dict[str, Any]) -> RecordFamily:
+        return cls(
+            name=name,
+            count=int(d["count"]),
+            stride=int(d["stride"]),
+            dtype=str(d["dtype"]),
+            parts=tuple(RecordPart(str(p["name"]), int(p["offset"]), int(p["length"]))
+                        for p in d["parts"]),
+            segments=tuple((int(o), int(n)) for o, n in d["segments"]),
+        )
+
+
+def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _manifest_digest(manifest: dict[str, Any]) -> str:
+    body = {k: v for k, v in manifest.items() if k != "manifest_sha256"}
+    canonical = json.dumps(body, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def _safe_member(root: Path, name: str) -> Path:
+    """The path of bundle member `name`, refusing names that leave the bundle folder."""
+    if not isinstance(name, str) or not name or os.path.isabs(name) or "\\" in name:
+        raise BundleError(f"manifest names a file outside the bundle: {name!r}")
+    parts = Path(name).parts
+    if any(p in ("..", ".") for p in parts):
+        raise BundleError(f"manifest names a file outside the bundle: {name!r}")
+    path = root / name
+    try:
+        path.resolve().relative_to(root.resolve())
+    except ValueError:
+        raise BundleError(f"manifest names a file outside the bundle: {name!r}") from None
+    return path
+
+
+class Bundle:
+    """A validated bundle on disk. Open with `Bundle.open(path)`."""
+
+    def __init__(self, path: Path, manifest: dict[str, Any]):
+        self.path = path
+        self.manifest = manifest
+        self.families = {
+            name: RecordFamily.from_json(name, d)
+            for name, d in manifest["ffn"]["families"].items()
+        }
+
+    @property
+    def architecture(self) -> str:
+        return self.manifest["architecture"]
+
+    @property
+    def config(self) -> dict[str, Any]:
+        return self.manifest["config"]
+
+    @property
+    def dtype(self) -> str:
+        return self.manifest["dtype"]
+
+    @property
+    def ffn_path(self) -> Path:
+        return self.path / self.manifest["ffn"]["file"]
+
+    @property
+    def resident_path(self) -> Path:
+        return self.path / self.manifest["resident"]["file"]
+
+    @property
+    def tokenizer_path(self) -> Path:
+        return self.path / self.manifest["tokenizer"]["dir"]
+
+    def file_bytes(self, name: str) -> int:
+        return int(self.manifest["files"][name]["bytes"])
+
+    @property
+    def resident_bytes(self) -> int:
+        return self.file_bytes(self.manifest["resident"]["file"])
+
+    @property
+    def ffn_bytes(self) -> int:
+        """Bytes of FFN records (alignment padding excluded)."""
+        return sum(n for f in self.families.values() for _, n in f.segments)
+
+    def load_resident(self) -> dict[str, mx.array]:
+        return mx.load(str(self.resident_path))
+
+    @classmethod
+    def open(cls, path: str | os.PathLike, verify: bool = False) -> Bundle:
+        """Validate and open the bundle at `path`; `verify` also checks every file's sha256."""
+        root = Path(path)
+        manifest_path = root / MANIFEST
+        if not manifest_path.is_file():
+            raise BundleError(f"{root} is not a flash bundle (no {MANIFEST})")
+        try:
+            manifest = json.loads(manifest_path.read_text())
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise BundleError(f"{manifest_path} is not valid JSON: {e}") from None
+        if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+            raise BundleError(f"{manifest_path} is not an mlx_flash bundle manifest")
+        version = manifest.get("version")
+        if version != VERSION:
+            raise BundleError(
+                f"bundle format version {version!r} is not supported (this mlx_flash reads "
+                f"version {VERSION}); convert the model again"
+            )
+        if manifest.get("manifest_sha256") != _manifest_digest(manifest):
+            raise BundleError(f"{manifest_path} was altered: its checksum does not match")
+        try:
+            bundle = cls(root, manifest)
+            bundle._validate(verify)
+        except (KeyError, TypeError, ValueError) as e:
+            raise BundleError(f"{manifest_path} is malformed: {type(e).__name__}: {e}") from None
+        return bundle
+
+    def _validate(self, verify: bool) -> None:
+        m = self.manifest
+        if m["dtype"] not in DTYPES:
+            raise BundleError(f"unsupported bundle dtype {m['dtype']!r}")
+        files: dict[str, Any] = m["files"]
+        for name, info in files.items():
+            path = _safe_member(self.path, name)
+            if not path.is_file():
+                raise BundleError(f"bundle file {name} is missing")
+            size = path.stat().st_size
+            if size != int(info["bytes"]):
+                what = "truncated" if size < int(info["bytes"]) else "larger than recorded"
+                raise BundleError(
+                    f"bundle file {name} is {what}: {size} bytes, manifest says {info['bytes']}"
+                )
+            if verify and sha256_file(path) != info["sha256"]:
+                raise BundleError(f"bundle file {name} is corrupt: sha256 does not match")
+        for name in (m["resident"]["file"], m["ffn"]["file"]):
+            if name not in files:
+                raise BundleError(f"manifest does not list {name} among its files")
+        _safe_member(self.path, m["tokenizer"]["dir"])
+        ffn_size = int(files[m["ffn"]["file"]]["bytes"])
+        n_layers = int(self.config["num_hidden_layers"])
+        align = int(m["ffn"]["alignment"])
+        for fam in self.families.values():
+            if fam.dtype not in DTYPES or fam.count <= 0 or fam.stride <= 0:
+                raise BundleError(f"record family {fam.name!r} has an invalid layout")
+            for p in fam.parts:
+                if p.offset < 0 or p.length <= 0 or p.offset + p.length > fam.stride:
+                    raise BundleError(f"record part {fam.name}.{p.name} lies outside its record")
+            if fam.layers != n_layers:
+                raise BundleError(
+                    f"record family {fam.name!r} has {fam.layers} segments for {n_layers} layers"
+                )
+            for layer, (offset, length) in enumerate(fam.segments):
+                if offset % align or length != fam.count * fam.record_bytes:
+                    raise BundleError(f"segment {fam.name}[{layer}] is misaligned or mis-sized")
+                if offset + length > ffn_size:
+                    raise BundleError(f"segment {fam.name}[{layer}] runs past the end of ffn.bin")
+
+
+@contextmanager
+def staging_dir(out: Path) -> Iterator[Path]:
+    """A temporary folder beside `out`, removed on exit unless `publish_dir` moved it."""
+    if out.exists():
+        raise FileExistsError(f"{out} already exists")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def publish_dir(tmp: Path, out: Path) -> None:
+    """Move a finished staging folder to `out` in one rename (atomic on one filesystem)."""
+    try:
+        os.rename(tmp, out)
+    except OSError:
+        if out.exists():
+            raise FileExistsError(f"{out} already exists") from None
+        raise
+
+
+class BundleWriter:
+    """Writes a bundle into a temporary sibling folder; `commit()` renames it into place.
+
+    Use as a context manager: an exception inside the block removes the temporary folder, so a
+    failed conversion never leaves a partial bundle at `out`.
+    """
+
+    def __init__(
+        self,
+        out: str | os.PathLike,
+        *,
+        architecture: str,
+        config: dict[str, Any],
+        dtype: str,
+        source: dict[str, Any],
+    ):
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, not {dtype!r}")
+        self.out = Path(out)
+        self._stack = ExitStack()
+        self.tmp = self._stack.enter_context(staging_dir(self.out))
+        self.tokenizer_dir = self.tmp / TOKENIZER_DIR
+        self.tokenizer_dir.mkdir()
+        self.architecture, self.config = architecture, config
+        self.dtype, self.source = dtype, source
+        self._resident: dict[str, mx.array] = {}
+        # closed by the exit stack before the staging folder is removed
+        self._ffn = self._stack.enter_context(open(self.tmp / FFN_FILE, "wb"))  # noqa: SIM115
+        self._families: dict[str, dict[str, Any]] = {}
+
+    def __enter__(self) -> BundleWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self._stack.__exit__(exc_type, exc, tb)
+
+    def add_resident(self, name: str, array: mx.array) -> None:
+        self._resident[name] = array.astype(DTYPES[self.dtype]) if mx.issubdtype(
+            array.dtype, mx.floating) else array
+
+    def add_family(self, name: str, count: int, parts: Iterable[RecordPart], stride: int) -> None:
+        n_layers = int(self.config["num_hidden_layers"])
+        self._families[name] = {"count": count, "stride": stride, "parts": tuple(parts),
+                                "segments": [None] * n_layers}
+
+    def write_segment(self, family: str, layer: int, records: mx.array) -> None:
+        """Append a layer's records (`[count, stride]`, any float dtype) at an aligned offset."""
+        fam = self._families[family]
+        if tuple(records.shape) != (fam["count"], fam["stride"]):
+            raise ValueError(f"{family}[{layer}] records have shape {records.shape}, "
+                             f"expected {(fam['count'], fam['stride'])}")
+        data = _raw_bytes(records.astype(DTYPES[self.dtype]))
+        offset = self._ffn.tell()
+        pad = -offset % ALIGNMENT
+        self._ffn.write(b"\0" * pad)
+        self._ffn.write(data)
+        fam["segments"][layer] = (offset + pad, len(data))
+
+    def commit(self) -> Bundle:
+        """Finish every file, write the manifest, and move the bundle into place."""
+        self._ffn.flush()
+        os.fsync(self._ffn.fileno())
+        self._ffn.close()
+        families = {}
+        for name, fam in self._families.items():
+            missing = [i for i, s in enumerate(fam["segments"]) if s is None]
+            if missing:
+                raise ValueError(f"record family {name!r} lacks layers {missing}")
+            families[name] = RecordFamily(name, fam["count"], fam["stride"], self.dtype,
+                                          fam["parts"], tuple(fam["segments"])).to_json()
+        mx.save_safetensors(str(self.tmp / RESIDENT_FILE), self._resident,
+                            metadata={"format": "mlx"})
+        self._resident.clear()
+        files = {}
+        for path in sorted(p for p in self.tmp.rglob("*") if p.is_file()):
+            files[path.relative_to(self.tmp).as_posix()] = {
+                "bytes": path.stat().st_size, "sha256": sha256_file(path)}
+        from . import __version__
+
+        manifest: dict[str, Any] = {
+            "format": FORMAT,
+            "version": VERSION,
+            "created_by": f"mlx_flash {__version__}",
+            "architecture": self.architecture,
+            "config": self.config,
+            "dtype": self.dtype,
+            "source": self.source,
+            "resident": {"file": RESIDENT_FILE},
+            "tokenizer": {"dir": TOKENIZER_DIR},
+            "ffn": {"file": FFN_FILE, "alignment": ALIGNMENT, "families": families},
+            "files": files,
+        }
+        manifest["manifest_sha256"] = _manifest_digest(manifest)
+        with open(self.tmp / MANIFEST, "w") as f:
+            json.dump(manifest, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        publish_dir(self.tmp, self.out)
+        return Bundle.open(self.out)
+
+
+def _raw_bytes(a: mx.array) -> memoryview:
+    """The bytes of an MLX array of any dtype (NumPy has no bfloat16, so view as integers)."""
+    if a.dtype in (mx.float16, mx.bfloat16):
+        a = a.view(mx.uint16)
+    mx.eval(a)
+    return memoryview(np.ascontiguousarray(np.array(a, copy=False))).cast("B")

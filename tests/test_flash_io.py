@@ -1,0 +1,117 @@
+"""FlashReader: coalesced positional reads scattered straight into the neuron matrix."""
+
+from __future__ import annotations
+
+import os
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from mlx_flash import flash_io
+from mlx_flash.bundle import BundleError, RecordFamily, RecordPart
+from mlx_flash.flash_io import FlashReader, coalesce
+from mlx_flash.neuron_cache import NeuronMatrix
+
+COUNT, D = 64, 8
+# an OPT-like record: up row, down column, one bias, padding to 24 elements
+FAMILY = RecordFamily("neuron", COUNT, 24, "float32",
+                      (RecordPart("up", 0, D), RecordPart("down", D, D),
+                       RecordPart("up_bias", 2 * D, 1)), ((4096, COUNT * 24 * 4),))
+
+
+@pytest.fixture(scope="module")
+def segment(tmp_path_factory):
+    """A file with 4096 junk bytes, then COUNT records whose values encode (record, element)."""
+    records = np.arange(COUNT)[:, None] * 1000.0 + np.arange(24)[None, :]
+    path = tmp_path_factory.mktemp("io") / "ffn.bin"
+    with open(path, "wb") as f:
+        f.write(b"\xff" * 4096)
+        f.write(records.astype(np.float32).tobytes())
+    return path, records.astype(np.float32)
+
+
+def test_coalesce():
+    assert coalesce(np.array([], dtype=np.int64)) == []
+    assert coalesce(np.array([3])) == [(0, 1)]
+    assert coalesce(np.array([1, 2, 3, 7, 8, 10])) == [(0, 3), (3, 2), (5, 1)]
+
+
+@settings(max_examples=60, deadline=None)
+@given(data=st.data())
+def test_records_land_in_their_slots(segment, data):
+    """Any sorted set of records, read into any distinct slots, lands part by part exactly
+    where a brute-force copy puts it; untouched slots keep their contents."""
+    path, records = segment
+    ids = np.array(sorted(data.draw(st.sets(st.integers(0, COUNT - 1), max_size=COUNT))),
+                   dtype=np.int64)
+    slots = np.array(data.draw(st.permutations(range(COUNT)))[: len(ids)], dtype=np.int64)
+    matrix = NeuronMatrix(FAMILY, COUNT)
+    for part in matrix.parts.values():
+        np.array(part, copy=False)[:] = -1
+    reader = FlashReader(path)
+    reader.read_records(4096, ids, slots, matrix)
+    expected = {p.name: np.full((COUNT, p.length), -1, np.float32) for p in FAMILY.parts}
+    for i, s in zip(ids, slots, strict=True):
+        for p in FAMILY.parts:
+            expected[p.name][s] = records[i, p.offset:p.offset + p.length]
+    for name, part in matrix.parts.items():
+        np.testing.assert_array_equal(np.array(part), expected[name])
+    assert reader.counters.bytes == len(ids) * FAMILY.record_bytes
+    assert reader.counters.records == len(ids)
+    assert reader.counters.calls >= len(coalesce(ids))
+
+
+def test_one_read_per_run(segment):
+    path, _ = segment
+    reader = FlashReader(path)
+    matrix = NeuronMatrix(FAMILY, COUNT)
+    ids = np.array([0, 1, 2, 3, 10, 11, 40])
+    reader.read_records(4096, ids, np.arange(len(ids)), matrix)
+    assert reader.counters.calls == 3
+
+
+def test_short_reads_are_completed(segment, monkeypatch):
+    """The kernel may return fewer bytes than asked; the reader continues where it stopped."""
+    path, records = segment
+    real = os.preadv
+
+    def stingy(fd, buffers, offset):  # returns at most 100 bytes per call
+        total, out = 0, []
+        for b in buffers:
+            take = min(len(b), 100 - total)
+            if take <= 0:
+                break
+            out.append(memoryview(b)[:take])
+            total += take
+        return real(fd, out, offset)
+
+    monkeypatch.setattr(flash_io.os, "preadv", stingy)
+    matrix = NeuronMatrix(FAMILY, COUNT)
+    FlashReader(path).read_records(4096, np.arange(COUNT), np.arange(COUNT), matrix)
+    np.testing.assert_array_equal(np.array(matrix.parts["down"]), records[:, D:2 * D])
+    np.testing.assert_array_equal(np.array(matrix.parts["up_bias"])[:, 0], records[:, 2 * D])
+
+
+def test_truncated_file_is_a_bundle_error(segment, tmp_path):
+    path, _ = segment
+    short = tmp_path / "short.bin"
+    short.write_bytes(path.read_bytes()[:4096 + 10 * FAMILY.record_bytes])
+    matrix = NeuronMatrix(FAMILY, COUNT)
+    with pytest.raises(BundleError, match="truncated"):
+        FlashReader(short).read_records(4096, np.arange(20), np.arange(20), matrix)
+
+
+def test_matrix_memory_is_filled_in_place(segment):
+    """Reads write into the same buffers every time: MLX sees them without reallocation."""
+    path, records = segment
+    matrix = NeuronMatrix(FAMILY, COUNT)
+    address = matrix.buffer_address("up")
+    up = matrix.parts["up"]
+    reader = FlashReader(path)
+    for start in (0, 32):
+        reader.read_records(4096, np.arange(start, start + 8), np.arange(8), matrix)
+        assert mx.array_equal(up[:8], mx.array(records[start:start + 8, :D]))
+    assert matrix.buffer_address("up") == address
