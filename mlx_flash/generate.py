@@ -20,6 +20,14 @@ DEFAULT_MAX_TOKENS = 100
 
 
 def peak_rss_bytes() -> int:
+    """This process's peak resident set size."""
+    try:  # Linux: VmHWM starts afresh at exec; ru_maxrss would carry over a forking parent's peak
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss if sys.platform == "darwin" else rss * 1024  # macOS: bytes, Linux: KiB
 
