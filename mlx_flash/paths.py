@@ -60,8 +60,13 @@ def resolve_bundle(model: str | os.PathLike | None, dtype: str = "float16",
         return source
     out = cached_bundle_path(source, dtype)
     if not is_bundle(out):
+        import sys
+
         from .convert import convert
 
+        if progress:
+            print(f"mlx_flash: first use of {source.name}: converting it ({dtype}) into {out}",
+                  file=sys.stderr)
         try:
             convert(source, out, dtype=dtype, progress=progress)
         except FileExistsError:
