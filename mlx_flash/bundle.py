@@ -31,7 +31,7 @@ import mlx.core as mx
 import numpy as np
 
 FORMAT = "mlx_flash.bundle"
-VERSION = 1
+VERSION = 2
 ALIGNMENT = 4096
 MANIFEST = "manifest.json"
 RESIDENT_FILE = "resident.safetensors"
@@ -68,6 +68,7 @@ class RecordFamily:
     """
 
     name: str
+    file: str
     count: int
     stride: int
     dtype: str
@@ -88,8 +89,14 @@ class RecordFamily:
                 return p
         raise KeyError(f"record family {self.name!r} has no part {name!r}")
 
+    def part_span(self, names: Iterable[str]) -> tuple[int, int]:
+        """(first element, end element) of the smallest record range covering parts `names`."""
+        ps = [self.part(n) for n in names]
+        return min(p.offset for p in ps), max(p.offset + p.length for p in ps)
+
     def to_json(self) -> dict[str, Any]:
         return {
+            "file": self.file,
             "count": self.count,
             "stride": self.stride,
             "dtype": self.dtype,
@@ -101,6 +108,7 @@ class RecordFamily:
     def from_json(cls, name: str, d: dict[str, Any]) -> RecordFamily:
         return cls(
             name=name,
+            file=str(d["file"]),
             count=int(d["count"]),
             stride=int(d["stride"]),
             dtype=str(d["dtype"]),
@@ -162,9 +170,13 @@ class Bundle:
     def dtype(self) -> str:
         return self.manifest["dtype"]
 
+    def family_path(self, family: str) -> Path:
+        return self.path / self.families[family].file
+
     @property
     def ffn_path(self) -> Path:
-        return self.path / self.manifest["ffn"]["file"]
+        """The file of the neuron records."""
+        return self.family_path("neuron")
 
     @property
     def resident_path(self) -> Path:
@@ -183,8 +195,13 @@ class Bundle:
 
     @property
     def ffn_bytes(self) -> int:
-        """Bytes of FFN records (alignment padding excluded)."""
-        return sum(n for f in self.families.values() for _, n in f.segments)
+        """Bytes of the FFN's neuron records (alignment padding excluded)."""
+        return sum(n for _, n in self.families["neuron"].segments)
+
+    @property
+    def selection(self) -> dict[str, Any]:
+        """Calibrated selection modes: {"default": name or None, "modes": {name: {...}}}."""
+        return self.manifest.get("selection") or {"default": None, "modes": {}}
 
     def load_resident(self) -> dict[str, mx.array]:
         return mx.load(str(self.resident_path))
@@ -234,14 +251,16 @@ class Bundle:
                 )
             if verify and sha256_file(path) != info["sha256"]:
                 raise BundleError(f"bundle file {name} is corrupt: sha256 does not match")
-        for name in (m["resident"]["file"], m["ffn"]["file"]):
+        for name in referenced_files(m):
             if name not in files:
                 raise BundleError(f"manifest does not list {name} among its files")
         _safe_member(self.path, m["tokenizer"]["dir"])
-        ffn_size = int(files[m["ffn"]["file"]]["bytes"])
+        if "neuron" not in self.families:
+            raise BundleError("bundle has no neuron records")
         n_layers = int(self.config["num_hidden_layers"])
         align = int(m["ffn"]["alignment"])
         for fam in self.families.values():
+            file_size = int(files[fam.file]["bytes"])
             if fam.dtype not in DTYPES or fam.count <= 0 or fam.stride <= 0:
                 raise BundleError(f"record family {fam.name!r} has an invalid layout")
             for p in fam.parts:
@@ -254,8 +273,56 @@ class Bundle:
             for layer, (offset, length) in enumerate(fam.segments):
                 if offset % align or length != fam.count * fam.record_bytes:
                     raise BundleError(f"segment {fam.name}[{layer}] is misaligned or mis-sized")
-                if offset + length > ffn_size:
-                    raise BundleError(f"segment {fam.name}[{layer}] runs past the end of ffn.bin")
+                if offset + length > file_size:
+                    raise BundleError(f"segment {fam.name}[{layer}] runs past the end of "
+                                      f"{fam.file}")
+
+
+def referenced_files(manifest: dict[str, Any]) -> set[str]:
+    """Files the manifest's sections name (tokenizer files aside)."""
+    names = {manifest["resident"]["file"]}
+    names |= {f["file"] for f in manifest["ffn"]["families"].values()}
+    selection = manifest.get("selection") or {}
+    names |= {m["file"] for m in selection.get("modes", {}).values() if m.get("file")}
+    return names
+
+
+def write_manifest(folder: Path, manifest: dict[str, Any]) -> None:
+    """Seal `manifest` and replace folder/manifest.json with it in one atomic step."""
+    manifest["manifest_sha256"] = _manifest_digest(manifest)
+    tmp = folder / f".{MANIFEST}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(manifest, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, folder / MANIFEST)
+
+
+def file_entry(path: Path) -> dict[str, Any]:
+    return {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
+
+
+class SegmentFile:
+    """Appends per-layer record segments to a file, each at an ALIGNMENT-aligned offset."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._f = open(path, "wb")  # noqa: SIM115 (closed by close(), also on errors)
+
+    def write(self, records: mx.array, dtype: str) -> tuple[int, int]:
+        """Write `records` (`[count, stride]`) as `dtype`; returns (offset, length) in bytes."""
+        data = _raw_bytes(records.astype(DTYPES[dtype]))
+        offset = self._f.tell()
+        pad = -offset % ALIGNMENT
+        self._f.write(b"\0" * pad)
+        self._f.write(data)
+        return offset + pad, len(data)
+
+    def close(self) -> None:
+        if not self._f.closed:
+            self._f.flush()
+            os.fsync(self._f.fileno())
+            self._f.close()
 
 
 @contextmanager
@@ -265,6 +332,9 @@ def staging_dir(out: Path) -> Iterator[Path]:
         raise FileExistsError(f"{out} already exists")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; a bundle is an ordinary folder
     try:
         yield tmp
     finally:
@@ -307,8 +377,8 @@ class BundleWriter:
         self.architecture, self.config = architecture, config
         self.dtype, self.source = dtype, source
         self._resident: dict[str, mx.array] = {}
-        # closed by the exit stack before the staging folder is removed
-        self._ffn = self._stack.enter_context(open(self.tmp / FFN_FILE, "wb"))  # noqa: SIM115
+        self._ffn = SegmentFile(self.tmp / FFN_FILE)
+        self._stack.callback(self._ffn.close)  # before the staging folder is removed
         self._families: dict[str, dict[str, Any]] = {}
 
     def __enter__(self) -> BundleWriter:
@@ -332,32 +402,23 @@ class BundleWriter:
         if tuple(records.shape) != (fam["count"], fam["stride"]):
             raise ValueError(f"{family}[{layer}] records have shape {records.shape}, "
                              f"expected {(fam['count'], fam['stride'])}")
-        data = _raw_bytes(records.astype(DTYPES[self.dtype]))
-        offset = self._ffn.tell()
-        pad = -offset % ALIGNMENT
-        self._ffn.write(b"\0" * pad)
-        self._ffn.write(data)
-        fam["segments"][layer] = (offset + pad, len(data))
+        fam["segments"][layer] = self._ffn.write(records, self.dtype)
 
     def commit(self) -> Bundle:
         """Finish every file, write the manifest, and move the bundle into place."""
-        self._ffn.flush()
-        os.fsync(self._ffn.fileno())
         self._ffn.close()
         families = {}
         for name, fam in self._families.items():
             missing = [i for i, s in enumerate(fam["segments"]) if s is None]
             if missing:
                 raise ValueError(f"record family {name!r} lacks layers {missing}")
-            families[name] = RecordFamily(name, fam["count"], fam["stride"], self.dtype,
+            families[name] = RecordFamily(name, FFN_FILE, fam["count"], fam["stride"], self.dtype,
                                           fam["parts"], tuple(fam["segments"])).to_json()
         mx.save_safetensors(str(self.tmp / RESIDENT_FILE), self._resident,
                             metadata={"format": "mlx"})
         self._resident.clear()
-        files = {}
-        for path in sorted(p for p in self.tmp.rglob("*") if p.is_file()):
-            files[path.relative_to(self.tmp).as_posix()] = {
-                "bytes": path.stat().st_size, "sha256": sha256_file(path)}
+        files = {path.relative_to(self.tmp).as_posix(): file_entry(path)
+                 for path in sorted(p for p in self.tmp.rglob("*") if p.is_file())}
         from . import __version__
 
         manifest: dict[str, Any] = {
@@ -370,14 +431,10 @@ class BundleWriter:
             "source": self.source,
             "resident": {"file": RESIDENT_FILE},
             "tokenizer": {"dir": TOKENIZER_DIR},
-            "ffn": {"file": FFN_FILE, "alignment": ALIGNMENT, "families": families},
+            "ffn": {"alignment": ALIGNMENT, "families": families},
             "files": files,
         }
-        manifest["manifest_sha256"] = _manifest_digest(manifest)
-        with open(self.tmp / MANIFEST, "w") as f:
-            json.dump(manifest, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
+        write_manifest(self.tmp, manifest)
         publish_dir(self.tmp, self.out)
         return Bundle.open(self.out)
 
@@ -388,3 +445,59 @@ def _raw_bytes(a: mx.array) -> memoryview:
         a = a.view(mx.uint16)
     mx.eval(a)
     return memoryview(np.ascontiguousarray(np.array(a, copy=False))).cast("B")
+
+
+class BundleUpdate:
+    """Adds files to an existing bundle and changes its manifest in one atomic step.
+
+    New files are written under fresh names; `commit()` records them, replaces the manifest
+    (atomically), then deletes files the new manifest no longer names. Interrupted at any point,
+    the bundle stays valid: before the manifest is replaced it is the old bundle (plus unlisted
+    files that the next update removes), after, the new one.
+    """
+
+    def __init__(self, bundle: Bundle):
+        import copy
+
+        self.bundle = bundle
+        self.manifest: dict[str, Any] = copy.deepcopy(bundle.manifest)
+        self._new: list[Path] = []
+
+    def __enter__(self) -> BundleUpdate:
+        for stale in self.bundle.path.glob(".new-*"):  # left by an interrupted update
+            stale.unlink()
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            for path in self._new:
+                path.unlink(missing_ok=True)
+
+    def new_file(self, stem: str, suffix: str) -> tuple[Path, str]:
+        """(where to write, name to put in the manifest) for a new bundle file; the file is
+        staged under a hidden name and takes its name at commit."""
+        import secrets
+
+        name = f"{stem}-{secrets.token_hex(4)}{suffix}"
+        staging = self.bundle.path / f".new-{name}"
+        self._new.append(staging)
+        return staging, name
+
+    def commit(self) -> Bundle:
+        root = self.bundle.path
+        manifest = self.manifest
+        for staging in self._new:
+            final = root / staging.name[len(".new-"):]
+            with open(staging, "rb+") as f:
+                os.fsync(f.fileno())
+            os.rename(staging, final)
+            manifest["files"][final.name] = file_entry(final)
+        keep = referenced_files(manifest)
+        dropped = [n for n in manifest["files"]
+                   if not n.startswith(TOKENIZER_DIR + "/") and n not in keep]
+        for name in dropped:
+            del manifest["files"][name]
+        write_manifest(root, manifest)
+        for name in dropped:
+            (root / name).unlink(missing_ok=True)
+        return Bundle.open(root)

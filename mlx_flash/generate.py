@@ -66,6 +66,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "runs, else bfloat16, the faster on MLX's CPU backend)")
     p.add_argument("--compute-dtype", choices=["float16", "bfloat16", "float32"], default=None,
                    help="dtype to compute in (default: the bundle's)")
+    p.add_argument("--sparsity", default="auto",
+                   choices=["auto", "off", "predictor", "gate", "hybrid", "teal"],
+                   help="which FFN weights each token reads: a selection mode calibrated in the "
+                   "bundle (python -m mlx_flash.calibrate), 'off' for all of them, 'auto' for "
+                   "the bundle's default (all of them if none is calibrated)")
     p.add_argument("--verify", action="store_true",
                    help="check every bundle file's sha256 before loading")
     p.add_argument("--verbose", action="store_true",
@@ -90,8 +95,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.seed is not None:
         mx.random.seed(args.seed)
     try:
-        model, tokenizer = load(args.model, dtype=args.dtype,
-                                compute_dtype=args.compute_dtype, verify=args.verify)
+        model, tokenizer = load(args.model, dtype=args.dtype, compute_dtype=args.compute_dtype,
+                                verify=args.verify,
+                                sparsity=None if args.sparsity == "auto" else args.sparsity)
     except (FileNotFoundError, FileExistsError, BundleError, SourceError, UnsupportedModel,
             ConversionError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -116,7 +122,8 @@ def main(argv: list[str] | None = None) -> int:
     if response is None:
         return 0
     decode, prefill = engine.stats.decode, engine.stats.prefill
-    print(f"[stats] prompt {response.prompt_tokens} tokens @ {response.prompt_tps:.1f} tok/s"
+    print(f"[stats] {engine.mode.name} | prompt {response.prompt_tokens} tokens @ "
+          f"{response.prompt_tps:.1f} tok/s"
           f" | generation {response.generation_tokens} tokens @ "
           f"{response.generation_tps:.2f} tok/s"
           f" | flash read {format_bytes(decode.bytes_per_token)}/token"
@@ -127,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[decode] per token: flash I/O {1e3 * decode.io_seconds / decode.tokens:.1f} ms "
               f"({decode.bytes / max(decode.io_seconds, 1e-9) / 1e9:.2f} GB/s), FFN compute "
               f"{1e3 * decode.ffn_seconds / decode.tokens:.1f} ms, "
-              f"{engine.reader.counters.calls} read calls in all")
+              f"{engine.read_calls} read calls in all")
     return 0
 
 

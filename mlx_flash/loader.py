@@ -13,6 +13,7 @@ from mlx_lm.tokenizer_utils import TokenizerWrapper
 from .arch import Architecture, FFNSpec, get_architecture
 from .bundle import DTYPES, Bundle, BundleError
 from .ffn import FlashEngine, FlashFFN
+from .selection import load_mode
 
 
 def default_dtype() -> str:
@@ -20,6 +21,22 @@ def default_dtype() -> str:
     float16 natively; MLX's CPU backend runs bfloat16 about twice as fast as float16
     (docs/BENCHMARKS.md)."""
     return "float16" if mx.metal.is_available() else "bfloat16"
+
+
+def blas_hint() -> str | None:
+    """On Linux, MLX's CPU backend links a slow reference BLAS; preloading OpenBLAS makes its
+    float32 matrix products 10-20x faster (docs/BENCHMARKS.md). The hint, when it applies."""
+    import glob
+    import sys
+
+    if sys.platform != "linux" or mx.metal.is_available():
+        return None
+    if "openblas" in os.environ.get("LD_PRELOAD", ""):
+        return None
+    found = sorted(glob.glob("/usr/lib/*/libopenblas.so.0"))
+    how = f"LD_PRELOAD={found[0]}" if found else \
+        "apt install libopenblas0-pthread, then LD_PRELOAD=/usr/lib/<arch>/libopenblas.so.0"
+    return f"hint: for float32 matrix products 10-20x faster on MLX's CPU backend, run with {how}"
 
 
 def build_flash_model(arch: Architecture, config: dict[str, Any], spec: FFNSpec,
@@ -35,8 +52,12 @@ def build_flash_model(arch: Architecture, config: dict[str, Any], spec: FFNSpec,
     return model
 
 
-def open_model(bundle: Bundle, compute_dtype: str | None = None) -> nn.Module:
-    """Build the flash model for an opened bundle and load its resident weights."""
+def open_model(bundle: Bundle, compute_dtype: str | None = None,
+               sparsity: str | None = None) -> nn.Module:
+    """Build the flash model for an opened bundle and load its resident weights.
+
+    `sparsity`: a selection mode calibrated in the bundle, "off" (every neuron), or None for
+    the bundle's default mode (dense when none is calibrated)."""
     arch = get_architecture(bundle.config)
     spec = arch.ffn_spec(bundle.config)
     parts, stride = spec.record_layout()
@@ -45,7 +66,11 @@ def open_model(bundle: Bundle, compute_dtype: str | None = None) -> nn.Module:
             or fam.count != spec.intermediate_size:
         raise BundleError(f"{bundle.path}: neuron records do not match the {arch.name} FFN layout")
     dtype = DTYPES[compute_dtype or bundle.dtype]
-    engine = FlashEngine(bundle, spec, dtype)
+    try:
+        mode = load_mode(bundle, spec, sparsity, dtype)
+    except (KeyError, ValueError) as e:
+        raise BundleError(f"{bundle.path}: {e}") from None
+    engine = FlashEngine(bundle, spec, mode, dtype)
     model = build_flash_model(arch, bundle.config, spec, engine)
     weights = bundle.load_resident()
     weights = {k: v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) else v
@@ -67,6 +92,7 @@ def load(
     verify: bool = False,
     tokenizer_config: dict[str, Any] | None = None,
     dtype: str | None = None,
+    sparsity: str | None = None,
 ) -> tuple[nn.Module, TokenizerWrapper]:
     """Load a flash bundle as `(model, tokenizer)` for mlx-lm's generate / stream_generate.
 
@@ -74,15 +100,16 @@ def load(
     cache on first use (default dtype: `default_dtype()`); None means the embedded default
     model. `compute_dtype` (default: the
     bundle's dtype) is what the resident weights and the records are computed in. `verify`
-    checks every file's sha256 before use. The model's `flash` attribute is its FlashEngine,
-    whose `stats` count flash reads.
+    checks every file's sha256 before use. `sparsity` picks the selection mode: one calibrated
+    in the bundle (`python -m mlx_flash.calibrate`), "off", or None for the bundle's default.
+    The model's `flash` attribute is its FlashEngine, whose `stats` count flash reads.
     """
     from mlx_lm.utils import load_tokenizer
 
     from .paths import resolve_bundle
 
     bundle = Bundle.open(resolve_bundle(path, dtype=dtype or default_dtype()), verify=verify)
-    model = open_model(bundle, compute_dtype)
+    model = open_model(bundle, compute_dtype, sparsity)
     tokenizer = load_tokenizer(Path(bundle.tokenizer_path), tokenizer_config,
                                eos_token_ids=bundle.config.get("eos_token_id"))
     return model, tokenizer

@@ -79,7 +79,7 @@ def damage_wrong_version(path: Path) -> None:
 
 def damage_file_outside(path: Path) -> None:
     def edit(m):
-        m["ffn"]["file"] = "../ffn.bin"
+        m["ffn"]["families"]["neuron"]["file"] = "../ffn.bin"
         m["files"]["../ffn.bin"] = m["files"].pop("ffn.bin")
     shutil.copy(path / "ffn.bin", path.parent / "ffn.bin")
     rewrite_manifest(path, edit)

@@ -16,8 +16,9 @@ def run(*args: str, timeout: int = 300, **kw) -> subprocess.CompletedProcess:
 
 
 SIZE = r"[\d.]+ [KMG]?B"
-STATS = re.compile(rf"^\[stats\] prompt \d+ tokens @ [\d.]+ tok/s \| generation (\d+) tokens @ "
-                   rf"[\d.]+ tok/s \| flash read ({SIZE})/token \(prefill {SIZE}\) \| "
+STATS = re.compile(rf"^\[stats\] \w+ \| prompt \d+ tokens @ [\d.]+ tok/s \| "
+                   rf"generation (\d+) tokens @ [\d.]+ tok/s \| "
+                   rf"flash read ({SIZE})/token \(prefill {SIZE}\) \| "
                    rf"peak RSS {SIZE} \| MLX peak {SIZE}$", re.M)
 
 

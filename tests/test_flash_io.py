@@ -17,7 +17,7 @@ from mlx_flash.neuron_cache import NeuronMatrix
 
 COUNT, D = 64, 8
 # an OPT-like record: up row, down column, one bias, padding to 24 elements
-FAMILY = RecordFamily("neuron", COUNT, 24, "float32",
+FAMILY = RecordFamily("neuron", "ffn.bin", COUNT, 24, "float32",
                       (RecordPart("up", 0, D), RecordPart("down", D, D),
                        RecordPart("up_bias", 2 * D, 1)), ((4096, COUNT * 24 * 4),))
 
@@ -37,39 +37,75 @@ def test_coalesce():
     assert coalesce(np.array([], dtype=np.int64)) == []
     assert coalesce(np.array([3])) == [(0, 1)]
     assert coalesce(np.array([1, 2, 3, 7, 8, 10])) == [(0, 3), (3, 2), (5, 1)]
+    ids = np.array([1, 2, 3, 7, 8, 10])
+    # records of 100 bytes, 40 wanted from each: gaps of 60 between neighbours, 360 over 7-3
+    assert coalesce(ids, 100, 40, max_gap=59) == [(k, 1) for k in range(6)]
+    assert coalesce(ids, 100, 40, max_gap=160) == [(0, 3), (3, 3)]
+    assert coalesce(ids, 100, 40, max_gap=360) == [(0, 6)]
 
 
-@settings(max_examples=60, deadline=None)
+PART_SETS = [None, ("up",), ("down",), ("up", "down"), ("down", "up_bias")]
+
+
+@settings(max_examples=80, deadline=None)
 @given(data=st.data())
 def test_records_land_in_their_slots(segment, data):
-    """Any sorted set of records, read into any distinct slots, lands part by part exactly
-    where a brute-force copy puts it; untouched slots keep their contents."""
+    """Any sorted set of records, any parts of them, read into any distinct slots with any gap
+    allowance, lands exactly where a brute-force copy puts it; nothing else is written; the
+    bytes read are the wanted spans plus the gaps merged over, in one call per merged run."""
     path, records = segment
     ids = np.array(sorted(data.draw(st.sets(st.integers(0, COUNT - 1), max_size=COUNT))),
                    dtype=np.int64)
     slots = np.array(data.draw(st.permutations(range(COUNT)))[: len(ids)], dtype=np.int64)
+    parts = data.draw(st.sampled_from(PART_SETS))
+    max_gap = data.draw(st.sampled_from([0, 50, 96, 500, 4096]))
     matrix = NeuronMatrix(FAMILY, COUNT)
     for part in matrix.parts.values():
         np.array(part, copy=False)[:] = -1
-    reader = FlashReader(path)
-    reader.read_records(4096, ids, slots, matrix)
+    reader = FlashReader(path, max_gap=max_gap)
+    reader.read_records(FAMILY, 0, ids, slots, matrix, parts)
+    wanted = [p for p in FAMILY.parts if parts is None or p.name in parts]
     expected = {p.name: np.full((COUNT, p.length), -1, np.float32) for p in FAMILY.parts}
     for i, s in zip(ids, slots, strict=True):
-        for p in FAMILY.parts:
+        for p in wanted:
             expected[p.name][s] = records[i, p.offset:p.offset + p.length]
     for name, part in matrix.parts.items():
         np.testing.assert_array_equal(np.array(part), expected[name])
-    assert reader.counters.bytes == len(ids) * FAMILY.record_bytes
+    start, end = matrix.span([p.name for p in wanted])
+    runs = coalesce(ids, FAMILY.record_bytes, end - start, max_gap)
+    span_bytes = sum((ids[f + n - 1] - ids[f]) * FAMILY.record_bytes + end - start
+                     for f, n in runs)
+    assert reader.counters.bytes == span_bytes
+    assert reader.counters.calls == len(runs)
     assert reader.counters.records == len(ids)
-    assert reader.counters.calls >= len(coalesce(ids))
+
+
+@pytest.mark.parametrize("parts", [("down",), ("up",), ("down", "up_bias"), ("up", "up_bias")])
+def test_partial_records(segment, parts):
+    """Reading some parts of records: those parts land in their slots (parts inside the span
+    that were not asked for are not written), one read per record, only the span's bytes."""
+    path, records = segment
+    ids, slots = np.array([3, 4, 9]), np.array([7, 0, 2])
+    matrix = NeuronMatrix(FAMILY, COUNT)
+    reader = FlashReader(path, max_gap=0)
+    reader.read_records(FAMILY, 0, ids, slots, matrix, parts)
+    for p in FAMILY.parts:
+        got = np.array(matrix.parts[p.name])[slots]
+        if p.name in parts:
+            np.testing.assert_array_equal(got, records[ids, p.offset:p.offset + p.length])
+        else:
+            assert not got.any()
+    start, end = FAMILY.part_span(parts)
+    assert reader.counters.calls == len(ids)
+    assert reader.counters.bytes == len(ids) * (end - start) * 4
 
 
 def test_one_read_per_run(segment):
     path, _ = segment
-    reader = FlashReader(path)
+    reader = FlashReader(path, max_gap=0)
     matrix = NeuronMatrix(FAMILY, COUNT)
     ids = np.array([0, 1, 2, 3, 10, 11, 40])
-    reader.read_records(4096, ids, np.arange(len(ids)), matrix)
+    reader.read_records(FAMILY, 0, ids, np.arange(len(ids)), matrix)
     assert reader.counters.calls == 3
 
 
@@ -90,7 +126,7 @@ def test_short_reads_are_completed(segment, monkeypatch):
 
     monkeypatch.setattr(flash_io.os, "preadv", stingy)
     matrix = NeuronMatrix(FAMILY, COUNT)
-    FlashReader(path).read_records(4096, np.arange(COUNT), np.arange(COUNT), matrix)
+    FlashReader(path).read_records(FAMILY, 0, np.arange(COUNT), np.arange(COUNT), matrix)
     np.testing.assert_array_equal(np.array(matrix.parts["down"]), records[:, D:2 * D])
     np.testing.assert_array_equal(np.array(matrix.parts["up_bias"])[:, 0], records[:, 2 * D])
 
@@ -101,7 +137,7 @@ def test_truncated_file_is_a_bundle_error(segment, tmp_path):
     short.write_bytes(path.read_bytes()[:4096 + 10 * FAMILY.record_bytes])
     matrix = NeuronMatrix(FAMILY, COUNT)
     with pytest.raises(BundleError, match="truncated"):
-        FlashReader(short).read_records(4096, np.arange(20), np.arange(20), matrix)
+        FlashReader(short).read_records(FAMILY, 0, np.arange(20), np.arange(20), matrix)
 
 
 def test_matrix_memory_is_filled_in_place(segment):
@@ -112,6 +148,6 @@ def test_matrix_memory_is_filled_in_place(segment):
     up = matrix.parts["up"]
     reader = FlashReader(path)
     for start in (0, 32):
-        reader.read_records(4096, np.arange(start, start + 8), np.arange(8), matrix)
+        reader.read_records(FAMILY, 0, np.arange(start, start + 8), np.arange(8), matrix)
         assert mx.array_equal(up[:8], mx.array(records[start:start + 8, :D]))
     assert matrix.buffer_address("up") == address

@@ -56,7 +56,7 @@ def test_greedy_generation_matches_transformers(opt_pair):
 
 def test_ffn_records_hold_fc1_bias_and_fc2_column(opt_pair):
     reference, model, _ = opt_pair
-    fam = model.flash.family
+    fam = model.flash.families["neuron"]
     names = [p.name for p in fam.parts]
     assert names == ["up", "down", "up_bias"] and fam.stride % 8 == 0
     layer = reference.model.decoder.layers[1]

@@ -1,0 +1,279 @@
+"""Calibrate a bundle's selection mode on text: thresholds, predictors, extra record layouts.
+
+    python -m mlx_flash.calibrate BUNDLE --data TEXT [--mode M] [--tokens N] [--target T]
+                                  [--rank R] [--epochs E]
+
+Runs the model densely over the first N tokens of TEXT, collects each layer's FFN input (the
+attention block's output after its norm) and computes the true FFN activations from all the
+weights, then fits what the mode needs and writes it into the bundle (the manifest is replaced
+atomically, so an interrupted run leaves the bundle as it was). The calibrated mode becomes the
+bundle's default. Modes and --target:
+
+  predictor  (ReLU FFNs) low-rank predictor per layer, threshold for a target recall
+             (default 0.99) on held-out calibration tokens
+  gate       target = fraction of neurons kept by |silu(gate·x)| (default 0.8)
+  hybrid     target = "G,H": fractions kept for the up read (by |silu(gate·x)|) and for the
+             down read (by |h|) (default "0.8,0.5")
+  teal       target = "X,H": fractions of input dims and of neurons kept (default "0.8,0.6");
+             writes a second record family (one record per input dim: its gate and up column)
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+import numpy as np
+from tqdm import tqdm
+
+from .arch import FFNSpec
+from .bundle import DTYPES, Bundle, BundleError, BundleUpdate, RecordFamily, RecordPart, SegmentFile
+from .ffn import FlashEngine
+from .loader import blas_hint
+from .selection import ACTIVATIONS, MODES, hidden
+
+DEFAULT_TARGETS = {"predictor": "0.99", "gate": "0.8", "hybrid": "0.8,0.5", "teal": "0.8,0.6"}
+DEFAULT_TOKENS = {"predictor": 16384, "gate": 4096, "hybrid": 4096, "teal": 4096}
+
+
+def default_mode(spec: FFNSpec) -> str:
+    """By measurement (README): the paper's predictor where the FFN is ReLU, hybrid for SiLU."""
+    return "predictor" if spec.activation == "relu" else "hybrid"
+
+
+def text_tokens(tokenizer, path: str | Path) -> list[int]:
+    return tokenizer.encode(Path(path).read_text(), add_special_tokens=False)
+
+
+def windows(tokens: Sequence[int], ctx: int) -> list[list[int]]:
+    return [list(tokens[i:i + ctx]) for i in range(0, len(tokens), ctx) if len(tokens[i:i + ctx])]
+
+
+def collect_inputs(model: nn.Module, tokens: Sequence[int], ctx: int,
+                   progress: bool) -> list[np.ndarray]:
+    """Each layer's FFN input on `tokens` (run densely in windows of `ctx`), `[N, d]` float32."""
+    engine: FlashEngine = model.flash
+    inputs: list[list[np.ndarray]] = [[] for _ in range(len(engine.families["neuron"].segments))]
+    engine.observer = lambda layer, x, reads: inputs[layer].append(
+        np.array(x.astype(mx.float32)))
+    try:
+        for w in tqdm(windows(tokens, ctx), desc="collecting FFN inputs", unit="window",
+                      disable=not progress):
+            mx.eval(model(mx.array([w])))
+    finally:
+        engine.observer = None
+    return [np.concatenate(x) for x in inputs]
+
+
+def layer_weights(engine: FlashEngine, layer: int) -> dict[str, mx.array]:
+    """All of a layer's FFN weights (float32), read from its neuron records, in arrays of
+    their own (what `fetch` returns lives in matrices the next fetch overwrites)."""
+    fam = engine.families["neuron"]
+    parts = engine.fetch(layer, "neuron", [p.name for p in fam.parts], np.arange(fam.count))
+    return {k: mx.array(np.array(v.astype(mx.float32))) for k, v in parts.items()}
+
+
+def true_active(spec: FFNSpec, x: mx.array, w: dict[str, mx.array],
+                label_keep: float) -> mx.array:
+    """Which neurons are truly active: ReLU pre-activation > 0 (both gate and up for dReLU),
+    else the `label_keep` fraction of largest |h| per token."""
+    if spec.kind == "mlp" and spec.activation == "relu":
+        return x @ w["up"].T + w["up_bias"].reshape(-1) > 0
+    if spec.kind == "glu" and spec.activation == "relu":
+        return x @ w["gate"].T > 0
+    h = mx.abs(hidden(spec, x, w))
+    k = max(1, round(label_keep * h.shape[-1]))
+    return h >= mx.sort(h, axis=-1)[:, -k][:, None]
+
+
+def quantile_threshold(values: mx.array, keep: float) -> float:
+    """The threshold above which a `keep` fraction of `values` lies."""
+    v = np.array(values.astype(mx.float32)).ravel()
+    return float(np.quantile(v, 1.0 - keep)) if keep < 1 else -1.0
+
+
+def train_predictor(x: np.ndarray, y: np.ndarray, rank: int, epochs: int, seed: int
+                    ) -> tuple[mx.array, mx.array, mx.array]:
+    """A low-rank predictor logits = B·(A·x) + b of which neurons are active, trained with
+    binary cross-entropy where positives weigh as much as negatives in total (balanced)."""
+    d, n = x.shape[1], y.shape[1]
+    mx.random.seed(seed)
+
+    class LowRank(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.A = nn.Linear(d, rank, bias=False)
+            self.B = nn.Linear(rank, n, bias=True)
+
+        def __call__(self, v):
+            return self.B(self.A(v))
+
+    net = LowRank()
+    pos = max(float(y.mean()), 1e-6)
+    pos_weight = mx.array((1 - pos) / pos)
+
+    def loss_fn(net, xb, yb):
+        logits = net(xb)
+        # balanced binary cross-entropy (softplus form; numerically stable)
+        loss = pos_weight * yb * nn.softplus(-logits) + (1 - yb) * nn.softplus(logits)
+        return loss.mean()
+
+    opt = optim.Adam(learning_rate=1e-3)
+    step = nn.value_and_grad(net, loss_fn)
+    rng = np.random.default_rng(seed)
+    batch = 512
+    for _ in range(epochs):
+        order = rng.permutation(len(x))
+        for i in range(0, len(x), batch):
+            idx = order[i:i + batch]
+            _, grads = step(net, mx.array(x[idx]), mx.array(y[idx].astype(np.float32)))
+            opt.update(net, grads)
+            mx.eval(net.parameters(), opt.state)
+    return net.A.weight, net.B.weight, net.B.bias
+
+
+def _parse_target(mode: str, target: str | None) -> list[float]:
+    values = [float(v) for v in (target or DEFAULT_TARGETS[mode]).split(",")]
+    want = 2 if mode in ("hybrid", "teal") else 1
+    if len(values) != want or not all(0 < v <= 1 for v in values):
+        raise ValueError(f"--target for {mode} needs {want} fraction(s) in (0, 1]")
+    return values
+
+
+def calibrate(path: str | Path, data: str | Path, mode: str | None = None,
+              tokens: int | None = None, target: str | None = None, rank: int = 128,
+              epochs: int = 8, ctx: int = 512, seed: int = 0, progress: bool = True) -> Bundle:
+    """Calibrate `mode` (default: by architecture) on `data` and write it into the bundle."""
+    from mlx_lm.utils import load_tokenizer
+
+    from .loader import open_model
+
+    bundle = Bundle.open(path)
+    model = open_model(bundle, "float32", sparsity="off")
+    engine: FlashEngine = model.flash
+    spec = engine.spec
+    mode = mode or default_mode(spec)
+    if mode not in MODES or mode == "off":
+        raise ValueError(f"unknown selection mode {mode!r}")
+    if mode != "predictor" and spec.kind != "glu":
+        raise ValueError(f"mode {mode!r} needs a gated (SwiGLU) FFN; use predictor")
+    goals = _parse_target(mode, target)
+    tokenizer = load_tokenizer(bundle.tokenizer_path)
+    ids = text_tokens(tokenizer, data)[: tokens or DEFAULT_TOKENS[mode]]
+    started = time.time()
+    X = collect_inputs(model, ids, ctx, progress)
+    n_layers = len(X)
+    layers: list[dict[str, Any]] = []
+    arrays: dict[str, mx.array] = {}
+    column_segments: list[mx.array] = []
+    for layer in tqdm(range(n_layers), desc=f"fitting {mode}", unit="layer",
+                      disable=not progress):
+        w = layer_weights(engine, layer)
+        x = mx.array(X[layer])
+        if mode == "predictor":
+            entry, A, B, b = _fit_predictor(spec, x, w, goals[0], rank, epochs, seed + layer)
+            arrays.update({f"{layer}.A": A, f"{layer}.B": B, f"{layer}.b": b})
+        elif mode in ("gate", "hybrid"):
+            act = ACTIVATIONS[spec.activation](x @ w["gate"].T)
+            entry = {"t_gate": quantile_threshold(mx.abs(act), goals[0])}
+            if mode == "hybrid":
+                h = hidden(spec, x, w)
+                entry["t_h"] = quantile_threshold(mx.abs(h), goals[1])
+            arrays[f"{layer}.gate"] = w["gate"]
+        else:  # teal
+            h = hidden(spec, x, w)
+            entry = {"t_x": quantile_threshold(mx.abs(x), goals[0]),
+                     "t_h": quantile_threshold(mx.abs(h), goals[1])}
+            column_segments.append(mx.concatenate([w["gate"].T, w["up"].T], axis=1))
+        layers.append(entry)
+    with BundleUpdate(bundle) as update:
+        m = update.manifest
+        info: dict[str, Any] = {"target": goals, "layers": layers, "calibration": {
+            "data": Path(data).name, "tokens": len(ids), "seconds": round(time.time() - started)}}
+        if arrays:
+            staging, info["file"] = update.new_file(f"selection-{mode}", ".safetensors")
+            mx.save_safetensors(str(staging), {k: v.astype(DTYPES[bundle.dtype])
+                                               for k, v in arrays.items()})
+        if column_segments:
+            staging, name = update.new_file("ffn-column", ".bin")
+            out = SegmentFile(staging)
+            segments = tuple(out.write(c, bundle.dtype) for c in column_segments)
+            out.close()
+            n = spec.intermediate_size
+            m["ffn"]["families"]["column"] = RecordFamily(
+                "column", name, spec.hidden_size, 2 * n, bundle.dtype,
+                (RecordPart("gate", 0, n), RecordPart("up", n, n)), segments).to_json()
+        selection = m.setdefault("selection", {"default": None, "modes": {}})
+        selection["modes"][mode] = info
+        selection["default"] = mode
+        return update.commit()
+
+
+def _fit_predictor(spec: FFNSpec, x: mx.array, w: dict[str, mx.array], recall: float,
+                   rank: int, epochs: int, seed: int):
+    """Train a layer's predictor on 90% of the tokens; on the other 10% pick the threshold
+    that reaches `recall`, and measure precision and the fraction of neurons selected."""
+    active = np.array(true_active(spec, x, w, label_keep=0.5))
+    xs = np.array(x)
+    split = int(0.9 * len(xs))
+    A, B, b = train_predictor(xs[:split], active[:split], rank, epochs, seed)
+    logits = np.array((mx.array(xs[split:]) @ A.T) @ B.T + b)
+    truth = active[split:]
+    positives = logits[truth]
+    threshold = float(np.quantile(positives, 1 - recall)) if positives.size else float("inf")
+    chosen = logits > threshold
+    hits = (chosen & truth).sum()
+    entry = {
+        "threshold": threshold,
+        "rank": rank,
+        "active": float(truth.mean()),
+        "selected": float(chosen.mean()),
+        "recall": float(hits / max(truth.sum(), 1)),
+        "precision": float(hits / max(chosen.sum(), 1)),
+    }
+    return entry, A, B, b
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="python -m mlx_flash.calibrate",
+        description="Calibrate which FFN weights each token needs (selection mode) on text, "
+        "and store it in the bundle.", epilog=__doc__.split("Modes and --target:")[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("bundle", help="the flash bundle to calibrate (modified in place)")
+    p.add_argument("--data", required=True, help="calibration text file (UTF-8)")
+    p.add_argument("--mode", choices=[m for m in MODES if m != "off"], default=None,
+                   help="selection mode (default: predictor for ReLU FFNs, hybrid for SiLU)")
+    p.add_argument("--tokens", type=int, default=None,
+                   help="calibration tokens, from the start of the text (default: 16384 for "
+                   "predictor, 4096 otherwise)")
+    p.add_argument("--target", default=None, help="operating point (see below)")
+    p.add_argument("--rank", type=int, default=128, help="predictor rank (default 128)")
+    p.add_argument("--epochs", type=int, default=8, help="predictor training epochs")
+    p.add_argument("--ctx", type=int, default=512, help="tokens per forward window")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    args = p.parse_args(argv)
+    if (hint := blas_hint()) and not args.quiet:
+        print(hint, file=sys.stderr)
+    try:
+        bundle = calibrate(args.bundle, args.data, args.mode, args.tokens, args.target,
+                           args.rank, args.epochs, args.ctx, progress=not args.quiet)
+    except (BundleError, ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    sel = bundle.selection
+    info = sel["modes"][sel["default"]]
+    print(f"calibrated {sel['default']} on {info['calibration']['tokens']} tokens in "
+          f"{info['calibration']['seconds']} s; it is now the bundle's default mode")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,244 @@
+"""Which FFN weights each token needs, and the sparse FFN computed with just those.
+
+A selection mode gets one layer's FFN input `x` (`[T, d]`, T tokens) and `fetch`, which reads
+the named parts of chosen records from flash. It decides per token which weights the token
+needs, fetches the union over the tokens (for one decode token: exactly its own), and computes
+the FFN over what it fetched, masking per token, so every token gets exactly its own sparse FFN
+whatever T is. Modes:
+
+  off        every neuron (dense; the paper's naive engine when every token reads it all)
+  predictor  the paper: a low-rank predictor sigmoid(B·A·x) per layer says which neurons fire;
+             their whole records are read. For ReLU FFNs (OPT, ReLU-Llama).
+  gate       CATS (Lee et al. 2024): gate rows resident, keep neurons with |silu(gate·x)| above a
+             threshold, read up row and down column of those.
+  hybrid     ours: gate rows resident; neurons with |silu(gate·x)| above a threshold read their
+             up row; of those, neurons whose |h| = |silu(gate·x)·(up·x)| is above a second
+             threshold read their down column.
+  teal       TEAL (Liu et al. 2024): input dims with |x_j| above a threshold read their column
+             of gate and up (a second record family, one record per input dim); neurons with
+             |h| above a threshold read their down column.
+  oracle     evaluation only: the top-k neurons by |h| computed from all weights.
+
+Each call also returns what each token needed to read (bytes), before any cache.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+from mlx_lm.models.activations import swiglu
+
+from .arch import FFNSpec
+from .bundle import ITEMSIZE, Bundle, RecordFamily
+
+Fetch = Callable[[int, str, Sequence[str], np.ndarray], dict[str, mx.array]]
+ACTIVATIONS = {"silu": nn.silu, "relu": nn.relu}
+MODES = ("off", "predictor", "gate", "hybrid", "teal")
+
+
+@dataclass
+class LayerReads:
+    """What one layer needed per token: bytes to read, and the neurons used (for stats)."""
+
+    bytes: np.ndarray  # [T]
+    neurons: mx.array | None = None  # [T, n] bool, the neurons whose down column was used
+
+
+def union(mask: mx.array) -> np.ndarray:
+    """Sorted indices selected by any token of `mask` ([T, n] bool)."""
+    return np.flatnonzero(np.array(mask.any(axis=0)))
+
+
+def per_token(mask: mx.array) -> np.ndarray:
+    return np.array(mask.sum(axis=-1)).astype(np.int64)
+
+
+def activate(spec: FFNSpec, gate: mx.array, up: mx.array) -> mx.array:
+    """The GLU hidden state act(gate) * up (mlx-lm's own swiglu for SiLU)."""
+    if spec.activation == "silu":
+        return swiglu(gate, up)
+    return ACTIVATIONS[spec.activation](gate) * up
+
+
+def hidden(spec: FFNSpec, x: mx.array, p: dict[str, mx.array]) -> mx.array:
+    """Hidden activations of the neurons whose parts `p` holds (rows = neurons)."""
+    if spec.kind == "glu":
+        return activate(spec, x @ p["gate"].T, x @ p["up"].T)
+    return ACTIVATIONS[spec.activation](x @ p["up"].T + p["up_bias"].reshape(-1))
+
+
+class Mode:
+    """Base of the selection modes: the FFN spec and the record sizes costs are counted in."""
+
+    name = "off"
+
+    def __init__(self, spec: FFNSpec, families: dict[str, RecordFamily]):
+        self.spec = spec
+        self.neuron = families["neuron"]
+        size = ITEMSIZE[self.neuron.dtype]
+        self.part_bytes = {p.name: p.length * size for p in self.neuron.parts}
+        self.all_parts = tuple(p.name for p in self.neuron.parts)
+
+    def __call__(self, layer: int, x: mx.array, fetch: Fetch) -> tuple[mx.array, LayerReads]:
+        n = self.spec.intermediate_size
+        p = fetch(layer, "neuron", self.all_parts, np.arange(n))
+        y = hidden(self.spec, x, p) @ p["down"]
+        return y, LayerReads(np.full(x.shape[0], n * self.neuron.record_bytes))
+
+
+class Predictor(Mode):
+    """The paper's low-rank predictor: neuron i fires if (B·A·x + b)_i > threshold."""
+
+    name = "predictor"
+
+    def __init__(self, spec, families, A: list[mx.array], B: list[mx.array],
+                 b: list[mx.array], thresholds: Sequence[float]):
+        super().__init__(spec, families)
+        self.A, self.B, self.b, self.thresholds = A, B, b, list(thresholds)
+
+    def logits(self, layer: int, x: mx.array) -> mx.array:
+        return (x @ self.A[layer].T) @ self.B[layer].T + self.b[layer]
+
+    def __call__(self, layer, x, fetch):
+        sel = self.logits(layer, x) > self.thresholds[layer]
+        ids = union(sel)
+        p = fetch(layer, "neuron", self.all_parts, ids)
+        idx = mx.array(ids)
+        h = mx.where(sel[:, idx], hidden(self.spec, x, p), 0)
+        return h @ p["down"], LayerReads(per_token(sel) * self.neuron.record_bytes, sel)
+
+
+class Hybrid(Mode):
+    """Gate rows resident. Stage 1: |silu(gate·x)| > t_gate selects the up rows to read.
+    Stage 2: |h| > t_h selects the down columns to read. With t_h = None it is CATS (`gate`):
+    up and down are read together for the stage-1 neurons."""
+
+    name = "hybrid"
+
+    def __init__(self, spec, families, gates: list[mx.array], t_gate: Sequence[float],
+                 t_h: Sequence[float] | None):
+        super().__init__(spec, families)
+        if spec.kind != "glu":
+            raise ValueError(f"mode {self.name!r} needs a gated FFN")
+        self.gates, self.t_gate, self.t_h = gates, list(t_gate), t_h and list(t_h)
+
+    def __call__(self, layer, x, fetch):
+        g = x @ self.gates[layer].T
+        a = ACTIVATIONS[self.spec.activation](g)
+        cand = mx.abs(a) > self.t_gate[layer]
+        ids = union(cand)
+        idx = mx.array(ids)
+        if self.t_h is None:  # CATS: up and down of the candidates, one read per neuron
+            p = fetch(layer, "neuron", ("up", "down"), ids)
+            h = mx.where(cand[:, idx], activate(self.spec, g[:, idx], x @ p["up"].T), 0)
+            cost = per_token(cand) * (self.part_bytes["up"] + self.part_bytes["down"])
+            return h @ p["down"], LayerReads(cost, cand)
+        up = fetch(layer, "neuron", ("up",), ids)["up"]
+        h = mx.where(cand[:, idx], activate(self.spec, g[:, idx], x @ up.T), 0)
+        keep = mx.abs(h) > self.t_h[layer]
+        sub = np.flatnonzero(np.array(keep.any(axis=0)))
+        rows = fetch(layer, "neuron", ("down",), ids[sub])["down"]
+        sub_idx = mx.array(sub)
+        y = mx.where(keep[:, sub_idx], h[:, sub_idx], 0) @ rows
+        cost = per_token(cand) * self.part_bytes["up"] + per_token(keep) * self.part_bytes["down"]
+        used = mx.zeros(cand.shape, dtype=mx.bool_)
+        used[:, idx] = keep
+        return y, LayerReads(cost, used)
+
+
+class Gate(Hybrid):
+    name = "gate"
+
+    def __init__(self, spec, families, gates, t_gate):
+        super().__init__(spec, families, gates, t_gate, None)
+
+
+class Teal(Mode):
+    """Input dims with |x_j| > t_x read their column of gate and up; neurons with |h| > t_h
+    read their down column."""
+
+    name = "teal"
+
+    def __init__(self, spec, families, t_x: Sequence[float], t_h: Sequence[float]):
+        super().__init__(spec, families)
+        if spec.kind != "glu":
+            raise ValueError("mode 'teal' needs a gated FFN")
+        self.column = families["column"]
+        self.t_x, self.t_h = list(t_x), list(t_h)
+
+    def __call__(self, layer, x, fetch):
+        keep_x = mx.abs(x) > self.t_x[layer]
+        dims = union(keep_x)
+        c = fetch(layer, "column", ("gate", "up"), dims)
+        d_idx = mx.array(dims)
+        xs = mx.where(keep_x[:, d_idx], x[:, d_idx], 0)
+        h = activate(self.spec, xs @ c["gate"], xs @ c["up"])
+        keep = mx.abs(h) > self.t_h[layer]
+        ids = union(keep)
+        rows = fetch(layer, "neuron", ("down",), ids)["down"]
+        idx = mx.array(ids)
+        y = mx.where(keep[:, idx], h[:, idx], 0) @ rows
+        cost = (per_token(keep_x) * self.column.record_bytes
+                + per_token(keep) * self.part_bytes["down"])
+        return y, LayerReads(cost, keep)
+
+
+class Oracle(Mode):
+    """Evaluation only: each token keeps its `keep` fraction of neurons with the largest |h|,
+    computed with every weight (so it needs them all)."""
+
+    name = "oracle"
+
+    def __init__(self, spec, families, keep: float):
+        super().__init__(spec, families)
+        self.k = max(1, round(keep * spec.intermediate_size))
+
+    def __call__(self, layer, x, fetch):
+        n = self.spec.intermediate_size
+        p = fetch(layer, "neuron", self.all_parts, np.arange(n))
+        h = hidden(self.spec, x, p)
+        kth = mx.sort(mx.abs(h), axis=-1)[:, n - self.k][:, None]
+        top = mx.abs(h) >= kth
+        return mx.where(top, h, 0) @ p["down"], LayerReads(
+            np.full(x.shape[0], n * self.neuron.record_bytes), top)
+
+
+def load_mode(bundle: Bundle, spec: FFNSpec, name: str | None,
+              dtype: mx.Dtype) -> Mode:
+    """The selection mode `name` as calibrated in `bundle` ("off": dense; None: the bundle's
+    default, else dense)."""
+    sel = bundle.selection
+    name = sel.get("default") or "off" if name is None else name
+    if name == "off":
+        return Mode(spec, bundle.families)
+    modes: dict[str, Any] = sel.get("modes", {})
+    if name not in modes:
+        calibrated = ", ".join(sorted(modes)) or "none"
+        raise ValueError(f"selection mode {name!r} is not calibrated in this bundle "
+                         f"(calibrated: {calibrated}); run python -m mlx_flash.calibrate")
+    m = modes[name]
+    arrays = mx.load(str(bundle.path / m["file"])) if m.get("file") else {}
+    layers = m["layers"]
+    n = len(layers)
+
+    def stack(key: str) -> list[mx.array]:
+        return [arrays[f"{i}.{key}"].astype(dtype) for i in range(n)]
+
+    def column(key: str) -> list[float]:
+        return [float(layer[key]) for layer in layers]
+
+    if name == "predictor":
+        return Predictor(spec, bundle.families, stack("A"), stack("B"), stack("b"),
+                         column("threshold"))
+    if name == "gate":
+        return Gate(spec, bundle.families, stack("gate"), column("t_gate"))
+    if name == "hybrid":
+        return Hybrid(spec, bundle.families, stack("gate"), column("t_gate"), column("t_h"))
+    if name == "teal":
+        return Teal(spec, bundle.families, column("t_x"), column("t_h"))
+    raise ValueError(f"unknown selection mode {name!r}")
