@@ -37,15 +37,16 @@ from .arch import FFNSpec
 from .bundle import DTYPES, Bundle, BundleError, BundleUpdate, RecordFamily, RecordPart, SegmentFile
 from .ffn import FlashEngine
 from .loader import blas_hint
-from .selection import ACTIVATIONS, MODES, hidden
+from .selection import MODES, gate_activation, hidden
 
 DEFAULT_TARGETS = {"predictor": "0.99", "gate": "0.8", "hybrid": "0.8,0.5", "teal": "0.8,0.6"}
 DEFAULT_TOKENS = {"predictor": 16384, "gate": 4096, "hybrid": 4096, "teal": 4096}
 
 
 def default_mode(spec: FFNSpec) -> str:
-    """By measurement (README): the paper's predictor where the FFN is ReLU, hybrid for SiLU."""
-    return "predictor" if spec.activation == "relu" else "hybrid"
+    """By measurement (README): the paper's predictor where the FFN is ReLU-like (its zeros
+    are exact), hybrid for SiLU."""
+    return "hybrid" if spec.activation == "silu" else "predictor"
 
 
 def text_tokens(tokenizer, path: str | Path) -> list[int]:
@@ -82,13 +83,11 @@ def layer_weights(engine: FlashEngine, layer: int) -> dict[str, mx.array]:
 
 def true_active(spec: FFNSpec, x: mx.array, w: dict[str, mx.array],
                 label_keep: float) -> mx.array:
-    """Which neurons are truly active: ReLU pre-activation > 0 (both gate and up for dReLU),
-    else the `label_keep` fraction of largest |h| per token."""
-    if spec.kind == "mlp" and spec.activation == "relu":
-        return x @ w["up"].T + w["up_bias"].reshape(-1) > 0
-    if spec.kind == "glu" and spec.activation == "relu":
-        return x @ w["gate"].T > 0
+    """Which neurons are truly active: for ReLU-like FFNs those whose h is not exactly 0;
+    for SiLU the `label_keep` fraction of largest |h| per token."""
     h = mx.abs(hidden(spec, x, w))
+    if spec.activation != "silu":
+        return h > 0
     k = max(1, round(label_keep * h.shape[-1]))
     return h >= mx.sort(h, axis=-1)[:, -k][:, None]
 
@@ -181,7 +180,7 @@ def calibrate(path: str | Path, data: str | Path, mode: str | None = None,
             entry, A, B, b = _fit_predictor(spec, x, w, goals[0], rank, epochs, seed + layer)
             arrays.update({f"{layer}.A": A, f"{layer}.B": B, f"{layer}.b": b})
         elif mode in ("gate", "hybrid"):
-            act = ACTIVATIONS[spec.activation](x @ w["gate"].T)
+            act = gate_activation(spec, x @ w["gate"].T)
             entry = {"t_gate": quantile_threshold(mx.abs(act), goals[0])}
             if mode == "hybrid":
                 h = hidden(spec, x, w)

@@ -100,6 +100,9 @@ def export_mlx_lm(src: str | Path, out: str | Path, dtype: str = "float16",
     holding exactly the weights a bundle converted with the same dtype holds."""
     source = open_source(src)
     config, arch, names = _plan(source)
+    if arch.name != "llama" or arch.ffn_spec(config).activation != "silu":
+        raise ConversionError("mlx-lm has no equivalent of this model (it has no OPT, and its "
+                              "llama computes SiLU only): no mlx-lm folder to write")
     weights = {}
     for name in tqdm(names, unit="tensor", desc="exporting", disable=not progress):
         target = arch.resident_name(name, config)

@@ -37,7 +37,6 @@ from .arch import FFNSpec
 from .bundle import ITEMSIZE, Bundle, RecordFamily
 
 Fetch = Callable[[int, str, Sequence[str], np.ndarray], dict[str, mx.array]]
-ACTIVATIONS = {"silu": nn.silu, "relu": nn.relu}
 MODES = ("off", "predictor", "gate", "hybrid", "teal")
 
 
@@ -58,18 +57,28 @@ def per_token(mask: mx.array) -> np.ndarray:
     return np.array(mask.sum(axis=-1)).astype(np.int64)
 
 
+def gate_activation(spec: FFNSpec, g: mx.array) -> mx.array:
+    """The activation applied to the gate (for "mlp" FFNs: to up · x + up_bias)."""
+    if spec.activation == "silu":
+        return nn.silu(g)
+    if spec.activation == "fatrelu":
+        return mx.where(g > spec.threshold, g, 0)
+    return nn.relu(g)
+
+
 def activate(spec: FFNSpec, gate: mx.array, up: mx.array) -> mx.array:
-    """The GLU hidden state act(gate) * up (mlx-lm's own swiglu for SiLU)."""
+    """The GLU hidden state act(gate) * up (mlx-lm's own swiglu for SiLU; dReLU also applies
+    relu to up)."""
     if spec.activation == "silu":
         return swiglu(gate, up)
-    return ACTIVATIONS[spec.activation](gate) * up
+    return gate_activation(spec, gate) * (nn.relu(up) if spec.activation == "drelu" else up)
 
 
 def hidden(spec: FFNSpec, x: mx.array, p: dict[str, mx.array]) -> mx.array:
     """Hidden activations of the neurons whose parts `p` holds (rows = neurons)."""
     if spec.kind == "glu":
         return activate(spec, x @ p["gate"].T, x @ p["up"].T)
-    return ACTIVATIONS[spec.activation](x @ p["up"].T + p["up_bias"].reshape(-1))
+    return gate_activation(spec, x @ p["up"].T + p["up_bias"].reshape(-1))
 
 
 class Mode:
@@ -129,7 +138,7 @@ class Hybrid(Mode):
 
     def __call__(self, layer, x, fetch):
         g = x @ self.gates[layer].T
-        a = ACTIVATIONS[self.spec.activation](g)
+        a = gate_activation(self.spec, g)
         cand = mx.abs(a) > self.t_gate[layer]
         ids = union(cand)
         idx = mx.array(ids)

@@ -206,3 +206,40 @@ def write_hf_opt(folder: Path, *, pre_norm: bool = True, project: bool = False,
             p.add_(torch.randn_like(p) * 0.05)
     model.save_pretrained(str(folder), safe_serialization=True)
     return model
+
+
+def write_hf_relu_llama(folder: Path, activation: str, threshold: float = 0.05,
+                        seed: int = 0):
+    """A tiny random Llama with a ReLU-family FFN saved by transformers; returns the torch
+    model (the reference) with its FFN computing `activation` ("relu": ReluLLaMA, "fatrelu":
+    ProSparse's x·[x > threshold], "drelu": TurboSparse's relu(gate)·relu(up))."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    folder.mkdir(parents=True)
+    vocab = save_byte_tokenizer(folder)
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=128, hidden_act="relu", rms_norm_eps=1e-5,
+                         tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
+    model = LlamaForCausalLM(config).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    model.save_pretrained(str(folder), safe_serialization=True)
+    saved = json.loads((folder / "config.json").read_text())
+    saved["hidden_act"] = activation
+    if activation == "fatrelu":
+        saved["hidden_act_param"] = threshold
+    (folder / "config.json").write_text(json.dumps(saved))
+    def ffn(m, x):
+        g, u = m.gate_proj(x), m.up_proj(x)
+        if activation == "fatrelu":
+            return m.down_proj(g * (g > threshold) * u)
+        return m.down_proj(torch.relu(g) * torch.relu(u))
+
+    if activation != "relu":  # transformers' own modules, with the FFN formula patched in
+        for layer in model.model.layers:
+            layer.mlp.forward = (lambda m: lambda x: ffn(m, x))(layer.mlp)
+    return model

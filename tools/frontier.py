@@ -52,14 +52,14 @@ def main() -> None:
                           progress=False)
                 r = evaluate(scratch, args.data, tokens=args.tokens, mode=mode,
                              compute_dtype=args.compute_dtype, progress=False)
-                dense = r["ppl_dense"]
+                dense, oracle = r["ppl_dense"], r["ppl_oracle"]
                 point = {k: r[k] for k in ("mode", "target", "ppl_dense", "ppl_sparse",
                                            "ppl_oracle", "oracle_keep", "ffn_bytes_fraction",
                                            "recall_mean", "resident_selection_bytes")}
                 points.append(point)
                 print(f"{mode} {target}: read {100 * r['ffn_bytes_fraction']:.1f}% of the FFN "
                       f"per token, perplexity {100 * (r['ppl_sparse'] / dense - 1):+.2f}% "
-                      f"(oracle at the same neuron count {100 * (r['ppl_oracle'] / dense - 1):+.2f}%)",
+                      f"(oracle, same neuron count: {100 * (oracle / dense - 1):+.2f}%)",
                       flush=True)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

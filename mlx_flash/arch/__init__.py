@@ -26,9 +26,11 @@ class UnsupportedModel(Exception):
 class FFNSpec:
     """The FFN's math, which fixes the neuron record layout.
 
-    kind "glu": y = down · (act(gate · x) ⊙ (up · x))          (Llama-family SwiGLU)
+    kind "glu": y = down · (act(gate · x) ⊙ (up · x))          (Llama family)
     kind "mlp": y = down · act(up · x + up_bias) + down_bias    (OPT: up = fc1, down = fc2)
     Neuron i's record holds gate row i, up row i (and up_bias[i]), and down column i.
+    activation: "silu" (SwiGLU), "relu" (ReluLLaMA, OPT), "fatrelu" (ProSparse: x if x >
+    threshold else 0), "drelu" (TurboSparse: relu(gate) ⊙ relu(up)).
     """
 
     kind: str
@@ -36,6 +38,7 @@ class FFNSpec:
     hidden_size: int
     intermediate_size: int
     down_bias: bool = False
+    threshold: float = 0.0
 
     def record_layout(self) -> tuple[list[RecordPart], int]:
         """The parts of one neuron record and its stride, in elements."""
@@ -47,9 +50,6 @@ class FFNSpec:
         used = parts[-1].offset + parts[-1].length
         stride = -(-used // 8) * 8  # whole 16-byte units in float16, so rows stay aligned
         return parts, stride
-
-    def to_json(self) -> dict[str, Any]:
-        return {"kind": self.kind, "activation": self.activation, "down_bias": self.down_bias}
 
 
 def make_records(spec: FFNSpec, w: dict[str, mx.array]) -> mx.array:

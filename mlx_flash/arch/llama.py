@@ -8,7 +8,9 @@ import mlx.nn as nn
 
 from . import FFNSpec, UnsupportedModel
 
-ACTIVATIONS = ("silu",)
+# silu: SwiGLU; relu: ReluLLaMA; fatrelu: ProSparse (threshold in "hidden_act_param");
+# drelu: TurboSparse's relu on gate and on up (set "hidden_act": "drelu" in its config.json)
+ACTIVATIONS = ("silu", "relu", "fatrelu", "drelu")
 
 
 class LlamaFamily:
@@ -24,7 +26,9 @@ class LlamaFamily:
             raise UnsupportedModel("FFN biases (mlp_bias=true) are not supported")
         if config.get("rope_scaling") and config["rope_scaling"].get("type") == "dynamic":
             raise UnsupportedModel("dynamic RoPE scaling is not supported")
-        return FFNSpec("glu", act, int(config["hidden_size"]), int(config["intermediate_size"]))
+        return FFNSpec("glu", act, int(config["hidden_size"]), int(config["intermediate_size"]),
+                       threshold=float(config.get("hidden_act_param", 0.0)) if act == "fatrelu"
+                       else 0.0)
 
     def build(self, config: dict[str, Any]) -> nn.Module:
         from mlx_lm.utils import _get_classes
