@@ -49,6 +49,12 @@ def default_mode(spec: FFNSpec) -> str:
     return "hybrid" if spec.activation == "silu" else "predictor"
 
 
+def default_rank(spec: FFNSpec) -> int:
+    """Predictor rank: d/8, within [32, 128] (the paper used 128 for OPT-6.7B's d = 4096; on
+    the ReLU fixture, d = 256, rank 32 kept recall at 0.98 — docs/SPARSITY.md)."""
+    return min(128, max(32, spec.hidden_size // 8))
+
+
 def text_tokens(tokenizer, path: str | Path) -> list[int]:
     return tokenizer.encode(Path(path).read_text(), add_special_tokens=False)
 
@@ -147,7 +153,7 @@ def _parse_target(mode: str, target: str | None) -> list[float]:
 
 
 def calibrate(path: str | Path, data: str | Path, mode: str | None = None,
-              tokens: int | None = None, target: str | None = None, rank: int = 128,
+              tokens: int | None = None, target: str | None = None, rank: int | None = None,
               epochs: int = 8, ctx: int = 512, seed: int = 0, progress: bool = True) -> Bundle:
     """Calibrate `mode` (default: by architecture) on `data` and write it into the bundle."""
     from mlx_lm.utils import load_tokenizer
@@ -164,6 +170,7 @@ def calibrate(path: str | Path, data: str | Path, mode: str | None = None,
     if mode != "predictor" and spec.kind != "glu":
         raise ValueError(f"mode {mode!r} needs a gated (SwiGLU) FFN; use predictor")
     goals = _parse_target(mode, target)
+    rank = rank or default_rank(spec)
     tokenizer = load_tokenizer(bundle.tokenizer_path)
     ids = text_tokens(tokenizer, data)[: tokens or DEFAULT_TOKENS[mode]]
     started = time.time()
@@ -254,7 +261,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="calibration tokens, from the start of the text (default: 16384 for "
                    "predictor, 4096 otherwise)")
     p.add_argument("--target", default=None, help="operating point (see below)")
-    p.add_argument("--rank", type=int, default=128, help="predictor rank (default 128)")
+    p.add_argument("--rank", type=int, default=None,
+                   help="predictor rank (default: hidden size / 8, within 32..128)")
     p.add_argument("--epochs", type=int, default=8, help="predictor training epochs")
     p.add_argument("--ctx", type=int, default=512, help="tokens per forward window")
     p.add_argument("--quiet", action="store_true", help="no progress bars")

@@ -67,3 +67,17 @@ def tiny_bundle(tiny_llama, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("tiny") / "bundle"
     convert(tiny_llama[0], out, dtype="float32", progress=False)
     return out
+
+
+@pytest.fixture(scope="session")
+def relu_bundle(tmp_path_factory) -> Path:
+    """The committed ReLU OPT fixture (tests/data/relu-opt) as a float32 bundle, with the
+    paper's predictor calibrated on the head of the WikiText slice (text the fixture was
+    trained on; the predictor is evaluated on the held-out tail)."""
+    from mlx_flash.calibrate import calibrate
+    from mlx_flash.convert import convert
+
+    out = tmp_path_factory.mktemp("relu") / "bundle"
+    convert(DATA / "relu-opt", out, dtype="float32", progress=False)
+    calibrate(out, DATA / "wikitext-2-valid-slice.txt", tokens=8192, progress=False)
+    return out

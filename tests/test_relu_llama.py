@@ -3,6 +3,8 @@ transformers' Llama (torch CPU) on tiny random configs, and the paper's predicto
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import mlx.core as mx
 import numpy as np
 import pytest
@@ -58,7 +60,8 @@ def test_exact_zeros_let_the_predictor_skip_neurons(relu_pair, tmp_path):
 
     copy = tmp_path / "b"
     shutil.copytree(path, copy)
-    bundle = calibrate(copy, "tests/data/wikitext-2-valid-slice.txt", tokens=2048, epochs=4,
+    bundle = calibrate(copy, Path(__file__).parent / "data" / "wikitext-2-valid-slice.txt",
+                       tokens=2048, epochs=4,
                        progress=False)
     assert bundle.selection["default"] == "predictor"
     layers = bundle.selection["modes"]["predictor"]["layers"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
@@ -15,7 +16,7 @@ from mlx_flash.bundle import Bundle
 from mlx_flash.calibrate import calibrate, collect_inputs, text_tokens
 from mlx_flash.evaluate import evaluate
 
-DATA = "tests/data/wikitext-2-valid-slice.txt"
+DATA = Path(__file__).parent / "data" / "wikitext-2-valid-slice.txt"
 MODES = ("predictor", "gate", "hybrid", "teal")
 
 
@@ -173,7 +174,7 @@ def test_evaluate_json(calibrated, tmp_path):
     from mlx_flash.evaluate import main
 
     out = tmp_path / "eval.json"
-    assert main([str(calibrated["predictor"]), "--data", DATA, "--tokens", "256", "--ctx",
+    assert main([str(calibrated["predictor"]), "--data", str(DATA), "--tokens", "256", "--ctx",
                  "128", "--json", str(out), "--quiet"]) == 0
     r = json.loads(out.read_text())
     for key in ("tokens", "mode", "ppl_dense", "ppl_oracle", "ppl_sparse", "recall_mean",
