@@ -37,7 +37,7 @@ from .arch import FFNSpec
 from .bundle import DTYPES, Bundle, BundleError, BundleUpdate, RecordFamily, RecordPart, SegmentFile
 from .ffn import FlashEngine
 from .loader import blas_hint
-from .selection import MODES, gate_activation, hidden
+from .selection import MODE_CLASSES, MODES, gate_activation, hidden
 
 DEFAULT_TARGETS = {"predictor": "0.99", "gate": "0.8", "hybrid": "0.8,0.5", "teal": "0.8,0.6"}
 DEFAULT_TOKENS = {"predictor": 16384, "gate": 4096, "hybrid": 4096, "teal": 4096}
@@ -83,8 +83,10 @@ def layer_weights(engine: FlashEngine, layer: int) -> dict[str, mx.array]:
     """All of a layer's FFN weights (float32), read from its neuron records, in arrays of
     their own (what `fetch` returns lives in matrices the next fetch overwrites)."""
     fam = engine.families["neuron"]
-    parts = engine.fetch(layer, "neuron", [p.name for p in fam.parts], np.arange(fam.count))
-    return {k: mx.array(np.array(v.astype(mx.float32))) for k, v in parts.items()}
+    ids, parts = engine.fetch(layer, "neuron", [p.name for p in fam.parts],
+                              np.arange(fam.count))
+    order = np.argsort(ids)  # rows in neuron order
+    return {k: mx.array(np.array(v.astype(mx.float32))[order]) for k, v in parts.items()}
 
 
 def true_active(spec: FFNSpec, x: mx.array, w: dict[str, mx.array],
@@ -178,7 +180,8 @@ def calibrate(path: str | Path, data: str | Path, mode: str | None = None,
     n_layers = len(X)
     layers: list[dict[str, Any]] = []
     arrays: dict[str, mx.array] = {}
-    column_segments: list[mx.array] = []
+    layouts = MODE_CLASSES[mode].LAYOUTS
+    records: dict[str, list[mx.array]] = {name: [] for name in layouts}
     for layer in tqdm(range(n_layers), desc=f"fitting {mode}", unit="layer",
                       disable=not progress):
         w = layer_weights(engine, layer)
@@ -197,8 +200,9 @@ def calibrate(path: str | Path, data: str | Path, mode: str | None = None,
             h = hidden(spec, x, w)
             entry = {"t_x": quantile_threshold(mx.abs(x), goals[0]),
                      "t_h": quantile_threshold(mx.abs(h), goals[1])}
-            column_segments.append(mx.concatenate([w["gate"].T, w["up"].T], axis=1))
         layers.append(entry)
+        for name, layout in layouts.items():
+            records[name].append(_layout_records(w, layout))
     with BundleUpdate(bundle) as update:
         m = update.manifest
         info: dict[str, Any] = {"target": goals, "layers": layers, "calibration": {
@@ -207,19 +211,37 @@ def calibrate(path: str | Path, data: str | Path, mode: str | None = None,
             staging, info["file"] = update.new_file(f"selection-{mode}", ".safetensors")
             mx.save_safetensors(str(staging), {k: v.astype(DTYPES[bundle.dtype])
                                                for k, v in arrays.items()})
-        if column_segments:
-            staging, name = update.new_file("ffn-column", ".bin")
+        if records:
+            staging, name = update.new_file(f"ffn-{mode}", ".bin")
             out = SegmentFile(staging)
-            segments = tuple(out.write(c, bundle.dtype) for c in column_segments)
+            for family, layout in layouts.items():
+                segments = tuple(out.write(r, bundle.dtype) for r in records[family])
+                m["ffn"]["families"][family] = _layout_family(
+                    family, layout, name, spec, bundle.dtype, segments).to_json()
             out.close()
-            n = spec.intermediate_size
-            m["ffn"]["families"]["column"] = RecordFamily(
-                "column", name, spec.hidden_size, 2 * n, bundle.dtype,
-                (RecordPart("gate", 0, n), RecordPart("up", n, n)), segments).to_json()
         selection = m.setdefault("selection", {"default": None, "modes": {}})
         selection["modes"][mode] = info
         selection["default"] = mode
         return update.commit()
+
+
+def _layout_records(w: dict[str, mx.array], layout: tuple[str, ...] | str) -> mx.array:
+    """One layer's records of a family from its neuron parts (`[n, d]` each; down holds the
+    down projection's columns): per neuron the named parts, or per input dimension its column
+    of gate and of up ("columns")."""
+    if layout == "columns":
+        return mx.concatenate([w["gate"].T, w["up"].T], axis=1)
+    return mx.concatenate([w[p] for p in layout], axis=1)
+
+
+def _layout_family(name: str, layout: tuple[str, ...] | str, file: str, spec: FFNSpec,
+                   dtype: str, segments: tuple[tuple[int, int], ...]) -> RecordFamily:
+    d, n = spec.hidden_size, spec.intermediate_size
+    if layout == "columns":
+        count, parts = d, (RecordPart("gate", 0, n), RecordPart("up", n, n))
+    else:
+        count, parts = n, tuple(RecordPart(p, i * d, d) for i, p in enumerate(layout))
+    return RecordFamily(name, file, count, sum(p.length for p in parts), dtype, parts, segments)
 
 
 def _fit_predictor(spec: FFNSpec, x: mx.array, w: dict[str, mx.array], recall: float,

@@ -81,6 +81,7 @@ def run_mode(model: nn.Module, mode: Mode, tokens: list[int], ctx: int, truth: b
     engine: FlashEngine = model.flash
     stats = ReadStats(engine, truth)
     engine.mode, engine.observer = mode, stats
+    engine.dense_prefill = False  # score each token's own selection
     try:
         ppl = perplexity(model, tokens, ctx, f"perplexity ({mode.name})", progress)
     finally:

@@ -1,10 +1,13 @@
 """The FFN that mlx-lm's layers call: neuron records come from flash, not from memory.
 
 Per call and layer the engine (1) finishes the pending graph, so the layer input is known and
-no earlier computation still reads the neuron matrices, (2) lets the selection mode decide
-which records (and which of their parts) the tokens need and reads those into the matrices,
-(3) computes the FFN over them, and (4) evaluates the result before the next layer reads over
-the matrices. With selection "off" every record is read: the paper's naive engine.
+no earlier computation still reads the neuron matrices; (2) lets the selection mode decide
+which records (and which of their parts) the tokens need, and gets them: a decode token from
+its layer's sliding-window cache, reading only what is new to the window; a prompt (prefill)
+streams the whole layer through one staging matrix and is computed densely; (3) computes the
+FFN over them, and (4) evaluates the result before the next layer reads over the staging
+matrix. With selection "off" and no budget every record is read every token: the paper's naive
+engine; with "off" and a budget, what fits stays cached and the rest is read: its hybrid.
 """
 
 from __future__ import annotations
@@ -20,7 +23,8 @@ import numpy as np
 from .arch import FFNSpec
 from .bundle import Bundle
 from .flash_io import FlashReader
-from .neuron_cache import NeuronMatrix
+from .memory import MemoryPlan
+from .neuron_cache import CacheStats, NeuronCache, NeuronMatrix
 from .selection import LayerReads, Mode
 
 
@@ -31,8 +35,9 @@ class PhaseStats:
     tokens: int = 0
     bytes: int = 0  # read from flash
     needed_bytes: int = 0  # what the tokens' selections needed, summed over tokens
-    io_seconds: float = 0.0
-    ffn_seconds: float = 0.0
+    io_seconds: float = 0.0  # reading records
+    mem_seconds: float = 0.0  # cache bookkeeping: evictions (row moves), admissions
+    ffn_seconds: float = 0.0  # the rest of the FFN: selection and compute
 
     @property
     def bytes_per_token(self) -> float:
@@ -54,58 +59,107 @@ Observer = Callable[[int, mx.array, LayerReads], None]
 class FlashEngine:
     """Serves every FlashFFN of one model from the bundle's records, with a selection mode."""
 
-    def __init__(self, bundle: Bundle, spec: FFNSpec, mode: Mode, compute_dtype: mx.Dtype):
+    def __init__(self, bundle: Bundle, spec: FFNSpec, mode: Mode, compute_dtype: mx.Dtype,
+                 plan: MemoryPlan | None = None, window: int = 5, threads: int = 1,
+                 cold: bool = False):
         self.bundle = bundle
         self.spec = spec
         self.mode = mode
+        self.dense = Mode(spec, bundle.families)
         self.compute_dtype = compute_dtype
         self.families = bundle.families
-        self.readers = {f: FlashReader(bundle.path / f)
+        self.plan = plan
+        self.window = window
+        self.readers = {f: FlashReader(bundle.path / f, threads=threads, cold=cold)
                         for f in sorted({fam.file for fam in self.families.values()})}
         self.reader = self.readers[self.families["neuron"].file]
-        # One matrix per record family, shared by all layers: a layer's records are read into
-        # it, used, and released (its output evaluated) before the next layer reads over them.
+        # One staging matrix per record family, shared by all layers: a layer's records are
+        # read into it, used, and released (its output evaluated) before the next layer reads
+        # over them. Prefill streams through it, and so do reads that a cache has no room for.
         self.matrices = {name: NeuronMatrix(fam, fam.count) for name, fam in self.families.items()}
         self._slots = np.arange(max(fam.count for fam in self.families.values()))
+        n_layers = len(self.families["neuron"].segments)
+        self.caches: dict[tuple[int, str, tuple[str, ...]], NeuronCache] = {}
+        for (family, parts), rows in (plan.capacity.items() if plan else ()):
+            if rows > 0:
+                for layer in range(n_layers):
+                    self.caches[(layer, family, parts)] = NeuronCache(
+                        self.families[family], parts, rows, window)
         self.stats = EngineStats()
+        self.dense_prefill = True  # evaluate turns this off to score each token's selection
         self.observer: Observer | None = None  # sees every layer's input and reads (evaluate)
+        self._decoding = False
+        self._mem_seconds = 0.0
+        self.runtime_rss = 0  # set by mlx_flash.load: process memory before the model
 
     @property
     def read_calls(self) -> int:
         return sum(r.counters.calls for r in self.readers.values())
+
+    def cache_stats(self) -> CacheStats:
+        total = CacheStats()
+        for cache in self.caches.values():
+            for k in ("hits", "loads", "spills", "evictions"):
+                setattr(total, k, getattr(total, k) + getattr(cache.stats, k))
+        return total
 
     def _read(self) -> tuple[int, float]:
         return (sum(r.counters.bytes for r in self.readers.values()),
                 sum(r.counters.seconds for r in self.readers.values()))
 
     def fetch(self, layer: int, family: str, parts: Sequence[str],
-              ids: np.ndarray) -> dict[str, mx.array]:
-        """Parts `parts` of records `ids` (sorted) of `family` for `layer`, as `[len(ids), ...]`
-        matrices in the compute dtype. They are views of the family's neuron matrix, valid
-        until the next fetch of the same part overwrites it: evaluate what depends on them
+              ids: np.ndarray) -> tuple[np.ndarray, dict[str, mx.array]]:
+        """Parts `parts` of records `ids` (sorted) of `family` for `layer`: (the ids in the
+        order of the rows, {part: `[len(ids), length]` rows in the compute dtype}).
+
+        Decoding, they come from the layer's cache (reading only the records new to it);
+        otherwise, and for what the cache has no room for, from the staging matrix. The rows
+        are views valid until the next fetch of the same part: evaluate what depends on them
         first, or copy them."""
-        fam, matrix = self.families[family], self.matrices[family]
-        self.readers[fam.file].read_records(fam, layer, ids, self._slots[:len(ids)], matrix, parts)
-        return {p: matrix.parts[p][:len(ids)].astype(self.compute_dtype) for p in parts}
+        fam, staging = self.families[family], self.matrices[family]
+        reader = self.readers[fam.file]
+        cache = self.caches.get((layer, family, tuple(parts))) if self._decoding else None
+        if cache is None:
+            reader.read_records(fam, layer, ids, self._slots[:len(ids)], staging, parts)
+            return ids, {p: staging.parts[p][:len(ids)].astype(self.compute_dtype)
+                         for p in parts}
+        t0 = time.perf_counter()
+        load, slots, spill = cache.admit(ids)
+        self._mem_seconds += time.perf_counter() - t0
+        reader.read_records(fam, layer, load, slots, cache.matrix, parts)
+        reader.read_records(fam, layer, spill, self._slots[:len(spill)], staging, parts)
+        cached = ids[cache.slot_of[ids] >= 0]
+        rows = mx.array(cache.slot_of[cached])
+        out = {}
+        for p in parts:
+            got = mx.take(cache.matrix.parts[p], rows, axis=0)
+            if len(spill):
+                got = mx.concatenate([got, staging.parts[p][:len(spill)]])
+            out[p] = got.astype(self.compute_dtype)
+        return np.concatenate([cached, spill]), out
 
     def __call__(self, layer: int, x: mx.array, down_bias: mx.array | None) -> mx.array:
         mx.eval(x)
         t0 = time.perf_counter()
         read0, io0 = self._read()
+        self._mem_seconds = 0.0
         flat = x.reshape(-1, x.shape[-1])
-        y, reads = self.mode(layer, flat, self.fetch)
+        self._decoding = flat.shape[0] == 1
+        mode = self.dense if not self._decoding and self.dense_prefill else self.mode
+        y, reads = mode(layer, flat, self.fetch)
         y = y.reshape(x.shape)
         if down_bias is not None:
             y = y + down_bias
         mx.eval(y)
         read1, io1 = self._read()
-        phase = self.stats.decode if x.shape[1] == 1 else self.stats.prefill
+        phase = self.stats.decode if self._decoding else self.stats.prefill
         if layer == 0:
             phase.tokens += flat.shape[0]
         phase.bytes += read1 - read0
         phase.needed_bytes += int(reads.bytes.sum())
         phase.io_seconds += io1 - io0
-        phase.ffn_seconds += time.perf_counter() - t0 - (io1 - io0)
+        phase.mem_seconds += self._mem_seconds
+        phase.ffn_seconds += time.perf_counter() - t0 - (io1 - io0) - self._mem_seconds
         if self.observer is not None:
             self.observer(layer, flat, reads)
         return y

@@ -1,15 +1,22 @@
-"""Reads of FFN records from the bundle's ffn.bin, straight into caller-owned rows.
+"""Reads of FFN records from the bundle, straight into caller-owned rows.
 
-Records that are adjacent on disk are read with one positional read (`os.preadv`), landing
-directly in consecutive destination rows: no intermediate buffer, no copy. Counters tell how
-many bytes, records and read calls were issued and how long they took.
+Records whose wanted byte ranges lie close together on disk are read with one positional
+vectored read (`os.preadv`), landing directly in the destination rows: no intermediate buffer,
+no copy. Groups of reads are spread over a thread pool (flash wants many requests in flight).
+In cold mode the OS page cache is bypassed — `F_NOCACHE` on macOS; on Linux read-ahead is off
+and the pages just read are dropped (`posix_fadvise`) — so every read reaches the storage and
+the engine's own cache is the only copy in memory. Counters tell how many bytes, records and
+read calls were issued and how long they took.
 """
 
 from __future__ import annotations
 
 import os
+import sys
+import threading
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -18,9 +25,10 @@ from .bundle import BundleError, RecordFamily
 from .neuron_cache import NeuronMatrix
 
 # Reading up to this many unwanted bytes between two wanted ranges costs less than a second
-# read call (page cache: ~4 us per call vs ~4 GB/s; see tools/flash_profile.py for flash).
+# read call (page cache: ~4 us per call vs ~4 GB/s; tools/flash_profile.py measures flash).
 DEFAULT_MAX_GAP = 16 * 1024
 IOV_MAX = min(os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024, 1024)
+PAGE = 4096
 
 
 @dataclass
@@ -48,14 +56,30 @@ def coalesce(ids: np.ndarray, record_bytes: int = 1, span_bytes: int = 1,
 class FlashReader:
     """Positional reads of fixed-size records from one file."""
 
-    def __init__(self, path: str | os.PathLike, max_gap: int = DEFAULT_MAX_GAP):
+    def __init__(self, path: str | os.PathLike, max_gap: int = DEFAULT_MAX_GAP,
+                 threads: int = 1, cold: bool = False):
         self.path = os.fspath(path)
         self.max_gap = max_gap
-        self._scratch = memoryview(bytearray(max_gap))
+        self.threads = threads
+        self.cold = cold
         self.fd = os.open(self.path, os.O_RDONLY)
+        if cold:
+            if sys.platform == "darwin":
+                import fcntl
+
+                fcntl.fcntl(self.fd, fcntl.F_NOCACHE, 1)
+            elif hasattr(os, "posix_fadvise"):
+                os.posix_fadvise(self.fd, 0, 0, os.POSIX_FADV_RANDOM)
+                self.drop_cache()
         self.counters = ReadCounters()
+        self._lock = threading.Lock()
+        self._pool: ThreadPoolExecutor | None = None
+        self._scratch = memoryview(bytearray(max_gap))
 
     def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown()
+            self._pool = None
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
@@ -63,16 +87,25 @@ class FlashReader:
     def __del__(self) -> None:
         self.close()
 
-    def read_vectored(self, offset: int, iovecs: list[memoryview]) -> None:
+    def drop_cache(self, offset: int = 0, length: int = 0) -> None:
+        """Ask the OS to forget its cached pages of [offset, offset + length) (0: to the end),
+        widened to whole pages (narrower ranges drop nothing)."""
+        if hasattr(os, "posix_fadvise"):
+            start = offset - offset % PAGE
+            end = 0 if length == 0 else -(-(offset + length) // PAGE) * PAGE
+            os.posix_fadvise(self.fd, start, end - start if end else 0,
+                             os.POSIX_FADV_DONTNEED)
+
+    def read_vectored(self, offset: int, iovecs: list[memoryview]) -> tuple[int, int]:
         """Fill `iovecs` in order with the file's bytes from `offset` (several preadv calls
-        when there are more buffers than one call takes, or the kernel returns short)."""
-        pending = iovecs
+        when there are more buffers than one call takes, or the kernel returns short).
+        Returns (bytes, calls)."""
+        start, calls, pending = offset, 0, iovecs
         while pending:
             batch = pending[:IOV_MAX]
             want = sum(len(b) for b in batch)
             n = os.preadv(self.fd, batch, offset)
-            self.counters.calls += 1
-            self.counters.bytes += n
+            calls += 1
             if n == 0:
                 raise BundleError(f"{self.path} ends at byte {offset}: the bundle is truncated")
             offset += n
@@ -85,6 +118,9 @@ class FlashReader:
                     pending = [b[n:]] + pending[i + 1:]
                     break
                 n -= len(b)
+        if self.cold and sys.platform != "darwin":
+            self.drop_cache(start, offset - start)
+        return offset - start, calls
 
     def read_records(self, family: RecordFamily, layer: int, ids: np.ndarray,
                      slots: np.ndarray, matrix: NeuronMatrix,
@@ -93,7 +129,8 @@ class FlashReader:
         `matrix`: the parts named (default: all), or rather the record range covering them.
 
         Records whose wanted ranges lie at most `max_gap` bytes apart are one read: the bytes
-        in between land in a scratch buffer (and count as read).
+        in between land in a scratch buffer (and count as read). With `threads` > 1 the reads
+        are spread over a thread pool.
         """
         t0 = time.perf_counter()
         parts = [p.name for p in family.parts] if parts is None else list(parts)
@@ -103,6 +140,7 @@ class FlashReader:
         id_list, slot_list = ids.tolist(), slots.tolist()
         if len(self._scratch) < self.max_gap:  # gaps merged over land here
             self._scratch = memoryview(bytearray(self.max_gap))
+        reads = []
         for first, count in coalesce(ids, rb, span, self.max_gap):
             iovecs = matrix.iovecs(slot_list[first:first + 1], parts)
             for k in range(first + 1, first + count):
@@ -110,6 +148,24 @@ class FlashReader:
                 if gap:
                     iovecs.append(self._scratch[:gap])
                 iovecs.extend(matrix.iovecs(slot_list[k:k + 1], parts))
-            self.read_vectored(base + id_list[first] * rb, iovecs)
-        self.counters.records += len(ids)
-        self.counters.seconds += time.perf_counter() - t0
+            reads.append((base + id_list[first] * rb, iovecs))
+        if self.threads > 1 and len(reads) > 1:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="flash-read")
+            chunks = [reads[i::self.threads] for i in range(self.threads)]
+            done = list(self._pool.map(self._read_all, chunks))
+        else:
+            done = [self._read_all(reads)]
+        with self._lock:
+            self.counters.bytes += sum(b for b, _ in done)
+            self.counters.calls += sum(c for _, c in done)
+            self.counters.records += len(ids)
+            self.counters.seconds += time.perf_counter() - t0
+
+    def _read_all(self, reads: list[tuple[int, list[memoryview]]]) -> tuple[int, int]:
+        total = calls = 0
+        for offset, iovecs in reads:
+            n, c = self.read_vectored(offset, iovecs)
+            total += n
+            calls += c
+        return total, calls

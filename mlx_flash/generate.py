@@ -10,34 +10,14 @@ flash per token, peak resident memory.
 from __future__ import annotations
 
 import argparse
-import resource
 import sys
 
 import mlx.core as mx
 
+from .memory import format_bytes, parse_size, peak_rss_bytes
+
 DEFAULT_PROMPT = "hello"
 DEFAULT_MAX_TOKENS = 100
-
-
-def peak_rss_bytes() -> int:
-    """This process's peak resident set size."""
-    try:  # Linux: VmHWM starts afresh at exec; ru_maxrss would carry over a forking parent's peak
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return rss if sys.platform == "darwin" else rss * 1024  # macOS: bytes, Linux: KiB
-
-
-def format_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if abs(n) < 1000 or unit == "GB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{n:.0f} B"
-        n /= 1000
-    raise AssertionError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -71,10 +51,25 @@ def build_parser() -> argparse.ArgumentParser:
                    help="which FFN weights each token reads: a selection mode calibrated in the "
                    "bundle (python -m mlx_flash.calibrate), 'off' for all of them, 'auto' for "
                    "the bundle's default (all of them if none is calibrated)")
+    p.add_argument("--memory-budget", type=parse_size, default=None,
+                   help="memory for the model (resident weights, selection data, KV cache, "
+                   "neuron caches), e.g. 150MB; the neuron caches get what the rest leaves. "
+                   "Too small: an error saying the minimum")
+    p.add_argument("--window", type=int, default=5,
+                   help="tokens whose neurons stay cached (the paper's sliding window; 0: no "
+                   "cache)")
+    p.add_argument("--max-kv-size", type=int, default=None,
+                   help="bound the KV cache to this many tokens (rotating, as mlx_lm does); "
+                   "the budget reserves it (default: reserves 2048 tokens, unbounded)")
+    p.add_argument("--threads", type=int, default=1, help="parallel flash reads")
+    p.add_argument("--cold", action="store_true",
+                   help="bypass the OS page cache, so every read reaches the storage (for "
+                   "honest I/O figures)")
     p.add_argument("--verify", action="store_true",
                    help="check every bundle file's sha256 before loading")
     p.add_argument("--verbose", action="store_true",
-                   help="also print the per-token time breakdown (flash I/O, FFN compute)")
+                   help="also print the per-token time breakdown (flash I/O, cache "
+                   "management, compute) and the cache's hit rate")
     return p
 
 
@@ -97,9 +92,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         model, tokenizer = load(args.model, dtype=args.dtype, compute_dtype=args.compute_dtype,
                                 verify=args.verify,
-                                sparsity=None if args.sparsity == "auto" else args.sparsity)
+                                sparsity=None if args.sparsity == "auto" else args.sparsity,
+                                memory_budget=args.memory_budget, window=args.window,
+                                context=args.max_kv_size or 2048, threads=args.threads,
+                                cold=args.cold)
     except (FileNotFoundError, FileExistsError, BundleError, SourceError, UnsupportedModel,
-            ConversionError) as e:
+            ConversionError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
@@ -116,25 +114,32 @@ def main(argv: list[str] | None = None) -> int:
     engine = model.flash
     response = None
     for response in stream_generate(model, tokenizer, prompt, max_tokens=args.max_tokens,
-                                    sampler=sampler):
+                                    sampler=sampler, max_kv_size=args.max_kv_size):
         print(response.text, end="", flush=True)
     print()
     if response is None:
         return 0
     decode, prefill = engine.stats.decode, engine.stats.prefill
+    peak, runtime = peak_rss_bytes(), engine.runtime_rss
+    budget = "" if args.memory_budget is None else f", budget {format_bytes(args.memory_budget)}"
     print(f"[stats] {engine.mode.name} | prompt {response.prompt_tokens} tokens @ "
           f"{response.prompt_tps:.1f} tok/s"
           f" | generation {response.generation_tokens} tokens @ "
           f"{response.generation_tps:.2f} tok/s"
           f" | flash read {format_bytes(decode.bytes_per_token)}/token"
           f" (prefill {format_bytes(prefill.bytes)})"
-          f" | peak RSS {format_bytes(peak_rss_bytes())}"
+          f" | peak RSS {format_bytes(peak)} (runtime {format_bytes(runtime)} + model "
+          f"{format_bytes(peak - runtime)}{budget})"
           f" | MLX peak {format_bytes(mx.get_peak_memory())}")
     if args.verbose and decode.tokens:
-        print(f"[decode] per token: flash I/O {1e3 * decode.io_seconds / decode.tokens:.1f} ms "
-              f"({decode.bytes / max(decode.io_seconds, 1e-9) / 1e9:.2f} GB/s), FFN compute "
-              f"{1e3 * decode.ffn_seconds / decode.tokens:.1f} ms, "
+        n = decode.tokens
+        cache = engine.cache_stats()
+        print(f"[decode] per token: flash I/O {1e3 * decode.io_seconds / n:.1f} ms "
+              f"({decode.bytes / max(decode.io_seconds, 1e-9) / 1e6:.0f} MB/s), cache "
+              f"management {1e3 * decode.mem_seconds / n:.1f} ms, FFN compute "
+              f"{1e3 * decode.ffn_seconds / n:.1f} ms; cache hit rate {cache.hit_rate:.1%}; "
               f"{engine.read_calls} read calls in all")
+        print(f"[memory] {engine.plan.describe()}")
     return 0
 
 

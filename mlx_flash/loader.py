@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -11,8 +12,9 @@ import mlx.nn as nn
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
 from .arch import Architecture, FFNSpec, get_architecture
-from .bundle import DTYPES, Bundle, BundleError
+from .bundle import DTYPES, ITEMSIZE, Bundle, BundleError
 from .ffn import FlashEngine, FlashFFN
+from .memory import parse_size, plan_memory
 from .selection import load_mode
 
 
@@ -52,12 +54,24 @@ def build_flash_model(arch: Architecture, config: dict[str, Any], spec: FFNSpec,
     return model
 
 
+@dataclass
+class EngineOptions:
+    """How the flash engine runs (see `load`)."""
+
+    memory_budget: int | str | None = None
+    window: int = 5
+    context: int = 2048
+    threads: int = 1
+    cold: bool = False
+
+
 def open_model(bundle: Bundle, compute_dtype: str | None = None,
-               sparsity: str | None = None) -> nn.Module:
+               sparsity: str | None = None, options: EngineOptions | None = None) -> nn.Module:
     """Build the flash model for an opened bundle and load its resident weights.
 
     `sparsity`: a selection mode calibrated in the bundle, "off" (every neuron), or None for
     the bundle's default mode (dense when none is calibrated)."""
+    options = options or EngineOptions()
     arch = get_architecture(bundle.config)
     spec = arch.ffn_spec(bundle.config)
     parts, stride = spec.record_layout()
@@ -70,7 +84,18 @@ def open_model(bundle: Bundle, compute_dtype: str | None = None,
         mode = load_mode(bundle, spec, sparsity, dtype)
     except (KeyError, ValueError) as e:
         raise BundleError(f"{bundle.path}: {e}") from None
-    engine = FlashEngine(bundle, spec, mode, dtype)
+    info = bundle.selection["modes"].get(mode.name, {})
+    itemsize = ITEMSIZE[str(dtype).rsplit(".", 1)[-1]]
+    selection = (bundle.file_bytes(info["file"]) * itemsize // ITEMSIZE[bundle.dtype]
+                 if info.get("file") else 0)
+    budget = None if options.memory_budget is None else parse_size(options.memory_budget)
+    plan = plan_memory(bundle, itemsize, selection, mode.cache_keys, budget, options.context,
+                       default_full=mode.name != "off" and options.window > 0)
+    if budget is not None:
+        # freed buffers MLX keeps for reuse count in the process's memory: keep them few
+        mx.set_cache_limit(min(mx.get_cache_memory() + 16 * 2**20, budget // 16))
+    engine = FlashEngine(bundle, spec, mode, dtype, plan, options.window, options.threads,
+                         options.cold)
     model = build_flash_model(arch, bundle.config, spec, engine)
     weights = bundle.load_resident()
     weights = {k: v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) else v
@@ -93,23 +118,38 @@ def load(
     tokenizer_config: dict[str, Any] | None = None,
     dtype: str | None = None,
     sparsity: str | None = None,
+    memory_budget: int | str | None = None,
+    window: int = 5,
+    context: int = 2048,
+    threads: int = 1,
+    cold: bool = False,
 ) -> tuple[nn.Module, TokenizerWrapper]:
     """Load a flash bundle as `(model, tokenizer)` for mlx-lm's generate / stream_generate.
 
     `path` is a bundle, or a GGUF file / model folder that is converted (with `dtype`) into the
     cache on first use (default dtype: `default_dtype()`); None means the embedded default
-    model. `compute_dtype` (default: the
-    bundle's dtype) is what the resident weights and the records are computed in. `verify`
+    model. `compute_dtype` (default: the bundle's dtype) is what the resident weights and the
+    records are computed in. `verify`
     checks every file's sha256 before use. `sparsity` picks the selection mode: one calibrated
     in the bundle (`python -m mlx_flash.calibrate`), "off", or None for the bundle's default.
-    The model's `flash` attribute is its FlashEngine, whose `stats` count flash reads.
+    `memory_budget` (bytes, or "150MB") bounds resident weights, selection data, KV cache for
+    `context` tokens and the per-layer neuron caches, which keep the neurons of the last
+    `window` tokens (BudgetError when it cannot be met; without a budget the caches may hold
+    every neuron, and selection "off" caches nothing: the naive engine). `threads` read in
+    parallel; `cold` bypasses the OS page cache. The model's `flash` attribute is its
+    FlashEngine, whose `stats` count flash reads and whose `runtime_rss` is the process's
+    resident memory just before the model was loaded (the tokenizer already was).
     """
     from mlx_lm.utils import load_tokenizer
 
+    from .memory import rss_bytes
     from .paths import resolve_bundle
 
     bundle = Bundle.open(resolve_bundle(path, dtype=dtype or default_dtype()), verify=verify)
-    model = open_model(bundle, compute_dtype, sparsity)
     tokenizer = load_tokenizer(Path(bundle.tokenizer_path), tokenizer_config,
                                eos_token_ids=bundle.config.get("eos_token_id"))
+    runtime = rss_bytes()
+    model = open_model(bundle, compute_dtype, sparsity, EngineOptions(
+        memory_budget, window, context, threads, cold))
+    model.flash.runtime_rss = runtime
     return model, tokenizer

@@ -1,14 +1,20 @@
-"""The preallocated neuron matrix that records are read into.
+"""The preallocated neuron matrix records are read into, and the sliding-window cache on it.
 
 On flash a neuron's record holds all its parts contiguously (gate row, up row, down column),
 so one read fetches the neuron. In memory we keep one matrix per part, `[capacity, length]`
 each: a vectored read (`preadv`) scatters each record's parts straight into row `slot` of
 every part matrix, and the FFN then multiplies contiguous matrices with no copy.
+
+`NeuronCache` keeps, per layer, the neurons used by the last `window` tokens in such a matrix
+(the paper's sliding window). Evicting moves the last occupied rows into the freed slots;
+loading appends rows after the last occupied one. The matrix is allocated once and never
+reallocated or copied whole.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import mlx.core as mx
 import numpy as np
@@ -17,24 +23,31 @@ from .bundle import DTYPES, ITEMSIZE, RecordFamily
 
 
 class NeuronMatrix:
-    """Rows `0..capacity-1` of every record part, allocated once and filled in place."""
+    """Rows `0..capacity-1` of the named record parts (default all), allocated once and
+    filled in place."""
 
-    def __init__(self, family: RecordFamily, capacity: int):
+    def __init__(self, family: RecordFamily, capacity: int, parts: Sequence[str] | None = None):
         self.family = family
         self.capacity = capacity
         size = ITEMSIZE[family.dtype]
+        names = [p.name for p in family.parts] if parts is None else list(parts)
         self._buffers: dict[str, mx.array] = {}
         self.parts: dict[str, mx.array] = {}  # typed views of the buffers, what compute uses
         self._rows: dict[str, np.ndarray] = {}  # writable uint8 views of the same memory
-        for p in family.parts:
+        for name in names:
+            p = family.part(name)
             buf = mx.zeros((capacity, p.length * size), dtype=mx.uint8)
-            self._buffers[p.name] = buf
-            self.parts[p.name] = buf.view(DTYPES[family.dtype])
-            mx.eval(buf, self.parts[p.name])
-            self._rows[p.name] = np.array(buf, copy=False)
+            self._buffers[name] = buf
+            self.parts[name] = buf.view(DTYPES[family.dtype])
+            mx.eval(buf, self.parts[name])
+            self._rows[name] = np.array(buf, copy=False)
         # bytes that are read but not kept (padding, parts not asked for) land here
         self.scratch = memoryview(bytearray(family.record_bytes))
         self._tables: dict[tuple[str, ...], list[list[memoryview]]] = {}
+
+    @property
+    def nbytes(self) -> int:
+        return sum(r.nbytes for r in self._rows.values())
 
     def span(self, parts: Sequence[str]) -> tuple[int, int]:
         """Byte range `[start, end)` of a record that covers `parts` (all parts: the whole
@@ -49,20 +62,23 @@ class NeuronMatrix:
         """Per slot, the buffers that receive a record's bytes `span(parts)` landing there."""
         size = ITEMSIZE[self.family.dtype]
         start, end = self.span(parts)
-        pieces = []  # (byte offset in record, byte length, part name or None for scratch)
+        pieces = []  # (byte length, part name or None for scratch)
         position = start
         for p in sorted(self.family.parts, key=lambda p: p.offset):
             a, b = p.offset * size, (p.offset + p.length) * size
             if a < start or b > end:
                 continue
             if a > position:
-                pieces.append((position, a - position, None))
-            pieces.append((a, b - a, p.name if p.name in parts else None))
+                pieces.append((a - position, None))
+            pieces.append((b - a, p.name if p.name in parts else None))
             position = b
         if end > position:
-            pieces.append((position, end - position, None))
+            pieces.append((end - position, None))
+        missing = {name for _, name in pieces if name} - set(self._rows)
+        if missing:
+            raise ValueError(f"this matrix holds no part {sorted(missing)}")
         return [[memoryview(self._rows[name][slot]) if name else self.scratch[:length]
-                 for _, length, name in pieces] for slot in range(self.capacity)]
+                 for length, name in pieces] for slot in range(self.capacity)]
 
     def iovecs(self, slots: Sequence[int], parts: Sequence[str]) -> list[memoryview]:
         """The read targets, in file order, for the span of `parts` of records landing in
@@ -73,6 +89,96 @@ class NeuronMatrix:
             table = self._tables[key] = self._table(key)
         return [mv for s in slots for mv in table[s]]
 
+    def move_rows(self, src: np.ndarray, dst: np.ndarray) -> None:
+        """Copy rows `src` onto rows `dst` (disjoint), in every part, in place."""
+        for rows in self._rows.values():
+            rows[dst] = rows[src]
+
     def buffer_address(self, part: str) -> int:
         """Address of a part matrix's memory (to check it is never reallocated)."""
         return self._rows[part].__array_interface__["data"][0]
+
+
+@dataclass
+class CacheStats:
+    hits: int = 0  # neurons a token needed that were resident
+    loads: int = 0  # neurons read into the cache
+    spills: int = 0  # neurons read past the cache (no room)
+    evictions: int = 0
+
+    @property
+    def hit_rate(self) -> float:
+        needed = self.hits + self.loads + self.spills
+        return self.hits / needed if needed else 0.0
+
+
+class NeuronCache:
+    """The neurons (of one record family and parts, for one layer) that the last `window`
+    tokens used, held in a NeuronMatrix of `capacity` rows.
+
+    `admit(ids)` for each token: neurons unused for `window` tokens are evicted, the missing
+    ones appended; when they do not fit, the least recently used are evicted sooner (the window
+    shrinks for this layer), and what still does not fit is left out ("spilled") for the
+    caller to read elsewhere.
+    """
+
+    def __init__(self, family: RecordFamily, parts: Sequence[str], capacity: int, window: int):
+        self.matrix = NeuronMatrix(family, capacity, parts)
+        self.parts = tuple(parts)
+        self.capacity, self.window = capacity, window
+        self.slot_of = np.full(family.count, -1, dtype=np.int64)  # neuron id -> slot
+        self.neuron_at = np.full(capacity, -1, dtype=np.int64)  # slot -> neuron id
+        self.last_used = np.full(family.count, np.iinfo(np.int64).min // 2, dtype=np.int64)
+        self.size = 0  # slots 0..size-1 are occupied
+        self.step = 0  # tokens seen
+        self.stats = CacheStats()
+
+    def evict(self, neurons: np.ndarray) -> None:
+        """Remove resident `neurons`: rows after the new end move into the freed slots."""
+        if len(neurons) == 0:
+            return
+        holes = self.slot_of[neurons]
+        new_size = self.size - len(holes)
+        tail = np.arange(new_size, self.size)
+        movers = tail[~np.isin(tail, holes)]  # occupied rows past the new end
+        targets = np.sort(holes[holes < new_size])  # freed rows before it
+        self.slot_of[neurons] = -1
+        if len(movers):
+            self.matrix.move_rows(movers, targets)
+            moved = self.neuron_at[movers]
+            self.neuron_at[targets] = moved
+            self.slot_of[moved] = targets
+        self.neuron_at[new_size:self.size] = -1
+        self.size = new_size
+        self.stats.evictions += len(neurons)
+
+    def admit(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Account one token needing `ids` (sorted). Returns (load_ids, load_slots, spill_ids):
+        the records to read into which rows, and those left out. Afterwards every id not
+        spilled is resident (`slot_of`)."""
+        self.step += 1
+        t = self.step
+        present = self.slot_of[ids] >= 0
+        self.stats.hits += int(present.sum())
+        self.last_used[ids] = t
+        resident = self.neuron_at[:self.size]
+        self.evict(resident[self.last_used[resident] <= t - self.window])
+        missing = ids[~present]
+        short = len(missing) - (self.capacity - self.size)
+        if short > 0:  # shrink the window: the least recently used that this token does not need
+            resident = self.neuron_at[:self.size]
+            older = resident[self.last_used[resident] < t]
+            self.evict(older[np.argsort(self.last_used[older], kind="stable")[:short]])
+        room = self.capacity - self.size
+        load, spill = missing[:room], missing[room:]
+        slots = np.arange(self.size, self.size + len(load))
+        self.slot_of[load] = slots
+        self.neuron_at[slots] = load
+        self.size += len(load)
+        self.stats.loads += len(load)
+        self.stats.spills += len(spill)
+        return load, slots, spill
+
+    def resident(self) -> dict[int, int]:
+        """{neuron id: slot} of what is held (for checks)."""
+        return {int(n): s for s, n in enumerate(self.neuron_at[:self.size])}

@@ -34,10 +34,10 @@ import numpy as np
 from mlx_lm.models.activations import swiglu
 
 from .arch import FFNSpec
-from .bundle import ITEMSIZE, Bundle, RecordFamily
+from .bundle import Bundle, RecordFamily
 
-Fetch = Callable[[int, str, Sequence[str], np.ndarray], dict[str, mx.array]]
-MODES = ("off", "predictor", "gate", "hybrid", "teal")
+# fetch(layer, family, parts, ids) -> (ids in the order of the rows, {part: rows})
+Fetch = Callable[[int, str, Sequence[str], np.ndarray], tuple[np.ndarray, dict[str, mx.array]]]
 
 
 @dataclass
@@ -82,21 +82,37 @@ def hidden(spec: FFNSpec, x: mx.array, p: dict[str, mx.array]) -> mx.array:
 
 
 class Mode:
-    """Base of the selection modes: the FFN spec and the record sizes costs are counted in."""
+    """Base of the selection modes: the FFN spec and the record families the mode reads."""
 
     name = "off"
+    # Record families the mode reads besides "neuron", as calibration writes them: a tuple of
+    # neuron parts (records of just those parts, one per neuron) or "columns" (one record per
+    # input dimension: its column of gate and of up). Reading each stage's parts from a family
+    # of its own keeps the reads contiguous.
+    LAYOUTS: dict[str, tuple[str, ...] | str] = {}
 
     def __init__(self, spec: FFNSpec, families: dict[str, RecordFamily]):
         self.spec = spec
+        missing = sorted(set(self.LAYOUTS) - set(families))
+        if missing:
+            raise ValueError(f"mode {self.name!r} needs record families {missing}: calibrate "
+                             "the bundle for it again")
+        self.families = families
         self.neuron = families["neuron"]
-        size = ITEMSIZE[self.neuron.dtype]
-        self.part_bytes = {p.name: p.length * size for p in self.neuron.parts}
         self.all_parts = tuple(p.name for p in self.neuron.parts)
+
+    def record_bytes(self, family: str) -> int:
+        return self.families[family].record_bytes
+
+    @property
+    def cache_keys(self) -> list[tuple[str, tuple[str, ...]]]:
+        """The (record family, parts) this mode fetches, each a cache of its own per layer."""
+        return [("neuron", self.all_parts)]
 
     def __call__(self, layer: int, x: mx.array, fetch: Fetch) -> tuple[mx.array, LayerReads]:
         n = self.spec.intermediate_size
-        p = fetch(layer, "neuron", self.all_parts, np.arange(n))
-        y = hidden(self.spec, x, p) @ p["down"]
+        _, p = fetch(layer, "neuron", self.all_parts, np.arange(n))
+        y = hidden(self.spec, x, p) @ p["down"]  # the order of the rows does not matter here
         return y, LayerReads(np.full(x.shape[0], n * self.neuron.record_bytes))
 
 
@@ -115,8 +131,7 @@ class Predictor(Mode):
 
     def __call__(self, layer, x, fetch):
         sel = self.logits(layer, x) > self.thresholds[layer]
-        ids = union(sel)
-        p = fetch(layer, "neuron", self.all_parts, ids)
+        ids, p = fetch(layer, "neuron", self.all_parts, union(sel))
         idx = mx.array(ids)
         h = mx.where(sel[:, idx], hidden(self.spec, x, p), 0)
         return h @ p["down"], LayerReads(per_token(sel) * self.neuron.record_bytes, sel)
@@ -128,6 +143,7 @@ class Hybrid(Mode):
     up and down are read together for the stage-1 neurons."""
 
     name = "hybrid"
+    LAYOUTS = {"up": ("up",), "down": ("down",)}
 
     def __init__(self, spec, families, gates: list[mx.array], t_gate: Sequence[float],
                  t_h: Sequence[float] | None):
@@ -136,32 +152,39 @@ class Hybrid(Mode):
             raise ValueError(f"mode {self.name!r} needs a gated FFN")
         self.gates, self.t_gate, self.t_h = gates, list(t_gate), t_h and list(t_h)
 
+    @property
+    def cache_keys(self):
+        return [(name, parts) for name, parts in self.LAYOUTS.items()]
+
     def __call__(self, layer, x, fetch):
         g = x @ self.gates[layer].T
         a = gate_activation(self.spec, g)
         cand = mx.abs(a) > self.t_gate[layer]
-        ids = union(cand)
-        idx = mx.array(ids)
         if self.t_h is None:  # CATS: up and down of the candidates, one read per neuron
-            p = fetch(layer, "neuron", ("up", "down"), ids)
+            ids, p = fetch(layer, "updown", ("up", "down"), union(cand))
+            idx = mx.array(ids)
             h = mx.where(cand[:, idx], activate(self.spec, g[:, idx], x @ p["up"].T), 0)
-            cost = per_token(cand) * (self.part_bytes["up"] + self.part_bytes["down"])
-            return h @ p["down"], LayerReads(cost, cand)
-        up = fetch(layer, "neuron", ("up",), ids)["up"]
-        h = mx.where(cand[:, idx], activate(self.spec, g[:, idx], x @ up.T), 0)
+            return h @ p["down"], LayerReads(per_token(cand) * self.record_bytes("updown"), cand)
+        ids, p = fetch(layer, "up", ("up",), union(cand))
+        idx = mx.array(ids)
+        h = mx.where(cand[:, idx], activate(self.spec, g[:, idx], x @ p["up"].T), 0)
         keep = mx.abs(h) > self.t_h[layer]
-        sub = np.flatnonzero(np.array(keep.any(axis=0)))
-        rows = fetch(layer, "neuron", ("down",), ids[sub])["down"]
-        sub_idx = mx.array(sub)
-        y = mx.where(keep[:, sub_idx], h[:, sub_idx], 0) @ rows
-        cost = per_token(cand) * self.part_bytes["up"] + per_token(keep) * self.part_bytes["down"]
+        column = np.empty(cand.shape[1], dtype=np.int64)  # neuron id -> column of h
+        column[ids] = np.arange(len(ids))
+        kept = np.sort(ids[np.array(keep.any(axis=0))])
+        kept, p = fetch(layer, "down", ("down",), kept)
+        cols = mx.array(column[kept])
+        y = mx.where(keep[:, cols], h[:, cols], 0) @ p["down"]
+        cost = (per_token(cand) * self.record_bytes("up")
+                + per_token(keep) * self.record_bytes("down"))
         used = mx.zeros(cand.shape, dtype=mx.bool_)
-        used[:, idx] = keep
+        used[:, mx.array(kept)] = keep[:, cols]
         return y, LayerReads(cost, used)
 
 
 class Gate(Hybrid):
     name = "gate"
+    LAYOUTS = {"updown": ("up", "down")}
 
     def __init__(self, spec, families, gates, t_gate):
         super().__init__(spec, families, gates, t_gate, None)
@@ -172,28 +195,30 @@ class Teal(Mode):
     read their down column."""
 
     name = "teal"
+    LAYOUTS = {"column": "columns", "down": ("down",)}
 
     def __init__(self, spec, families, t_x: Sequence[float], t_h: Sequence[float]):
         super().__init__(spec, families)
         if spec.kind != "glu":
             raise ValueError("mode 'teal' needs a gated FFN")
-        self.column = families["column"]
         self.t_x, self.t_h = list(t_x), list(t_h)
+
+    @property
+    def cache_keys(self):
+        return [("column", ("gate", "up")), ("down", ("down",))]
 
     def __call__(self, layer, x, fetch):
         keep_x = mx.abs(x) > self.t_x[layer]
-        dims = union(keep_x)
-        c = fetch(layer, "column", ("gate", "up"), dims)
+        dims, c = fetch(layer, "column", ("gate", "up"), union(keep_x))
         d_idx = mx.array(dims)
         xs = mx.where(keep_x[:, d_idx], x[:, d_idx], 0)
         h = activate(self.spec, xs @ c["gate"], xs @ c["up"])
         keep = mx.abs(h) > self.t_h[layer]
-        ids = union(keep)
-        rows = fetch(layer, "neuron", ("down",), ids)["down"]
+        ids, p = fetch(layer, "down", ("down",), union(keep))
         idx = mx.array(ids)
-        y = mx.where(keep[:, idx], h[:, idx], 0) @ rows
-        cost = (per_token(keep_x) * self.column.record_bytes
-                + per_token(keep) * self.part_bytes["down"])
+        y = mx.where(keep[:, idx], h[:, idx], 0) @ p["down"]
+        cost = (per_token(keep_x) * self.record_bytes("column")
+                + per_token(keep) * self.record_bytes("down"))
         return y, LayerReads(cost, keep)
 
 
@@ -209,12 +234,17 @@ class Oracle(Mode):
 
     def __call__(self, layer, x, fetch):
         n = self.spec.intermediate_size
-        p = fetch(layer, "neuron", self.all_parts, np.arange(n))
+        _, p = fetch(layer, "neuron", self.all_parts, np.arange(n))  # any row order will do
         h = hidden(self.spec, x, p)
         kth = mx.sort(mx.abs(h), axis=-1)[:, n - self.k][:, None]
         top = mx.abs(h) >= kth
         return mx.where(top, h, 0) @ p["down"], LayerReads(
             np.full(x.shape[0], n * self.neuron.record_bytes), top)
+
+
+MODE_CLASSES: dict[str, type[Mode]] = {"off": Mode, "predictor": Predictor, "gate": Gate,
+                                       "hybrid": Hybrid, "teal": Teal}
+MODES = tuple(MODE_CLASSES)
 
 
 def load_mode(bundle: Bundle, spec: FFNSpec, name: str | None,

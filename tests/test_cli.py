@@ -19,7 +19,8 @@ SIZE = r"[\d.]+ [KMG]?B"
 STATS = re.compile(rf"^\[stats\] \w+ \| prompt \d+ tokens @ [\d.]+ tok/s \| "
                    rf"generation (\d+) tokens @ [\d.]+ tok/s \| "
                    rf"flash read ({SIZE})/token \(prefill {SIZE}\) \| "
-                   rf"peak RSS {SIZE} \| MLX peak {SIZE}$", re.M)
+                   rf"peak RSS {SIZE} \(runtime {SIZE} \+ model {SIZE}(, budget {SIZE})?\) \| "
+                   rf"MLX peak {SIZE}$", re.M)
 
 
 def test_generate_default_model_streams_and_reports():

@@ -46,7 +46,7 @@ def worker(engine: str, path: str, tokens: int) -> dict:
     """Run one engine in this process and return its measurements."""
     from mlx_lm import stream_generate
 
-    from mlx_flash.generate import peak_rss_bytes
+    from mlx_flash.memory import peak_rss_bytes
 
     if engine == "dense":
         from mlx_lm import load

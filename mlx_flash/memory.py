@@ -1,0 +1,137 @@
+"""The memory budget: what stays resident, what the neuron caches may hold, what is left.
+
+    resident weights (embeddings, attention, norms; in the compute dtype)
+  + the selection mode's resident data (gate rows, predictors)
+  + one layer of records of each family read (prefill streams through it; so do spills)
+  + the KV cache for `context` tokens
+  = the minimum; what the budget leaves above it goes to the per-layer neuron caches.
+"""
+
+from __future__ import annotations
+
+import re
+import resource
+import sys
+from dataclasses import dataclass, field
+from typing import Any
+
+from .bundle import ITEMSIZE, Bundle
+
+UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20,
+         "gib": 2**30}
+
+
+class BudgetError(ValueError):
+    """The memory budget is below what the model needs at the least."""
+
+
+def parse_size(text: str | int) -> int:
+    """Bytes from "150MB", "1.5GiB", "2e8" or an int (units: B, KB, MB, GB, KiB, MiB, GiB)."""
+    if isinstance(text, int):
+        return text
+    m = re.fullmatch(r"\s*([0-9.eE+]+)\s*([a-zA-Z]*)\s*", text)
+    if not m or m.group(2).lower() not in UNITS:
+        raise ValueError(f"not a size: {text!r} (try 150MB or 1.5GiB)")
+    return int(float(m.group(1)) * UNITS[m.group(2).lower()])
+
+
+def format_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if abs(n) < 1000 or unit == "GB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{n:.0f} B"
+        n /= 1000
+    raise AssertionError
+
+
+def _status_kib(key: str) -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(key):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident set size (Linux: VmHWM, which starts afresh at exec;
+    ru_maxrss would carry over a forking parent's peak)."""
+    peak = _status_kib("VmHWM:")
+    if peak is not None:
+        return peak
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss if sys.platform == "darwin" else rss * 1024  # macOS: bytes, Linux: KiB
+
+
+def rss_bytes() -> int:
+    """This process's resident set size now (where the OS tells; else the peak so far)."""
+    now = _status_kib("VmRSS:")
+    return now if now is not None else peak_rss_bytes()
+
+
+def kv_bytes_per_token(config: dict[str, Any], itemsize: int) -> int:
+    """Keys and values of one token over all layers."""
+    heads = config.get("num_key_value_heads") or config.get("num_attention_heads")
+    head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+    return 2 * int(config["num_hidden_layers"]) * int(heads) * int(head_dim) * itemsize
+
+
+@dataclass
+class MemoryPlan:
+    budget: int | None
+    resident: int
+    selection: int
+    staging: int
+    kv: int
+    context: int
+    # rows per layer for each cached (family, parts) the mode reads
+    capacity: dict[tuple[str, tuple[str, ...]], int] = field(default_factory=dict)
+    cache_bytes: int = 0
+
+    @property
+    def minimum(self) -> int:
+        return self.resident + self.selection + self.staging + self.kv
+
+    @property
+    def total(self) -> int:
+        return self.minimum + self.cache_bytes
+
+    def describe(self) -> str:
+        return (f"resident weights {format_bytes(self.resident)} + selection data "
+                f"{format_bytes(self.selection)} + one layer of records "
+                f"{format_bytes(self.staging)} + KV cache for {self.context} tokens "
+                f"{format_bytes(self.kv)} + neuron caches {format_bytes(self.cache_bytes)}")
+
+
+def plan_memory(bundle: Bundle, compute_itemsize: int, selection_bytes: int,
+                cache_keys: list[tuple[str, tuple[str, ...]]], budget: int | None,
+                context: int, default_full: bool) -> MemoryPlan:
+    """Size the neuron caches. Without a budget each cache may hold every neuron
+    (`default_full`, the window bounding what it holds) or nothing; with one, all caches get
+    the same fraction of their neurons, as much as the budget leaves."""
+    config = bundle.config
+    n_layers = int(config["num_hidden_layers"])
+    resident = bundle.resident_bytes * compute_itemsize // ITEMSIZE[bundle.dtype]
+    families = {family for family, _ in cache_keys} | {"neuron"}
+    staging = sum(bundle.families[f].count * bundle.families[f].record_bytes for f in families)
+    kv = context * kv_bytes_per_token(config, compute_itemsize)
+    plan = MemoryPlan(budget, resident, selection_bytes, staging, kv, context)
+    row_bytes = {}
+    for family, parts in cache_keys:
+        fam = bundle.families[family]
+        row_bytes[(family, parts)] = sum(fam.part(p).length for p in parts) * ITEMSIZE[fam.dtype]
+    full = n_layers * sum(bundle.families[f].count * row_bytes[(f, p)] for f, p in cache_keys)
+    if budget is None:
+        fraction = 1.0 if default_full else 0.0
+    else:
+        if budget < plan.minimum:
+            raise BudgetError(f"memory budget {format_bytes(budget)} is below the minimum "
+                              f"{format_bytes(plan.minimum)} for this model: "
+                              + plan.describe().rsplit(" + neuron caches", 1)[0])
+        fraction = min(1.0, (budget - plan.minimum) / full) if full else 0.0
+    for key in cache_keys:
+        rows = int(fraction * bundle.families[key[0]].count)
+        plan.capacity[key] = rows
+        plan.cache_bytes += n_layers * rows * row_bytes[key]
+    return plan
