@@ -21,7 +21,7 @@ import mlx.nn as nn
 import numpy as np
 
 from .arch import FFNSpec
-from .bundle import Bundle
+from .bundle import Bundle, RecordFamily
 from .flash_io import FlashReader
 from .memory import MemoryPlan
 from .neuron_cache import CacheStats, NeuronCache, NeuronMatrix
@@ -54,6 +54,11 @@ class EngineStats:
 
 
 Observer = Callable[[int, mx.array, LayerReads], None]
+STAGING_BYTES = 32 * 2**20  # a staging matrix holds a whole layer, or this much of one
+
+
+def staging_rows(family: RecordFamily) -> int:
+    return min(family.count, max(1, STAGING_BYTES // family.record_bytes))
 
 
 class FlashEngine:
@@ -61,7 +66,7 @@ class FlashEngine:
 
     def __init__(self, bundle: Bundle, spec: FFNSpec, mode: Mode, compute_dtype: mx.Dtype,
                  plan: MemoryPlan | None = None, window: int = 5, threads: int = 1,
-                 cold: bool = False):
+                 cold: bool = False, use_mmap: bool = False):
         self.bundle = bundle
         self.spec = spec
         self.mode = mode
@@ -70,14 +75,19 @@ class FlashEngine:
         self.families = bundle.families
         self.plan = plan
         self.window = window
-        self.readers = {f: FlashReader(bundle.path / f, threads=threads, cold=cold)
+        self.readers = {f: FlashReader(bundle.path / f, threads=threads, cold=cold,
+                                       use_mmap=use_mmap)
                         for f in sorted({fam.file for fam in self.families.values()})}
         self.reader = self.readers[self.families["neuron"].file]
-        # One staging matrix per record family, shared by all layers: a layer's records are
-        # read into it, used, and released (its output evaluated) before the next layer reads
-        # over them. Prefill streams through it, and so do reads that a cache has no room for.
-        self.matrices = {name: NeuronMatrix(fam, fam.count) for name, fam in self.families.items()}
+        # One staging matrix per record family, shared by all layers: records are read into
+        # it, used, and released (their output evaluated) before the next read over them.
+        # Prefill streams each layer through it (in slices when it is smaller than a layer),
+        # and so do reads that a cache has no room for.
+        self.matrices = {name: NeuronMatrix(fam, staging_rows(fam))
+                         for name, fam in self.families.items()}
         self._slots = np.arange(max(fam.count for fam in self.families.values()))
+        self.dense.rows_per_fetch = self.matrices["neuron"].capacity
+        mode.rows_per_fetch = self.matrices["neuron"].capacity
         n_layers = len(self.families["neuron"].segments)
         self.caches: dict[tuple[int, str, tuple[str, ...]], NeuronCache] = {}
         for (family, parts), rows in (plan.capacity.items() if plan else ()):
@@ -89,6 +99,7 @@ class FlashEngine:
         self.dense_prefill = True  # evaluate turns this off to score each token's selection
         self.observer: Observer | None = None  # sees every layer's input and reads (evaluate)
         self._decoding = False
+        self._token = 0  # decode tokens so far (the caches' clock)
         self._mem_seconds = 0.0
         self.runtime_rss = 0  # set by mlx_flash.load: process memory before the model
 
@@ -119,13 +130,19 @@ class FlashEngine:
         fam, staging = self.families[family], self.matrices[family]
         reader = self.readers[fam.file]
         cache = self.caches.get((layer, family, tuple(parts))) if self._decoding else None
+        if cache is None and len(ids) > staging.capacity:
+            raise RuntimeError(f"{len(ids)} {family} records do not fit the staging matrix "
+                               f"({staging.capacity} rows)")
         if cache is None:
             reader.read_records(fam, layer, ids, self._slots[:len(ids)], staging, parts)
             return ids, {p: staging.parts[p][:len(ids)].astype(self.compute_dtype)
                          for p in parts}
         t0 = time.perf_counter()
-        load, slots, spill = cache.admit(ids)
+        load, slots, spill = cache.admit(ids, self._token)
         self._mem_seconds += time.perf_counter() - t0
+        if len(spill) > staging.capacity:
+            raise RuntimeError(f"a token needs {len(spill)} more {family} records than its cache "
+                               "holds, more than the staging matrix takes: raise the budget")
         reader.read_records(fam, layer, load, slots, cache.matrix, parts)
         reader.read_records(fam, layer, spill, self._slots[:len(spill)], staging, parts)
         cached = ids[cache.slot_of[ids] >= 0]
@@ -145,6 +162,8 @@ class FlashEngine:
         self._mem_seconds = 0.0
         flat = x.reshape(-1, x.shape[-1])
         self._decoding = flat.shape[0] == 1
+        if self._decoding and layer == 0:
+            self._token += 1
         mode = self.dense if not self._decoding and self.dense_prefill else self.mode
         y, reads = mode(layer, flat, self.fetch)
         y = y.reshape(x.shape)

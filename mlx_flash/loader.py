@@ -9,6 +9,7 @@ from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
 from .arch import Architecture, FFNSpec, get_architecture
@@ -63,6 +64,7 @@ class EngineOptions:
     context: int = 2048
     threads: int = 1
     cold: bool = False
+    use_mmap: bool = False  # read records out of a memory map (the benchmark's "mmap" engine)
 
 
 def open_model(bundle: Bundle, compute_dtype: str | None = None,
@@ -92,10 +94,10 @@ def open_model(bundle: Bundle, compute_dtype: str | None = None,
     plan = plan_memory(bundle, itemsize, selection, mode.cache_keys, budget, options.context,
                        default_full=mode.name != "off" and options.window > 0)
     if budget is not None:
-        # freed buffers MLX keeps for reuse count in the process's memory: keep them few
-        mx.set_cache_limit(min(mx.get_cache_memory() + 16 * 2**20, budget // 16))
+        # freed buffers MLX keeps for reuse count in the process's memory: within the plan
+        mx.set_cache_limit(plan.work // 4)
     engine = FlashEngine(bundle, spec, mode, dtype, plan, options.window, options.threads,
-                         options.cold)
+                         options.cold, options.use_mmap)
     model = build_flash_model(arch, bundle.config, spec, engine)
     weights = bundle.load_resident()
     weights = {k: v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) else v
@@ -153,3 +155,42 @@ def load(
         memory_budget, window, context, threads, cold))
     model.flash.runtime_rss = runtime
     return model, tokenizer
+
+
+def load_dense(path: str | os.PathLike, compute_dtype: str | None = None) -> nn.Module:
+    """The bundle's model with every weight in memory, its FFN read back from the records:
+    the dense baseline for architectures mlx-lm lacks (OPT). No flash, no selection."""
+    from .flash_io import FlashReader
+    from .neuron_cache import NeuronMatrix
+
+    bundle = Bundle.open(path)
+    config = bundle.config
+    arch = get_architecture(config)
+    spec = arch.ffn_spec(config)
+    if (arch.name, spec.activation) not in (("llama", "silu"), ("opt", "relu")):
+        raise BundleError(f"no dense {arch.name} model computes {spec.activation}")
+    dtype = DTYPES[compute_dtype or bundle.dtype]
+    weights = dict(bundle.load_resident())
+    fam = bundle.families["neuron"]
+    matrix = NeuronMatrix(fam, fam.count)
+    reader = FlashReader(bundle.ffn_path)
+    every = np.arange(fam.count)
+    for layer in range(int(config["num_hidden_layers"])):
+        reader.read_records(fam, layer, every, every, matrix)
+        for role, name in arch.ffn_source_names(layer).items():
+            if role == "down_bias":
+                value = weights.pop(f"{arch.layer_prefix(layer)}.mlp.bias")
+            else:
+                part = matrix.parts[role]
+                value = part.T if role == "down" else part.reshape(-1) if role == "up_bias" \
+                    else part
+                value = value * 1  # an array of its own: the next layer is read over `part`
+                mx.eval(value)
+            weights[arch.resident_name(name, config)] = value
+    reader.close()
+    model = arch.build(config)
+    model.load_weights([(k, v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) else v)
+                        for k, v in weights.items()])
+    model.eval()
+    mx.eval(model.parameters())
+    return model

@@ -85,13 +85,14 @@ class MemoryPlan:
     staging: int
     kv: int
     context: int
+    work: int  # rows gathered for compute, intermediates, buffers MLX keeps for reuse
     # rows per layer for each cached (family, parts) the mode reads
     capacity: dict[tuple[str, tuple[str, ...]], int] = field(default_factory=dict)
     cache_bytes: int = 0
 
     @property
     def minimum(self) -> int:
-        return self.resident + self.selection + self.staging + self.kv
+        return self.resident + self.selection + self.staging + self.kv + self.work
 
     @property
     def total(self) -> int:
@@ -101,7 +102,8 @@ class MemoryPlan:
         return (f"resident weights {format_bytes(self.resident)} + selection data "
                 f"{format_bytes(self.selection)} + one layer of records "
                 f"{format_bytes(self.staging)} + KV cache for {self.context} tokens "
-                f"{format_bytes(self.kv)} + neuron caches {format_bytes(self.cache_bytes)}")
+                f"{format_bytes(self.kv)} + working memory {format_bytes(self.work)} + neuron "
+                f"caches {format_bytes(self.cache_bytes)}")
 
 
 def plan_memory(bundle: Bundle, compute_itemsize: int, selection_bytes: int,
@@ -113,10 +115,18 @@ def plan_memory(bundle: Bundle, compute_itemsize: int, selection_bytes: int,
     config = bundle.config
     n_layers = int(config["num_hidden_layers"])
     resident = bundle.resident_bytes * compute_itemsize // ITEMSIZE[bundle.dtype]
+    from .ffn import staging_rows
+
     families = {family for family, _ in cache_keys} | {"neuron"}
-    staging = sum(bundle.families[f].count * bundle.families[f].record_bytes for f in families)
+    staging = sum(staging_rows(bundle.families[f]) * bundle.families[f].record_bytes
+                  for f in families)
     kv = context * kv_bytes_per_token(config, compute_itemsize)
-    plan = MemoryPlan(budget, resident, selection_bytes, staging, kv, context)
+    # a token's rows gathered out of the caches, what computing on them takes (on MLX's CPU
+    # backend, 16-bit matrix products convert their operands to float32 first), buffers MLX
+    # keeps for reuse (the loader caps them at a quarter of this) and the engine's Python-side
+    # bookkeeping: twice a staging slice plus 16 MiB (measured: docs/BENCHMARKS.md)
+    work = 2 * staging + 16 * 2**20
+    plan = MemoryPlan(budget, resident, selection_bytes, staging, kv, context, work=work)
     row_bytes = {}
     for family, parts in cache_keys:
         fam = bundle.families[family]

@@ -43,7 +43,8 @@ class NeuronMatrix:
             self._rows[name] = np.array(buf, copy=False)
         # bytes that are read but not kept (padding, parts not asked for) land here
         self.scratch = memoryview(bytearray(family.record_bytes))
-        self._tables: dict[tuple[str, ...], list[list[memoryview]]] = {}
+        self._flat = {name: memoryview(rows).cast("B") for name, rows in self._rows.items()}
+        self._pieces: dict[tuple[str, ...], list[tuple[int, str | None]]] = {}
 
     @property
     def nbytes(self) -> int:
@@ -58,11 +59,11 @@ class NeuronMatrix:
         size = ITEMSIZE[self.family.dtype]
         return start * size, end * size
 
-    def _table(self, parts: tuple[str, ...]) -> list[list[memoryview]]:
-        """Per slot, the buffers that receive a record's bytes `span(parts)` landing there."""
+    def _layout(self, parts: tuple[str, ...]) -> list[tuple[int, str | None]]:
+        """The pieces of a record's span for `parts`: (bytes, part receiving them or None)."""
         size = ITEMSIZE[self.family.dtype]
         start, end = self.span(parts)
-        pieces = []  # (byte length, part name or None for scratch)
+        pieces: list[tuple[int, str | None]] = []
         position = start
         for p in sorted(self.family.parts, key=lambda p: p.offset):
             a, b = p.offset * size, (p.offset + p.length) * size
@@ -77,22 +78,28 @@ class NeuronMatrix:
         missing = {name for _, name in pieces if name} - set(self._rows)
         if missing:
             raise ValueError(f"this matrix holds no part {sorted(missing)}")
-        return [[memoryview(self._rows[name][slot]) if name else self.scratch[:length]
-                 for length, name in pieces] for slot in range(self.capacity)]
+        return pieces
 
     def iovecs(self, slots: Sequence[int], parts: Sequence[str]) -> list[memoryview]:
         """The read targets, in file order, for the span of `parts` of records landing in
         `slots` (one record after another, no gaps)."""
         key = tuple(parts)
-        table = self._tables.get(key)
-        if table is None:
-            table = self._tables[key] = self._table(key)
-        return [mv for s in slots for mv in table[s]]
+        pieces = self._pieces.get(key)
+        if pieces is None:
+            pieces = self._pieces[key] = self._layout(key)
+        flat, scratch = self._flat, self.scratch
+        out = []
+        for s in slots:
+            for length, name in pieces:
+                out.append(flat[name][s * length:(s + 1) * length] if name else scratch[:length])
+        return out
 
     def move_rows(self, src: np.ndarray, dst: np.ndarray) -> None:
-        """Copy rows `src` onto rows `dst` (disjoint), in every part, in place."""
+        """Copy rows `src` onto rows `dst` (disjoint), in every part, in place (a few rows at a
+        time: NumPy stages what it gathers, and a large stage would count in memory)."""
         for rows in self._rows.values():
-            rows[dst] = rows[src]
+            for i in range(0, len(src), 64):
+                rows[dst[i:i + 64]] = rows[src[i:i + 64]]
 
     def buffer_address(self, part: str) -> int:
         """Address of a part matrix's memory (to check it is never reallocated)."""
@@ -130,7 +137,6 @@ class NeuronCache:
         self.neuron_at = np.full(capacity, -1, dtype=np.int64)  # slot -> neuron id
         self.last_used = np.full(family.count, np.iinfo(np.int64).min // 2, dtype=np.int64)
         self.size = 0  # slots 0..size-1 are occupied
-        self.step = 0  # tokens seen
         self.stats = CacheStats()
 
     def evict(self, neurons: np.ndarray) -> None:
@@ -152,12 +158,10 @@ class NeuronCache:
         self.size = new_size
         self.stats.evictions += len(neurons)
 
-    def admit(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Account one token needing `ids` (sorted). Returns (load_ids, load_slots, spill_ids):
-        the records to read into which rows, and those left out. Afterwards every id not
-        spilled is resident (`slot_of`)."""
-        self.step += 1
-        t = self.step
+    def admit(self, ids: np.ndarray, t: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Account token number `t` (counting up; one token may admit several times) needing
+        `ids` (sorted). Returns (load_ids, load_slots, spill_ids): the records to read into
+        which rows, and those left out. Afterwards every id not spilled is resident."""
         present = self.slot_of[ids] >= 0
         self.stats.hits += int(present.sum())
         self.last_used[ids] = t

@@ -93,6 +93,7 @@ class Mode:
 
     def __init__(self, spec: FFNSpec, families: dict[str, RecordFamily]):
         self.spec = spec
+        self.rows_per_fetch: int | None = None  # dense: fetch the layer in slices this big
         missing = sorted(set(self.LAYOUTS) - set(families))
         if missing:
             raise ValueError(f"mode {self.name!r} needs record families {missing}: calibrate "
@@ -111,8 +112,14 @@ class Mode:
 
     def __call__(self, layer: int, x: mx.array, fetch: Fetch) -> tuple[mx.array, LayerReads]:
         n = self.spec.intermediate_size
-        _, p = fetch(layer, "neuron", self.all_parts, np.arange(n))
-        y = hidden(self.spec, x, p) @ p["down"]  # the order of the rows does not matter here
+        step = self.rows_per_fetch or n
+        y = None
+        for start in range(0, n, step):  # the FFN is a sum over neurons: slice by slice
+            _, p = fetch(layer, "neuron", self.all_parts, np.arange(start, min(n, start + step)))
+            part = hidden(self.spec, x, p) @ p["down"]  # the order of the rows does not matter
+            y = part if y is None else y + part
+            if start + step < n:
+                mx.eval(y)  # the next slice is read over this one
         return y, LayerReads(np.full(x.shape[0], n * self.neuron.record_bytes))
 
 
@@ -130,11 +137,38 @@ class Predictor(Mode):
         return (x @ self.A[layer].T) @ self.B[layer].T + self.b[layer]
 
     def __call__(self, layer, x, fetch):
-        sel = self.logits(layer, x) > self.thresholds[layer]
+        return self.selected_ffn(layer, x, fetch, self.logits(layer, x) > self.thresholds[layer])
+
+    def selected_ffn(self, layer: int, x: mx.array, fetch: Fetch,
+                     sel: mx.array) -> tuple[mx.array, LayerReads]:
+        """The FFN over each token's selected neurons (`sel`: [T, n]), whole records read."""
         ids, p = fetch(layer, "neuron", self.all_parts, union(sel))
         idx = mx.array(ids)
         h = mx.where(sel[:, idx], hidden(self.spec, x, p), 0)
         return h @ p["down"], LayerReads(per_token(sel) * self.neuron.record_bytes, sel)
+
+
+class Trace(Predictor):
+    """Benchmarks only: the neurons each token uses come from a trace of active sets
+    (`sets[layer][t]`: sorted ids for the t-th token through that layer, cycled), recorded or
+    synthetic, instead of a predictor."""
+
+    name = "trace"
+
+    def __init__(self, spec, families, sets: list[list[np.ndarray]]):
+        Mode.__init__(self, spec, families)
+        self.sets = sets
+        self.steps = [0] * len(sets)
+
+    def __call__(self, layer, x, fetch):
+        n, rows = self.spec.intermediate_size, []
+        for _ in range(x.shape[0]):
+            sets = self.sets[layer]
+            row = np.zeros(n, dtype=bool)
+            row[sets[self.steps[layer] % len(sets)]] = True
+            rows.append(row)
+            self.steps[layer] += 1
+        return self.selected_ffn(layer, x, fetch, mx.array(np.stack(rows)))
 
 
 class Hybrid(Mode):
