@@ -83,10 +83,10 @@ def layer_weights(engine: FlashEngine, layer: int) -> dict[str, mx.array]:
     """All of a layer's FFN weights (float32), read from its neuron records, in arrays of
     their own (what `fetch` returns lives in matrices the next fetch overwrites)."""
     fam = engine.families["neuron"]
-    ids, parts = engine.fetch(layer, "neuron", [p.name for p in fam.parts],
-                              np.arange(fam.count))
-    order = np.argsort(ids)  # rows in neuron order
-    return {k: mx.array(np.array(v.astype(mx.float32))[order]) for k, v in parts.items()}
+    names = [p.name for p in fam.parts]
+    rows = engine.fetch(layer, "neuron", names, np.arange(fam.count))
+    order = np.argsort(rows.ids)  # rows in neuron order
+    return {k: mx.array(np.array(rows[k].astype(mx.float32))[order]) for k in names}
 
 
 def true_active(spec: FFNSpec, x: mx.array, w: dict[str, mx.array],

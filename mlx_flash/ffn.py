@@ -25,7 +25,7 @@ from .bundle import Bundle, RecordFamily
 from .flash_io import FlashReader
 from .memory import MemoryPlan
 from .neuron_cache import CacheStats, NeuronCache, NeuronMatrix
-from .selection import LayerReads, Mode
+from .selection import LayerReads, Mode, Rows
 
 
 @dataclass
@@ -118,25 +118,22 @@ class FlashEngine:
         return (sum(r.counters.bytes for r in self.readers.values()),
                 sum(r.counters.seconds for r in self.readers.values()))
 
-    def fetch(self, layer: int, family: str, parts: Sequence[str],
-              ids: np.ndarray) -> tuple[np.ndarray, dict[str, mx.array]]:
-        """Parts `parts` of records `ids` (sorted) of `family` for `layer`: (the ids in the
-        order of the rows, {part: `[len(ids), length]` rows in the compute dtype}).
+    def fetch(self, layer: int, family: str, parts: Sequence[str], ids: np.ndarray) -> Rows:
+        """Parts `parts` of records `ids` (sorted) of `family` for `layer`, as Rows.
 
         Decoding, they come from the layer's cache (reading only the records new to it);
-        otherwise, and for what the cache has no room for, from the staging matrix. The rows
-        are views valid until the next fetch of the same part: evaluate what depends on them
+        otherwise, and for what the cache has no room for, from the staging matrix. They are
+        views valid until the next fetch of the same part: evaluate what depends on them
         first, or copy them."""
         fam, staging = self.families[family], self.matrices[family]
         reader = self.readers[fam.file]
         cache = self.caches.get((layer, family, tuple(parts))) if self._decoding else None
-        if cache is None and len(ids) > staging.capacity:
-            raise RuntimeError(f"{len(ids)} {family} records do not fit the staging matrix "
-                               f"({staging.capacity} rows)")
         if cache is None:
+            if len(ids) > staging.capacity:
+                raise RuntimeError(f"{len(ids)} {family} records do not fit the staging matrix "
+                                   f"({staging.capacity} rows)")
             reader.read_records(fam, layer, ids, self._slots[:len(ids)], staging, parts)
-            return ids, {p: staging.parts[p][:len(ids)].astype(self.compute_dtype)
-                         for p in parts}
+            return Rows(ids, staging.parts, self._slots[:len(ids)], len(ids), self.compute_dtype)
         t0 = time.perf_counter()
         load, slots, spill = cache.admit(ids, self._token)
         self._mem_seconds += time.perf_counter() - t0
@@ -144,16 +141,17 @@ class FlashEngine:
             raise RuntimeError(f"a token needs {len(spill)} more {family} records than its cache "
                                "holds, more than the staging matrix takes: raise the budget")
         reader.read_records(fam, layer, load, slots, cache.matrix, parts)
-        reader.read_records(fam, layer, spill, self._slots[:len(spill)], staging, parts)
         cached = ids[cache.slot_of[ids] >= 0]
-        rows = mx.array(cache.slot_of[cached])
-        out = {}
-        for p in parts:
-            got = mx.take(cache.matrix.parts[p], rows, axis=0)
-            if len(spill):
-                got = mx.concatenate([got, staging.parts[p][:len(spill)]])
-            out[p] = got.astype(self.compute_dtype)
-        return np.concatenate([cached, spill]), out
+        rows = Rows(cached, cache.matrix.parts, cache.slot_of[cached], cache.size,
+                    self.compute_dtype)
+        if len(spill) == 0:
+            return rows
+        # no room for all: what was read past the cache and what is in it, gathered together
+        reader.read_records(fam, layer, spill, self._slots[:len(spill)], staging, parts)
+        joined = {p: mx.concatenate([rows[p], staging.parts[p][:len(spill)]]) for p in parts}
+        k = len(cached) + len(spill)
+        return Rows(np.concatenate([cached, spill]), joined, self._slots[:k], k,
+                    self.compute_dtype)
 
     def __call__(self, layer: int, x: mx.array, down_bias: mx.array | None) -> mx.array:
         mx.eval(x)

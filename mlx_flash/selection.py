@@ -33,11 +33,55 @@ import mlx.nn as nn
 import numpy as np
 from mlx_lm.models.activations import swiglu
 
+from . import kernels
 from .arch import FFNSpec
 from .bundle import Bundle, RecordFamily
 
-# fetch(layer, family, parts, ids) -> (ids in the order of the rows, {part: rows})
-Fetch = Callable[[int, str, Sequence[str], np.ndarray], tuple[np.ndarray, dict[str, mx.array]]]
+
+@dataclass
+class Rows:
+    """Records a mode fetched, where they lie: neuron `ids[r]` is row `slots[r]` of
+    `matrices[part]` (a cache, or the staging matrix), whose first `in_use` rows hold
+    neurons. Batches multiply gathered rows (`rows[part]`); a single token goes through the
+    kernels, which read the rows where they lie."""
+
+    ids: np.ndarray
+    matrices: dict[str, mx.array]
+    slots: np.ndarray
+    in_use: int
+    dtype: mx.Dtype
+
+    def __getitem__(self, part: str) -> mx.array:
+        """`[len(ids), length]` rows of `part`, in the compute dtype."""
+        m = self.matrices[part]
+        k = len(self.ids)
+        if np.array_equal(self.slots, np.arange(k)):
+            return m[:k].astype(self.dtype)
+        return mx.take(m, self.slot_array, axis=0).astype(self.dtype)
+
+    @property
+    def slot_array(self) -> mx.array:
+        return mx.array(self.slots.astype(np.int32))
+
+
+# fetch(layer, family, parts, ids) -> Rows
+Fetch = Callable[[int, str, Sequence[str], np.ndarray], Rows]
+
+
+def project(x: mx.array, rows: Rows, part: str) -> mx.array:
+    """`[T, k]`: x · each fetched row of `part`."""
+    if x.shape[0] == 1:
+        return kernels.gather_matvec(x[0], rows.matrices[part], rows.slot_array,
+                                     rows.in_use)[None].astype(x.dtype)
+    return x @ rows[part].T
+
+
+def combine(h: mx.array, rows: Rows, part: str) -> mx.array:
+    """`[T, length]`: the fetched rows of `part` weighted by h (`[T, k]`) and summed."""
+    if h.shape[0] == 1:
+        return kernels.gather_accumulate(h[0], rows.matrices[part], rows.slot_array,
+                                         rows.in_use)[None].astype(h.dtype)
+    return h @ rows[part]
 
 
 @dataclass
@@ -74,8 +118,12 @@ def activate(spec: FFNSpec, gate: mx.array, up: mx.array) -> mx.array:
     return gate_activation(spec, gate) * (nn.relu(up) if spec.activation == "drelu" else up)
 
 
-def hidden(spec: FFNSpec, x: mx.array, p: dict[str, mx.array]) -> mx.array:
+def hidden(spec: FFNSpec, x: mx.array, p: dict[str, mx.array] | Rows) -> mx.array:
     """Hidden activations of the neurons whose parts `p` holds (rows = neurons)."""
+    if isinstance(p, Rows):
+        if spec.kind == "glu":
+            return activate(spec, project(x, p, "gate"), project(x, p, "up"))
+        return gate_activation(spec, project(x, p, "up") + p["up_bias"].reshape(-1))
     if spec.kind == "glu":
         return activate(spec, x @ p["gate"].T, x @ p["up"].T)
     return gate_activation(spec, x @ p["up"].T + p["up_bias"].reshape(-1))
@@ -115,7 +163,8 @@ class Mode:
         step = self.rows_per_fetch or n
         y = None
         for start in range(0, n, step):  # the FFN is a sum over neurons: slice by slice
-            _, p = fetch(layer, "neuron", self.all_parts, np.arange(start, min(n, start + step)))
+            rows = fetch(layer, "neuron", self.all_parts, np.arange(start, min(n, start + step)))
+            p = {name: rows[name] for name in self.all_parts}
             part = hidden(self.spec, x, p) @ p["down"]  # the order of the rows does not matter
             y = part if y is None else y + part
             if start + step < n:
@@ -142,10 +191,15 @@ class Predictor(Mode):
     def selected_ffn(self, layer: int, x: mx.array, fetch: Fetch,
                      sel: mx.array) -> tuple[mx.array, LayerReads]:
         """The FFN over each token's selected neurons (`sel`: [T, n]), whole records read."""
-        ids, p = fetch(layer, "neuron", self.all_parts, union(sel))
-        idx = mx.array(ids)
-        h = mx.where(sel[:, idx], hidden(self.spec, x, p), 0)
-        return h @ p["down"], LayerReads(per_token(sel) * self.neuron.record_bytes, sel)
+        rows = fetch(layer, "neuron", self.all_parts, union(sel))
+        reads = LayerReads(per_token(sel) * self.neuron.record_bytes, sel)
+        if x.shape[0] == 1:  # one token: the fused kernel, every fetched neuron is selected
+            s = self.spec
+            y = kernels.sparse_ffn(x[0], rows.matrices, rows.slot_array, s.kind, s.activation,
+                                   s.threshold, rows.in_use)
+            return y[None].astype(x.dtype), reads
+        h = mx.where(sel[:, mx.array(rows.ids)], hidden(self.spec, x, rows), 0)
+        return combine(h, rows, "down"), reads
 
 
 class Trace(Predictor):
@@ -195,20 +249,22 @@ class Hybrid(Mode):
         a = gate_activation(self.spec, g)
         cand = mx.abs(a) > self.t_gate[layer]
         if self.t_h is None:  # CATS: up and down of the candidates, one read per neuron
-            ids, p = fetch(layer, "updown", ("up", "down"), union(cand))
-            idx = mx.array(ids)
-            h = mx.where(cand[:, idx], activate(self.spec, g[:, idx], x @ p["up"].T), 0)
-            return h @ p["down"], LayerReads(per_token(cand) * self.record_bytes("updown"), cand)
-        ids, p = fetch(layer, "up", ("up",), union(cand))
+            rows = fetch(layer, "updown", ("up", "down"), union(cand))
+            idx = mx.array(rows.ids)
+            h = mx.where(cand[:, idx], activate(self.spec, g[:, idx], project(x, rows, "up")), 0)
+            return combine(h, rows, "down"), LayerReads(
+                per_token(cand) * self.record_bytes("updown"), cand)
+        rows = fetch(layer, "up", ("up",), union(cand))
+        ids = rows.ids
         idx = mx.array(ids)
-        h = mx.where(cand[:, idx], activate(self.spec, g[:, idx], x @ p["up"].T), 0)
+        h = mx.where(cand[:, idx], activate(self.spec, g[:, idx], project(x, rows, "up")), 0)
         keep = mx.abs(h) > self.t_h[layer]
         column = np.empty(cand.shape[1], dtype=np.int64)  # neuron id -> column of h
         column[ids] = np.arange(len(ids))
-        kept = np.sort(ids[np.array(keep.any(axis=0))])
-        kept, p = fetch(layer, "down", ("down",), kept)
+        down = fetch(layer, "down", ("down",), np.sort(ids[np.array(keep.any(axis=0))]))
+        kept = down.ids
         cols = mx.array(column[kept])
-        y = mx.where(keep[:, cols], h[:, cols], 0) @ p["down"]
+        y = combine(mx.where(keep[:, cols], h[:, cols], 0), down, "down")
         cost = (per_token(cand) * self.record_bytes("up")
                 + per_token(keep) * self.record_bytes("down"))
         used = mx.zeros(cand.shape, dtype=mx.bool_)
@@ -243,14 +299,14 @@ class Teal(Mode):
 
     def __call__(self, layer, x, fetch):
         keep_x = mx.abs(x) > self.t_x[layer]
-        dims, c = fetch(layer, "column", ("gate", "up"), union(keep_x))
-        d_idx = mx.array(dims)
+        columns = fetch(layer, "column", ("gate", "up"), union(keep_x))
+        d_idx = mx.array(columns.ids)
         xs = mx.where(keep_x[:, d_idx], x[:, d_idx], 0)
-        h = activate(self.spec, xs @ c["gate"], xs @ c["up"])
+        h = activate(self.spec, combine(xs, columns, "gate"), combine(xs, columns, "up"))
         keep = mx.abs(h) > self.t_h[layer]
-        ids, p = fetch(layer, "down", ("down",), union(keep))
-        idx = mx.array(ids)
-        y = mx.where(keep[:, idx], h[:, idx], 0) @ p["down"]
+        rows = fetch(layer, "down", ("down",), union(keep))
+        idx = mx.array(rows.ids)
+        y = combine(mx.where(keep[:, idx], h[:, idx], 0), rows, "down")
         cost = (per_token(keep_x) * self.record_bytes("column")
                 + per_token(keep) * self.record_bytes("down"))
         return y, LayerReads(cost, keep)
@@ -268,7 +324,8 @@ class Oracle(Mode):
 
     def __call__(self, layer, x, fetch):
         n = self.spec.intermediate_size
-        _, p = fetch(layer, "neuron", self.all_parts, np.arange(n))  # any row order will do
+        rows = fetch(layer, "neuron", self.all_parts, np.arange(n))  # any row order will do
+        p = {name: rows[name] for name in self.all_parts}
         h = hidden(self.spec, x, p)
         kth = mx.sort(mx.abs(h), axis=-1)[:, n - self.k][:, None]
         top = mx.abs(h) >= kth

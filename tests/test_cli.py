@@ -82,3 +82,10 @@ def test_example_serve_answers_over_http(tiny_bundle):
     r = run("examples/serve.py", "--model", str(tiny_bundle), timeout=240)
     assert r.returncode == 0, r.stderr
     assert "'completion_tokens'" in r.stdout
+
+
+def test_example_chat(tiny_bundle):
+    r = run("examples/chat.py", "--model", str(tiny_bundle), "--max-tokens", "5",
+            input="the theme\nand again\n\n")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.count("window hit rate") == 2 and "MB/token" in r.stdout

@@ -7,7 +7,8 @@ For each mode and each operating point in its grid, calibrates a scratch copy of
 the first --cal-tokens tokens of TEXT and evaluates it on the last --tokens tokens (the same
 code paths as `python -m mlx_flash.calibrate` / `evaluate`), then writes OUT.json, OUT.md (a
 table) and OUT.png (the plot; needs matplotlib). Modes that keep the gate rows resident (gate,
-hybrid) are marked: what they do not read, they hold in memory instead.
+hybrid) are marked: what they do not read, they hold in memory instead. `--from-json` merges
+earlier runs' points into one report.
 """
 
 from __future__ import annotations
@@ -27,46 +28,36 @@ GRIDS = {
 RESIDENT_GATE = {"gate", "hybrid"}
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("bundle")
-    p.add_argument("--data", required=True)
-    p.add_argument("--modes", default="hybrid,gate,teal")
-    p.add_argument("--tokens", type=int, default=4096, help="evaluation tokens (end of text)")
-    p.add_argument("--cal-tokens", type=int, default=4096, help="calibration tokens (start)")
-    p.add_argument("--compute-dtype", default="float32")
-    p.add_argument("--out", default="frontier", help="output path without extension")
-    args = p.parse_args()
-
-    from mlx_flash.calibrate import calibrate
+def measure(bundle: str, data: str, modes: list[str], tokens: int, cal_tokens: int | None,
+            compute_dtype: str) -> list[dict]:
+    from mlx_flash.calibrate import DEFAULT_TOKENS, calibrate
     from mlx_flash.evaluate import evaluate
 
     points = []
     with tempfile.TemporaryDirectory() as tmp:
         scratch = Path(tmp) / "bundle"
-        shutil.copytree(args.bundle, scratch)
-        dense = None
-        for mode in args.modes.split(","):
+        shutil.copytree(bundle, scratch)
+        for mode in modes:
             for target in GRIDS[mode]:
-                calibrate(scratch, args.data, mode=mode, tokens=args.cal_tokens, target=target,
-                          progress=False)
-                r = evaluate(scratch, args.data, tokens=args.tokens, mode=mode,
-                             compute_dtype=args.compute_dtype, progress=False)
-                dense, oracle = r["ppl_dense"], r["ppl_oracle"]
-                point = {k: r[k] for k in ("mode", "target", "ppl_dense", "ppl_sparse",
-                                           "ppl_oracle", "oracle_keep", "ffn_bytes_fraction",
-                                           "recall_mean", "resident_selection_bytes")}
+                calibrate(scratch, data, mode=mode, tokens=cal_tokens or DEFAULT_TOKENS[mode],
+                          target=target, progress=False)
+                r = evaluate(scratch, data, tokens=tokens, mode=mode,
+                             compute_dtype=compute_dtype, progress=False)
+                point = {k: r[k] for k in ("mode", "target", "calibration_tokens", "ppl_dense",
+                                           "ppl_sparse", "ppl_oracle", "oracle_keep",
+                                           "ffn_bytes_fraction", "recall_mean",
+                                           "resident_selection_bytes")}
                 points.append(point)
+                dense, oracle = r["ppl_dense"], r["ppl_oracle"]
                 print(f"{mode} {target}: read {100 * r['ffn_bytes_fraction']:.1f}% of the FFN "
                       f"per token, perplexity {100 * (r['ppl_sparse'] / dense - 1):+.2f}% "
                       f"(oracle, same neuron count: {100 * (oracle / dense - 1):+.2f}%)",
                       flush=True)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps({
-        "bundle": Path(args.bundle).name, "data": Path(args.data).name,
-        "tokens": args.tokens, "calibration_tokens": args.cal_tokens,
-        "compute_dtype": args.compute_dtype, "points": points}, indent=2))
+    return points
+
+
+def report(points: list[dict], title: str, out: Path) -> None:
+    """OUT.md (table) and OUT.png (plot, when matplotlib is there)."""
     rows = ["| mode | target | FFN bytes read / token | perplexity vs dense | oracle, same "
             "neuron count | resident selection data |", "|---|---|---|---|---|---|"]
     for pt in points:
@@ -93,14 +84,46 @@ def main() -> None:
                 label=label)
     ax.axhline(5, color="grey", linestyle=":", linewidth=1)
     ax.axvline(70, color="grey", linestyle=":", linewidth=1)
+    ax.set_ylim(-1, 26)
     ax.set_xlabel("FFN bytes read per token (% of the FFN, no cache)")
     ax.set_ylabel("perplexity increase over dense (%)")
-    ax.set_title(f"{Path(args.bundle).name}: {args.tokens} held-out tokens of "
-                 f"{Path(args.data).name}")
+    ax.set_title(title, fontsize=10)
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(out.with_suffix(".png"), dpi=120)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("bundle", nargs="?", default=None)
+    p.add_argument("--data", default=None)
+    p.add_argument("--modes", default="hybrid,gate,teal,predictor")
+    p.add_argument("--tokens", type=int, default=4096, help="evaluation tokens (end of text)")
+    p.add_argument("--cal-tokens", type=int, default=None,
+                   help="calibration tokens (start of text; default: calibrate's per mode)")
+    p.add_argument("--compute-dtype", default="float32")
+    p.add_argument("--title", default=None)
+    p.add_argument("--out", default="frontier", help="output path without extension")
+    p.add_argument("--from-json", nargs="+", default=None,
+                   help="only report: merge the points of these earlier OUT.json files")
+    args = p.parse_args()
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if args.from_json:
+        runs = [json.loads(Path(f).read_text()) for f in args.from_json]
+        points = [pt for r in runs for pt in r["points"]]
+        meta = runs[0]
+    else:
+        if not args.bundle or not args.data:
+            p.error("BUNDLE and --data are needed (or --from-json)")
+        points = measure(args.bundle, args.data, args.modes.split(","), args.tokens,
+                         args.cal_tokens, args.compute_dtype)
+        meta = {"bundle": Path(args.bundle).name, "data": Path(args.data).name,
+                "tokens": args.tokens, "compute_dtype": args.compute_dtype}
+    out.with_suffix(".json").write_text(json.dumps(dict(meta, points=points), indent=2))
+    title = args.title or f"{meta['bundle']}: {meta['tokens']} held-out tokens of {meta['data']}"
+    report(points, title, out)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,125 @@
+"""Sparse-FFN kernels: one decode token's FFN over the selected neurons only.
+
+The engine keeps a layer's neurons in per-part matrices `[C, d]` (gate row, up row, down
+column stored as a row; `up_bias` `[C, 1]` for OPT-style FFNs) and a selection gives the
+`slots` (int32, distinct, any order) of the rows a token uses. These functions compute with
+those rows where they lie instead of gathering them first, accumulating in float32.
+
+Three implementations stand behind each function:
+
+  reference  MLX ops (`mx.take` + matmul in float32); runs everywhere
+  metal      `mx.fast.metal_kernel`, for Apple GPUs
+  cuda       `mx.fast.cuda_kernel`, for MLX's CUDA backend
+
+`backend()` picks one: MLX_FLASH_KERNEL=reference|metal|cuda if set (forcing one that is not
+available raises RuntimeError), else metal where Metal is available, cuda where MLX runs on
+CUDA with the GPU as its default device, else reference. It is read on every call.
+"""
+
+from __future__ import annotations
+
+import os
+
+import mlx.core as mx
+
+from . import cuda, metal, reference
+
+BACKENDS = ("reference", "metal", "cuda")
+ENV = "MLX_FLASH_KERNEL"
+KINDS = ("glu", "mlp")
+ACTIVATIONS = ("silu", "relu", "fatrelu", "drelu")
+DTYPES = (mx.float16, mx.bfloat16, mx.float32)
+PARTS = {"glu": ("gate", "up", "down"), "mlp": ("up", "up_bias", "down")}
+_IMPLEMENTATIONS = {"reference": reference, "metal": metal.KERNELS, "cuda": cuda.KERNELS}
+
+
+def available(name: str) -> bool:
+    """Whether backend `name` can run here. The GPU ones need MLX's Metal or CUDA backend;
+    `mx.cuda` is absent from some MLX builds, hence the guard."""
+    if name == "metal":
+        return mx.metal.is_available()
+    if name == "cuda":
+        return hasattr(mx, "cuda") and mx.cuda.is_available()
+    return name == "reference"
+
+
+def backend() -> str:
+    """The implementation the functions below use now (see the module docstring)."""
+    forced = os.environ.get(ENV)
+    if forced:
+        if forced not in BACKENDS:
+            raise RuntimeError(f"{ENV}={forced} is not one of {', '.join(BACKENDS)}")
+        if not available(forced):
+            what = "Metal" if forced == "metal" else "MLX's CUDA backend"
+            raise RuntimeError(f"{ENV}={forced} but {what} is not available on this machine")
+        return forced
+    if available("metal"):
+        return "metal"
+    # MLX's CUDA kernels run on the default stream, so the GPU must be the default device.
+    if available("cuda") and mx.default_device().type == mx.DeviceType.gpu:
+        return "cuda"
+    return "reference"
+
+
+def _implementation(rows: mx.array):
+    """The backend's implementation, once `rows` has a dtype the kernels take."""
+    if rows.dtype not in DTYPES:
+        raise ValueError(f"rows must be float16, bfloat16 or float32, not {rows.dtype}")
+    return _IMPLEMENTATIONS[backend()]
+
+
+# k = 0 is answered before any implementation runs: a GPU kernel cannot be launched on an
+# empty grid, and on MLX 0.32.4's CUDA backend the reference's empty result (take + matmul of
+# no rows) segfaults when NumPy reads it (seen on an H200), where fresh zeros do not.
+
+
+# `in_use`: how many leading rows of the matrices hold neurons (a cache's fill). The reference
+# path then multiplies all of them instead of gathering when most are selected (measured
+# crossover, reference.WINDOW_CROSSOVER); the GPU kernels never gather, so they ignore it.
+
+
+def gather_matvec(x: mx.array, rows: mx.array, slots: mx.array,
+                  in_use: int | None = None) -> mx.array:
+    """`[k]` float32: `out[i] = sum_j x[j] * rows[slots[i], j]` (x `[d]`, rows `[C, d]`)."""
+    implementation = _implementation(rows)
+    if slots.size == 0:
+        return mx.zeros((0,), dtype=mx.float32)
+    return implementation.gather_matvec(x, rows, slots, in_use)
+
+
+def gather_accumulate(h: mx.array, rows: mx.array, slots: mx.array,
+                      in_use: int | None = None) -> mx.array:
+    """`[d]` float32: `out[j] = sum_i h[i] * rows[slots[i], j]` (h `[k]`, rows `[C, d]`)."""
+    implementation = _implementation(rows)
+    if slots.size == 0:
+        return mx.zeros((rows.shape[1],), dtype=mx.float32)
+    return implementation.gather_accumulate(h, rows, slots, in_use)
+
+
+def sparse_ffn(x: mx.array, parts: dict[str, mx.array], slots: mx.array, kind: str,
+               activation: str, threshold: float = 0.0, in_use: int | None = None) -> mx.array:
+    """`[d]` float32: the FFN of one token `x` `[d]` over the neurons at `slots`.
+
+    kind "glu" (parts gate, up, down): h_i = act(gate_i·x) * up_i·x, with relu(up_i·x) for
+    activation "drelu"; kind "mlp" (parts up, up_bias, down): h_i = act(up_i·x + up_bias_i).
+    act: "silu" v·sigmoid(v), "relu" and "drelu" max(v, 0), "fatrelu" v if v > threshold
+    else 0. Returns sum_i h_i * down_i, zeros when no slot is selected.
+    """
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, not {kind!r}")
+    if activation not in ACTIVATIONS or (kind == "mlp" and activation == "drelu"):
+        raise ValueError(f"activation {activation!r} is not supported for kind {kind!r}")
+    missing = [p for p in PARTS[kind] if p not in parts]
+    if missing:
+        raise ValueError(f"kind {kind!r} needs parts {missing}")
+    dtypes = {parts[p].dtype for p in PARTS[kind]}
+    if len(dtypes) > 1:
+        raise ValueError(f"the parts must share one dtype, not {sorted(map(str, dtypes))}")
+    implementation = _implementation(parts["down"])
+    if slots.size == 0:
+        return mx.zeros((parts["down"].shape[1],), dtype=mx.float32)
+    return implementation.sparse_ffn(x, parts, slots, kind, activation, threshold, in_use)
+
+
+__all__ = ["BACKENDS", "available", "backend", "gather_accumulate", "gather_matvec",
+           "sparse_ffn"]

@@ -1,0 +1,104 @@
+"""The sparse FFN as CUDA kernels (`mx.fast.cuda_kernel`), for MLX's CUDA backend.
+
+The same two passes as the Metal kernels (see `gpu.py`). The development machine has no
+CUDA, where the tests only check the sources' names (`mx.fast.cuda_kernel` refuses even to
+build a kernel without the CUDA backend). Run on an NVIDIA H200 (MLX 0.32.4 with
+mlx-cuda-13), tests/test_kernels.py passed in full: every dtype, kind and activation against
+the reference, k from 0 to C, d up to 4096. Not tuned beyond that.
+
+How MLX turns these bodies into kernels: every input becomes a `const <dtype>*` parameter,
+`<name>_shape` is added for inputs whose shape the body uses, and the template arguments
+become `using T = ...;` and `constexpr int KIND = ...;` at the top of the body. `grid` is
+counted in threads and rounded up to whole blocks, so the bodies guard their indices.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+
+from .gpu import TwoPass, constants
+
+HEADER = constants("constexpr") + """
+__device__ inline float flash_warp_sum(float v) {
+  for (int offset = FLASH_GROUP / 2; offset > 0; offset /= 2) {
+    v += __shfl_xor_sync(0xffffffffu, v, offset);
+  }
+  return v;
+}
+
+template <int ACT>
+__device__ inline float flash_activate(float v, float threshold) {
+  if (ACT == FLASH_ACT_SILU) {
+    return v / (1.0f + expf(-v));
+  }
+  if (ACT == FLASH_ACT_FATRELU) {
+    return v > threshold ? v : 0.0f;
+  }
+  return fmaxf(v, 0.0f);
+}
+"""
+
+# Pass 1. Block (GROUP, ROWS_PER_GROUP): x is the lane, y the selected neuron, so the GROUP
+# lanes of a neuron are one warp.
+ROWS = """
+  const int lane = threadIdx.x;
+  const int row = blockIdx.y * blockDim.y + threadIdx.y;
+  const int k = slots_shape[0];
+  const int d = x_shape[0];
+  if (row >= k) {
+    return;  // the whole warp leaves together: no shuffle is left half-done
+  }
+  const size_t base = static_cast<size_t>(slots[row]) * d;
+  const T* a = first + base;
+  const T* b = second + base;
+  float dot_first = 0.0f;
+  float dot_second = 0.0f;
+  for (int j = lane; j < d; j += FLASH_GROUP) {
+    dot_first += x[j] * static_cast<float>(a[j]);
+    if (KIND == FLASH_KIND_GLU) {
+      dot_second += x[j] * static_cast<float>(b[j]);
+    }
+  }
+  dot_first = flash_warp_sum(dot_first);
+  if (KIND == FLASH_KIND_GLU) {
+    dot_second = flash_warp_sum(dot_second);
+  }
+  if (lane == 0) {
+    float v = dot_first;
+    if (KIND == FLASH_KIND_MLP) {
+      v = flash_activate<ACT>(v + static_cast<float>(bias[slots[row]]), params[0]);
+    } else if (KIND == FLASH_KIND_GLU) {
+      const float u = ACT == FLASH_ACT_DRELU ? fmaxf(dot_second, 0.0f) : dot_second;
+      v = flash_activate<ACT>(v, params[0]) * u;
+    }
+    h[row] = v;
+  }
+"""
+
+# Pass 2. Block (GROUP, SPLIT): x is the output column, y the slice of neurons.
+ACCUMULATE = """
+  __shared__ float partial[SPLIT][FLASH_GROUP];
+  const int tx = threadIdx.x;
+  const int ty = threadIdx.y;
+  const int j = blockIdx.x * FLASH_GROUP + tx;
+  const int k = slots_shape[0];
+  const int d = rows_shape[1];
+  float acc = 0.0f;
+  if (j < d) {
+    for (int i = ty; i < k; i += SPLIT) {
+      acc += h[i] * static_cast<float>(rows[static_cast<size_t>(slots[i]) * d + j]);
+    }
+  }
+  partial[ty][tx] = acc;
+  __syncthreads();
+  if (ty == 0 && j < d) {
+    float total = 0.0f;
+    for (int p = 0; p < SPLIT; ++p) {
+      total += partial[p][tx];
+    }
+    y[j] = total;
+  }
+"""
+
+# 32 slices: 1024-thread blocks, so a few hundred columns still fill many warps.
+KERNELS = TwoPass("cuda", mx.fast.cuda_kernel, HEADER, ROWS, ACCUMULATE, split=32)

@@ -1,0 +1,104 @@
+"""The sparse FFN as Metal kernels (`mx.fast.metal_kernel`), for Apple GPUs.
+
+UNTESTED: these sources were written against MLX's documented metal_kernel API (0.32) and
+have never been compiled by Metal or run: the development machine has no Metal. The tests
+build the kernel objects (which needs no GPU) and check the sources' names, and they compare
+the kernels with the reference when Metal is available; run `pytest tests/test_kernels.py` on
+a Mac before relying on them. (The bodies did parse as C++17 under g++ with stand-ins for
+Metal's address-space qualifiers, `simd_sum`, `threadgroup_barrier` and bfloat16_t, for
+every kind and activation in float32 and bfloat16.) The algorithm and launch geometry are
+in `gpu.py`; the same algorithm in CUDA (`cuda.py`) has passed the tests on an NVIDIA GPU.
+
+How MLX turns these bodies into kernels: it writes the signature from the input arrays'
+dtypes (inputs with fewer than 8 elements go in the `constant` address space, so the bodies
+only index inputs, never take `device` pointers to them), adds `<name>_shape` for inputs
+whose shape the body uses, adds the `[[thread_position_in_grid]]`-style attributes the body
+names, and makes `T`, `KIND`, `ACT`, `SPLIT` template parameters of the kernel.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+
+from .gpu import TwoPass, constants
+
+HEADER = constants("constant constexpr") + """
+template <int ACT>
+inline float flash_activate(float v, float threshold) {
+  if (ACT == FLASH_ACT_SILU) {
+    return v / (1.0f + metal::exp(-v));
+  }
+  if (ACT == FLASH_ACT_FATRELU) {
+    return v > threshold ? v : 0.0f;
+  }
+  return metal::max(v, 0.0f);
+}
+"""
+
+# Pass 1. Threadgroup (GROUP, ROWS_PER_GROUP): x is the lane, y the selected neuron, so the
+# GROUP lanes of a neuron are one simdgroup (Apple GPUs' simdgroups are 32 wide).
+ROWS = """
+  const uint lane = thread_position_in_threadgroup.x;
+  const uint row = thread_position_in_grid.y;
+  const uint k = slots_shape[0];
+  const uint d = x_shape[0];
+  if (row >= k) {
+    return;  // the whole simdgroup leaves together: no reduction is left half-done
+  }
+  const size_t base = size_t(slots[row]) * d;
+  float dot_first = 0.0f;
+  float dot_second = 0.0f;
+  for (uint j = lane; j < d; j += FLASH_GROUP) {
+    const float xj = x[j];
+    const T a = first[base + j];
+    dot_first += xj * float(a);
+    if (KIND == FLASH_KIND_GLU) {
+      const T b = second[base + j];
+      dot_second += xj * float(b);
+    }
+  }
+  dot_first = metal::simd_sum(dot_first);
+  if (KIND == FLASH_KIND_GLU) {
+    dot_second = metal::simd_sum(dot_second);
+  }
+  if (lane == 0) {
+    float v = dot_first;
+    if (KIND == FLASH_KIND_MLP) {
+      const T b = bias[slots[row]];
+      v = flash_activate<ACT>(v + float(b), params[0]);
+    } else if (KIND == FLASH_KIND_GLU) {
+      const float u = ACT == FLASH_ACT_DRELU ? metal::max(dot_second, 0.0f) : dot_second;
+      v = flash_activate<ACT>(v, params[0]) * u;
+    }
+    h[row] = v;
+  }
+"""
+
+# Pass 2. Threadgroup (GROUP, SPLIT): x is the output column, y the slice of neurons.
+ACCUMULATE = """
+  threadgroup float partial[SPLIT][FLASH_GROUP];
+  const uint tx = thread_position_in_threadgroup.x;
+  const uint ty = thread_position_in_threadgroup.y;
+  const uint j = thread_position_in_grid.x;
+  const uint k = slots_shape[0];
+  const uint d = rows_shape[1];
+  float acc = 0.0f;
+  if (j < d) {
+    for (uint i = ty; i < k; i += SPLIT) {
+      const T r = rows[size_t(slots[i]) * d + j];
+      acc += h[i] * float(r);
+    }
+  }
+  partial[ty][tx] = acc;
+  metal::threadgroup_barrier(metal::mem_flags::mem_threadgroup);
+  if (ty == 0 && j < d) {
+    float total = 0.0f;
+    for (uint p = 0; p < SPLIT; ++p) {
+      total += partial[p][tx];
+    }
+    y[j] = total;
+  }
+"""
+
+# 8 slices: 256-thread threadgroups, a common size on Apple GPUs (not tuned: no Mac here).
+KERNELS = TwoPass("metal", mx.fast.metal_kernel, HEADER, ROWS, ACCUMULATE, split=8)

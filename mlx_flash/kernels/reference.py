@@ -1,0 +1,75 @@
+"""The sparse FFN in plain MLX ops, two ways: gathered or over the whole window.
+
+It runs on every backend, is what the tests check against NumPy, and is the yardstick the
+Metal and CUDA kernels are compared with. Both ways compute in float32:
+
+  gathered  `mx.take` the k selected rows, then multiply those (the rows are materialised)
+  window    multiply all `in_use` rows the cache holds, then keep the selected results
+            (no gather; in_use/k times the arithmetic)
+
+`tools/kernel_bench.py` measured on the 2-core x86 Linux machine (MLX 0.32.4 CPU): the window
+is faster from 78-89% of the rows selected in 16-bit and from 48-82% in float32
+(docs/BENCHMARKS.md); the functions below take the window from WINDOW_CROSSOVER on, when
+told how many rows are in use.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+
+WINDOW_CROSSOVER = 0.8
+
+
+def activate(v: mx.array, activation: str, threshold: float) -> mx.array:
+    """The activation applied to the gate (to up · x + up_bias for "mlp"); "drelu" is relu
+    here, its second relu (on up) is applied by the caller."""
+    if activation == "silu":
+        return v * mx.sigmoid(v)
+    if activation == "fatrelu":
+        return mx.where(v > threshold, v, 0.0)
+    return mx.maximum(v, 0.0)
+
+
+def use_window(slots: mx.array, in_use: int | None) -> bool:
+    return in_use is not None and slots.shape[0] >= WINDOW_CROSSOVER * in_use
+
+
+def gather_matvec(x: mx.array, rows: mx.array, slots: mx.array,
+                  in_use: int | None = None) -> mx.array:
+    """`[k]`: row `slots[i]` of `rows` dotted with `x` (all `in_use` rows, then picked, when
+    that is the faster way)."""
+    x = x.astype(mx.float32)
+    if use_window(slots, in_use):
+        return (rows[:in_use].astype(mx.float32) @ x)[slots]
+    return mx.take(rows, slots, axis=0).astype(mx.float32) @ x
+
+
+def gather_accumulate(h: mx.array, rows: mx.array, slots: mx.array,
+                      in_use: int | None = None) -> mx.array:
+    """`[d]`: the rows at `slots` weighted by `h` and summed (h scattered over all `in_use`
+    rows, zeros elsewhere, when that is the faster way)."""
+    h = h.astype(mx.float32)
+    if use_window(slots, in_use):
+        spread = mx.zeros((in_use,), dtype=mx.float32)
+        spread[slots] = h
+        return spread @ rows[:in_use].astype(mx.float32)
+    return h @ mx.take(rows, slots, axis=0).astype(mx.float32)
+
+
+def hidden(x: mx.array, parts: dict[str, mx.array], slots: mx.array, kind: str,
+           activation: str, threshold: float, in_use: int | None = None) -> mx.array:
+    """`[k]` float32: the hidden activations h of the selected neurons."""
+    if kind == "mlp":
+        bias = mx.take(parts["up_bias"].reshape(-1), slots).astype(mx.float32)
+        pre = gather_matvec(x, parts["up"], slots, in_use) + bias
+        return activate(pre, activation, threshold)
+    gate = activate(gather_matvec(x, parts["gate"], slots, in_use), activation, threshold)
+    up = gather_matvec(x, parts["up"], slots, in_use)
+    return gate * (mx.maximum(up, 0.0) if activation == "drelu" else up)
+
+
+def sparse_ffn(x: mx.array, parts: dict[str, mx.array], slots: mx.array, kind: str,
+               activation: str, threshold: float, in_use: int | None = None) -> mx.array:
+    """`[d]` float32: the FFN output over the selected neurons."""
+    h = hidden(x, parts, slots, kind, activation, threshold, in_use)
+    return gather_accumulate(h, parts["down"], slots, in_use)

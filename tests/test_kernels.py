@@ -1,0 +1,264 @@
+"""The sparse-FFN kernels: the reference against NumPy in float64, dispatch, and the Metal and
+CUDA kernels against the reference where their backend is available (skipped elsewhere).
+
+Inputs are made in their dtype, so they are exact there; NumPy computes on the float64 values
+of those same inputs. The only error left is float32 accumulation: outputs are compared with
+`atol = TOL * scale`, `scale` being the largest sum of |terms| an output adds (an error bound
+that holds whatever cancellation the random data has), and `rtol = TOL`.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from mlx_flash import kernels
+from mlx_flash.kernels import cuda, gpu, metal
+
+TOL = 1e-4  # float32 accumulation errors measured here stay below 1e-7 of the scale
+DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32}
+SHAPES = [(8, 1), (8, 7), (64, 64), (96, 7), (96, 64)]  # (d, C)
+VARIANTS = [("glu", "silu"), ("glu", "relu"), ("glu", "fatrelu"), ("glu", "drelu"),
+            ("mlp", "relu")]
+
+
+def counts(c: int) -> list[int]:
+    """Selected counts: none, one, about half, all."""
+    return sorted({0, 1, c // 2, c})
+
+
+def as_np(a: mx.array) -> np.ndarray:
+    """float64 values of `a` (bfloat16 goes through float32: NumPy has no bfloat16)."""
+    return np.array(a.astype(mx.float32)).astype(np.float64)
+
+
+def make(d: int, c: int, dtype: mx.Dtype, seed: int) -> tuple[mx.array, dict[str, mx.array]]:
+    rng = np.random.default_rng(seed)
+    x = mx.array(rng.standard_normal(d).astype(np.float32)).astype(dtype)
+    parts = {p: mx.array(rng.standard_normal((c, d)).astype(np.float32)).astype(dtype)
+             for p in ("gate", "up", "down")}
+    parts["up_bias"] = mx.array(rng.standard_normal((c, 1)).astype(np.float32)).astype(dtype)
+    return x, parts
+
+
+def pick(c: int, k: int, seed: int) -> mx.array:
+    """k distinct slots of C in random order."""
+    return mx.array(np.random.default_rng(seed).permutation(c)[:k].astype(np.int32))
+
+
+def safe_threshold(pre: np.ndarray) -> float:
+    """A FATReLU threshold near 0.5 that no pre-activation comes within 1e-3 of, so float32
+    rounding cannot flip a neuron across the jump of the activation."""
+    t = 0.5
+    while np.any(np.abs(pre - t) < 1e-3):
+        t += 1e-2
+    return t
+
+
+def numpy_ffn(x: np.ndarray, p: dict[str, np.ndarray], s: np.ndarray, kind: str,
+              activation: str, threshold: float) -> tuple[np.ndarray, np.ndarray]:
+    """(y, scale): the FFN in float64 and, per output, the sum of |terms| it adds."""
+    if kind == "mlp":
+        pre = p["up"][s] @ x + p["up_bias"][s, 0]
+        h = np.maximum(pre, 0)
+        mag_h = np.abs(p["up"][s]) @ np.abs(x) + np.abs(p["up_bias"][s, 0])
+    else:
+        g, u = p["gate"][s] @ x, p["up"][s] @ x
+        if activation == "silu":
+            a = g / (1 + np.exp(-g))
+        elif activation == "fatrelu":
+            a = np.where(g > threshold, g, 0)
+        else:
+            a = np.maximum(g, 0)
+        if activation == "drelu":
+            u = np.maximum(u, 0)
+        h = a * u
+        mag_h = (np.abs(p["gate"][s]) @ np.abs(x)) * (np.abs(p["up"][s]) @ np.abs(x))
+    return h @ p["down"][s], mag_h @ np.abs(p["down"][s])
+
+
+def check(got: mx.array, want: np.ndarray, scale: np.ndarray) -> None:
+    assert got.dtype == mx.float32
+    assert got.shape == want.shape
+    atol = TOL * (scale.max() if scale.size else 0.0)
+    np.testing.assert_allclose(np.array(got), want, rtol=TOL, atol=atol)
+
+
+@pytest.fixture
+def use_reference(monkeypatch):
+    monkeypatch.setenv(kernels.ENV, "reference")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("d", "c"), SHAPES)
+def test_gather_matvec_and_accumulate(use_reference, dtype, d, c):
+    x, parts = make(d, c, DTYPES[dtype], seed=d * 100 + c)
+    rows, xn = as_np(parts["gate"]), as_np(x)
+    for k in counts(c):
+        slots = pick(c, k, seed=k)
+        s = np.array(slots)
+        check(kernels.gather_matvec(x, parts["gate"], slots), rows[s] @ xn,
+              np.abs(rows[s]) @ np.abs(xn) if k else np.zeros(0))
+        h = mx.array(np.random.default_rng(k).standard_normal(k).astype(np.float32))
+        hn = as_np(h)
+        check(kernels.gather_accumulate(h, parts["gate"], slots), hn @ rows[s],
+              np.abs(hn) @ np.abs(rows[s]))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("d", "c"), SHAPES)
+@pytest.mark.parametrize(("kind", "activation"), VARIANTS)
+def test_sparse_ffn_matches_numpy(use_reference, dtype, d, c, kind, activation):
+    x, parts = make(d, c, DTYPES[dtype], seed=d * 100 + c)
+    xn, pn = as_np(x), {name: as_np(v) for name, v in parts.items()}
+    threshold = safe_threshold(pn["gate"] @ xn) if activation == "fatrelu" else 0.0
+    if kind == "mlp":
+        del parts["gate"]
+    for k in counts(c):
+        slots = pick(c, k, seed=c + k)
+        want, scale = numpy_ffn(xn, pn, np.array(slots), kind, activation, threshold)
+        got = kernels.sparse_ffn(x, parts, slots, kind, activation, threshold)
+        check(got, want, scale)
+        if k == 0:
+            assert not np.any(np.array(got))
+
+
+def test_bad_arguments_are_refused(use_reference):
+    x, parts = make(8, 4, mx.float32, seed=0)
+    slots = pick(4, 2, seed=0)
+    with pytest.raises(ValueError, match="kind"):
+        kernels.sparse_ffn(x, parts, slots, "moe", "relu")
+    with pytest.raises(ValueError, match="activation"):
+        kernels.sparse_ffn(x, parts, slots, "mlp", "drelu")
+    with pytest.raises(ValueError, match="needs parts"):
+        kernels.sparse_ffn(x, {"up": parts["up"], "down": parts["down"]}, slots, "glu", "silu")
+    with pytest.raises(ValueError, match="one dtype"):
+        kernels.sparse_ffn(x, {**parts, "up": parts["up"].astype(mx.float16)}, slots, "glu",
+                           "silu")
+    with pytest.raises(ValueError, match="float16, bfloat16 or float32"):
+        kernels.gather_matvec(x, parts["up"].astype(mx.int32), slots)
+
+
+# Dispatch
+
+
+def test_default_backend(monkeypatch):
+    monkeypatch.delenv(kernels.ENV, raising=False)
+    gpu_default = mx.default_device().type == mx.DeviceType.gpu
+    expected = ("metal" if kernels.available("metal")
+                else "cuda" if kernels.available("cuda") and gpu_default else "reference")
+    assert kernels.backend() == expected
+
+
+def test_forced_reference(monkeypatch):
+    monkeypatch.setenv(kernels.ENV, "reference")
+    assert kernels.backend() == "reference"
+    x, parts = make(8, 4, mx.float32, seed=1)
+    assert kernels.sparse_ffn(x, parts, pick(4, 3, seed=1), "glu", "silu").shape == (8,)
+
+
+@pytest.mark.parametrize(("name", "what"), [("metal", "Metal"), ("cuda", "CUDA")])
+def test_forcing_an_unavailable_backend_raises(monkeypatch, name, what):
+    if kernels.available(name):
+        pytest.skip(f"{name} is available here: forcing it is allowed")
+    monkeypatch.setenv(kernels.ENV, name)
+    message = f"{kernels.ENV}={name} but .*{what}.* is not available on this machine"
+    with pytest.raises(RuntimeError, match=message):
+        kernels.backend()
+    x, parts = make(8, 4, mx.float32, seed=2)
+    with pytest.raises(RuntimeError, match=message):
+        kernels.sparse_ffn(x, parts, pick(4, 2, seed=2), "glu", "silu")
+
+
+def test_unknown_backend_raises(monkeypatch):
+    monkeypatch.setenv(kernels.ENV, "opencl")
+    with pytest.raises(RuntimeError, match="MLX_FLASH_KERNEL=opencl is not one of"):
+        kernels.backend()
+
+
+# The GPU kernels: built here (where the backend allows it), run only on their backend.
+
+GPU = {"metal": metal, "cuda": cuda}
+
+
+@pytest.mark.parametrize("name", GPU)
+def test_kernel_sources_name_their_inputs(name):
+    module = GPU[name]
+    rows_body, accumulate_body = module.ROWS, module.ACCUMULATE
+    for source in (module.HEADER, rows_body, accumulate_body):
+        assert source.count("{") == source.count("}")
+        assert source.count("(") == source.count(")")
+    for inputs, outputs, body in ((gpu.ROWS_INPUTS, gpu.ROWS_OUTPUTS, rows_body),
+                                  (gpu.ACCUMULATE_INPUTS, gpu.ACCUMULATE_OUTPUTS,
+                                   accumulate_body)):
+        for n in inputs + outputs:
+            assert f"{n}[" in body or f"{n} +" in body, f"{name}: {n} is never read or written"
+    for code in ("FLASH_GROUP", "FLASH_KIND_GLU", "FLASH_KIND_MLP", "FLASH_ACT_SILU",
+                 "FLASH_ACT_FATRELU", "FLASH_ACT_DRELU"):
+        assert f"int {code} = " in module.HEADER
+
+
+@pytest.mark.parametrize("name", GPU)
+def test_kernels_build(name):
+    try:
+        kernel = GPU[name].KERNELS.kernel("rows")
+    except RuntimeError as e:  # mx.fast.cuda_kernel needs the CUDA backend even to build
+        pytest.skip(f"{name} kernels cannot be built here: {e}")
+    assert callable(kernel)
+    assert GPU[name].KERNELS.kernel("rows") is kernel  # built once, cached
+    assert callable(GPU[name].KERNELS.kernel("accumulate"))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("d", "c"), [(8, 1), (96, 7), (576, 300), (4096, 1024)])
+@pytest.mark.parametrize("name", GPU)
+def test_gpu_kernels_match_reference(monkeypatch, name, dtype, d, c):
+    if not kernels.available(name):
+        pytest.skip(f"{name} backend not available on this machine")
+
+    def on(backend: str, fn: str, *args) -> mx.array:
+        monkeypatch.setenv(kernels.ENV, backend)
+        return getattr(kernels, fn)(*args)
+
+    x, parts = make(d, c, DTYPES[dtype], seed=d + c)
+    xn, pn = as_np(x), {p: as_np(v) for p, v in parts.items()}
+    threshold = safe_threshold(pn["gate"] @ xn)
+    for k in counts(c):
+        slots = pick(c, k, seed=k)
+        s = np.array(slots)
+        calls = [(("gather_matvec", x, parts["up"], slots), np.abs(pn["up"][s]) @ np.abs(xn))]
+        h = on("reference", "gather_matvec", x, parts["gate"], slots)
+        calls.append((("gather_accumulate", h, parts["down"], slots),
+                      np.abs(np.array(h)) @ np.abs(pn["down"][s])))
+        for kind, activation in VARIANTS:
+            p = {n: v for n, v in parts.items() if not (kind == "mlp" and n == "gate")}
+            calls.append((("sparse_ffn", x, p, slots, kind, activation, threshold),
+                          numpy_ffn(xn, pn, s, kind, activation, threshold)[1]))
+        for args, scale in calls:
+            check(on(name, *args), np.array(on("reference", *args)), scale)
+
+
+@pytest.mark.parametrize("kind,activation", VARIANTS)
+@pytest.mark.parametrize("name", ["bfloat16", "float32"])
+def test_reference_window_path(name, kind, activation):
+    """With most of the rows in use selected, the reference multiplies the whole window
+    instead of gathering; it must compute the same thing (only the first `in_use` rows hold
+    neurons: the rest are garbage it must not read)."""
+    from mlx_flash.kernels import reference
+
+    d, c, in_use = 64, 64, 40
+    x, parts = make(d, c, DTYPES[name], 7)
+    slots = pick(in_use, 36, 8)  # 90% of the rows in use
+    assert reference.use_window(slots, in_use)
+    np_parts = {p: as_np(v) for p, v in parts.items()}
+    pre = np_parts["gate"][np.array(slots)] @ as_np(x)
+    threshold = safe_threshold(pre)
+    expected, scale = numpy_ffn(as_np(x), np_parts, np.array(slots), kind, activation, threshold)
+    garbage = {p: mx.concatenate([v[:in_use], mx.full(v[in_use:].shape, float("nan"),
+                                                      dtype=v.dtype)]) for p, v in parts.items()}
+    got = kernels.sparse_ffn(x, garbage, slots, kind, activation, threshold, in_use=in_use)
+    np.testing.assert_allclose(np.array(got), expected, rtol=TOL, atol=TOL * scale.max())
+    rows = kernels.gather_matvec(x, garbage["up"], slots, in_use=in_use)
+    np.testing.assert_allclose(np.array(rows), np_parts["up"][np.array(slots)] @ as_np(x),
+                               rtol=TOL, atol=TOL * d * 10)
