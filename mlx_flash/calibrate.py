@@ -11,11 +11,13 @@ bundle's default. Modes and --target:
 
   predictor  (ReLU FFNs) low-rank predictor per layer, threshold for a target recall
              (default 0.99) on held-out calibration tokens
-  gate       target = fraction of neurons kept by |silu(gate·x)| (default 0.8)
+  gate       target = fraction of neurons kept by |silu(gate·x)| (default 0.8); keeps the gate
+             rows and writes records of up row + down column
   hybrid     target = "G,H": fractions kept for the up read (by |silu(gate·x)|) and for the
-             down read (by |h|) (default "0.8,0.5")
+             down read (by |h|) (default "0.8,0.5"); keeps the gate rows and writes up rows
+             and down columns as records of their own
   teal       target = "X,H": fractions of input dims and of neurons kept (default "0.8,0.6");
-             writes a second record family (one record per input dim: its gate and up column)
+             writes records by input dim (its gate and up column) and down-column records
 """
 
 from __future__ import annotations
