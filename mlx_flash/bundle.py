@@ -23,7 +23,7 @@ import shutil
 import tempfile
 from collections.abc import Iterable, Iterator
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +31,8 @@ import mlx.core as mx
 import numpy as np
 
 FORMAT = "mlx_flash.bundle"
-VERSION = 2
+VERSION = 3
+READS = (2, 3)  # versions this reader opens: 2 had float records only, offsets in elements
 ALIGNMENT = 4096
 MANIFEST = "manifest.json"
 RESIDENT_FILE = "resident.safetensors"
@@ -43,7 +44,8 @@ DTYPES: dict[str, mx.Dtype] = {
     "bfloat16": mx.bfloat16,
     "float32": mx.float32,
 }
-ITEMSIZE = {"float16": 2, "bfloat16": 2, "float32": 4}
+ITEMSIZE = {"float16": 2, "bfloat16": 2, "float32": 4, "uint32": 4}
+PART_DTYPES: dict[str, mx.Dtype] = {**DTYPES, "uint32": mx.uint32}
 
 
 class BundleError(Exception):
@@ -52,36 +54,64 @@ class BundleError(Exception):
 
 @dataclass(frozen=True)
 class RecordPart:
-    """One tensor slice inside a record, in elements from the record's start."""
+    """One tensor row inside a record: `length` elements of `dtype`, `offset` bytes from the
+    record's start."""
 
     name: str
     offset: int
     length: int
+    dtype: str
+
+    @property
+    def nbytes(self) -> int:
+        return self.length * ITEMSIZE[self.dtype]
+
+
+@dataclass(frozen=True)
+class Quantization:
+    """MLX affine quantization of a part along its row: `w = scales * q + biases` per group of
+    `group_size` elements; the packed `q` is the part itself (uint32 words), the scales and
+    biases are the parts `<name>.scales` and `<name>.biases`."""
+
+    bits: int
+    group_size: int
 
 
 @dataclass(frozen=True)
 class RecordFamily:
     """Records of one kind (e.g. one per FFN neuron), one segment of them per layer.
 
-    Every record of a family has the same layout: `stride` elements of `dtype`, holding the
-    `parts` at fixed offsets (the rest is padding).
+    Every record of a family has the same layout: `record_bytes` bytes holding the `parts` at
+    fixed offsets (the rest is padding). `dtype` is the float dtype of its float parts; a
+    tensor listed in `quantization` is stored quantized (three parts: packed, scales, biases).
     """
 
     name: str
     file: str
     count: int
-    stride: int
+    record_bytes: int
     dtype: str
     parts: tuple[RecordPart, ...]
     segments: tuple[tuple[int, int], ...]
-
-    @property
-    def record_bytes(self) -> int:
-        return self.stride * ITEMSIZE[self.dtype]
+    quantization: dict[str, Quantization] = field(default_factory=dict)
 
     @property
     def layers(self) -> int:
         return len(self.segments)
+
+    @property
+    def tensors(self) -> tuple[str, ...]:
+        """The record's tensors (a quantized one's scales and biases are parts of it)."""
+        return tuple(p.name for p in self.parts if not p.name.endswith((".scales", ".biases")))
+
+    def expand(self, tensors: Iterable[str]) -> list[str]:
+        """The parts that hold `tensors`."""
+        out = []
+        for t in tensors:
+            out.append(t)
+            if t in self.quantization:
+                out += [f"{t}.scales", f"{t}.biases"]
+        return out
 
     def part(self, name: str) -> RecordPart:
         for p in self.parts:
@@ -90,32 +120,63 @@ class RecordFamily:
         raise KeyError(f"record family {self.name!r} has no part {name!r}")
 
     def part_span(self, names: Iterable[str]) -> tuple[int, int]:
-        """(first element, end element) of the smallest record range covering parts `names`."""
+        """Byte range `[start, end)` of the smallest record range covering parts `names`."""
         ps = [self.part(n) for n in names]
-        return min(p.offset for p in ps), max(p.offset + p.length for p in ps)
+        return min(p.offset for p in ps), max(p.offset + p.nbytes for p in ps)
+
+    def tensor_bytes(self, tensors: Iterable[str]) -> int:
+        """Bytes of `tensors` in one record (scales and biases included)."""
+        return sum(self.part(p).nbytes for p in self.expand(tensors))
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        d: dict[str, Any] = {
             "file": self.file,
             "count": self.count,
-            "stride": self.stride,
+            "record_bytes": self.record_bytes,
             "dtype": self.dtype,
-            "parts": [{"name": p.name, "offset": p.offset, "length": p.length} for p in self.parts],
+            "parts": [{"name": p.name, "offset": p.offset, "length": p.length,
+                       "dtype": p.dtype} for p in self.parts],
             "segments": [list(s) for s in self.segments],
         }
+        if self.quantization:
+            d["quantization"] = {k: {"bits": q.bits, "group_size": q.group_size}
+                                 for k, q in self.quantization.items()}
+        return d
 
     @classmethod
     def from_json(cls, name: str, d: dict[str, Any]) -> RecordFamily:
+        dtype = str(d["dtype"])
+        if "stride" in d:  # version 2: float parts of the family's dtype, offsets in elements
+            size = ITEMSIZE[dtype]
+            return cls(name, str(d["file"]), int(d["count"]), int(d["stride"]) * size, dtype,
+                       tuple(RecordPart(str(p["name"]), int(p["offset"]) * size,
+                                        int(p["length"]), dtype) for p in d["parts"]),
+                       tuple((int(o), int(n)) for o, n in d["segments"]))
         return cls(
             name=name,
             file=str(d["file"]),
             count=int(d["count"]),
-            stride=int(d["stride"]),
-            dtype=str(d["dtype"]),
-            parts=tuple(RecordPart(str(p["name"]), int(p["offset"]), int(p["length"]))
-                        for p in d["parts"]),
+            record_bytes=int(d["record_bytes"]),
+            dtype=dtype,
+            parts=tuple(RecordPart(str(p["name"]), int(p["offset"]), int(p["length"]),
+                                   str(p["dtype"])) for p in d["parts"]),
             segments=tuple((int(o), int(n)) for o, n in d["segments"]),
+            quantization={k: Quantization(int(q["bits"]), int(q["group_size"]))
+                          for k, q in d.get("quantization", {}).items()},
         )
+
+
+def layout_parts(parts: Iterable[tuple[str, int, str]], align: int = 16
+                 ) -> tuple[tuple[RecordPart, ...], int]:
+    """Lay `(name, length, dtype)` parts out one after another, each at an offset that is a
+    multiple of its item size; the record is padded to `align` bytes so rows stay aligned."""
+    out, offset = [], 0
+    for name, length, dtype in parts:
+        size = ITEMSIZE[dtype]
+        offset = -(-offset // size) * size
+        out.append(RecordPart(name, offset, length, dtype))
+        offset += length * size
+    return tuple(out), -(-offset // align) * align
 
 
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
@@ -220,10 +281,10 @@ class Bundle:
         if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
             raise BundleError(f"{manifest_path} is not an mlx_flash bundle manifest")
         version = manifest.get("version")
-        if version != VERSION:
+        if version not in READS:
             raise BundleError(
                 f"bundle format version {version!r} is not supported (this mlx_flash reads "
-                f"version {VERSION}); convert the model again"
+                f"versions {', '.join(map(str, READS))}); convert the model again"
             )
         if manifest.get("manifest_sha256") != _manifest_digest(manifest):
             raise BundleError(f"{manifest_path} was altered: its checksum does not match")
@@ -261,11 +322,18 @@ class Bundle:
         align = int(m["ffn"]["alignment"])
         for fam in self.families.values():
             file_size = int(files[fam.file]["bytes"])
-            if fam.dtype not in DTYPES or fam.count <= 0 or fam.stride <= 0:
+            if fam.dtype not in DTYPES or fam.count <= 0 or fam.record_bytes <= 0:
                 raise BundleError(f"record family {fam.name!r} has an invalid layout")
             for p in fam.parts:
-                if p.offset < 0 or p.length <= 0 or p.offset + p.length > fam.stride:
+                if p.dtype not in PART_DTYPES or p.offset < 0 or p.length <= 0 \
+                        or p.offset + p.nbytes > fam.record_bytes:
                     raise BundleError(f"record part {fam.name}.{p.name} lies outside its record")
+            for t, q in fam.quantization.items():
+                p = fam.part(t)
+                if p.dtype != "uint32" or q.bits not in (2, 3, 4, 5, 6, 8) \
+                        or fam.part(f"{t}.scales").length * q.group_size \
+                        != p.length * 32 // q.bits:
+                    raise BundleError(f"quantized part {fam.name}.{t} is inconsistent")
             if fam.layers != n_layers:
                 raise BundleError(
                     f"record family {fam.name!r} has {fam.layers} segments for {n_layers} layers"
@@ -309,9 +377,9 @@ class SegmentFile:
         self.path = path
         self._f = open(path, "wb")  # noqa: SIM115 (closed by close(), also on errors)
 
-    def write(self, records: mx.array, dtype: str) -> tuple[int, int]:
-        """Write `records` (`[count, stride]`) as `dtype`; returns (offset, length) in bytes."""
-        data = _raw_bytes(records.astype(DTYPES[dtype]))
+    def write(self, records: mx.array) -> tuple[int, int]:
+        """Write `records` (`[count, record_bytes]` uint8); returns (offset, length) in bytes."""
+        data = _raw_bytes(records)
         offset = self._f.tell()
         pad = -offset % ALIGNMENT
         self._f.write(b"\0" * pad)
@@ -391,18 +459,21 @@ class BundleWriter:
         self._resident[name] = array.astype(DTYPES[self.dtype]) if mx.issubdtype(
             array.dtype, mx.floating) else array
 
-    def add_family(self, name: str, count: int, parts: Iterable[RecordPart], stride: int) -> None:
+    def add_family(self, name: str, count: int, parts: Iterable[RecordPart], record_bytes: int,
+                   quantization: dict[str, Quantization] | None = None) -> None:
         n_layers = int(self.config["num_hidden_layers"])
-        self._families[name] = {"count": count, "stride": stride, "parts": tuple(parts),
+        self._families[name] = {"count": count, "record_bytes": record_bytes,
+                                "parts": tuple(parts), "quantization": quantization or {},
                                 "segments": [None] * n_layers}
 
     def write_segment(self, family: str, layer: int, records: mx.array) -> None:
-        """Append a layer's records (`[count, stride]`, any float dtype) at an aligned offset."""
+        """Append a layer's records (`[count, record_bytes]` uint8) at an aligned offset."""
         fam = self._families[family]
-        if tuple(records.shape) != (fam["count"], fam["stride"]):
+        if tuple(records.shape) != (fam["count"], fam["record_bytes"]) \
+                or records.dtype != mx.uint8:
             raise ValueError(f"{family}[{layer}] records have shape {records.shape}, "
-                             f"expected {(fam['count'], fam['stride'])}")
-        fam["segments"][layer] = self._ffn.write(records, self.dtype)
+                             f"expected {(fam['count'], fam['record_bytes'])} bytes")
+        fam["segments"][layer] = self._ffn.write(records)
 
     def commit(self) -> Bundle:
         """Finish every file, write the manifest, and move the bundle into place."""
@@ -412,8 +483,9 @@ class BundleWriter:
             missing = [i for i, s in enumerate(fam["segments"]) if s is None]
             if missing:
                 raise ValueError(f"record family {name!r} lacks layers {missing}")
-            families[name] = RecordFamily(name, FFN_FILE, fam["count"], fam["stride"], self.dtype,
-                                          fam["parts"], tuple(fam["segments"])).to_json()
+            families[name] = RecordFamily(name, FFN_FILE, fam["count"], fam["record_bytes"],
+                                          self.dtype, fam["parts"], tuple(fam["segments"]),
+                                          fam["quantization"]).to_json()
         mx.save_safetensors(str(self.tmp / RESIDENT_FILE), self._resident,
                             metadata={"format": "mlx"})
         self._resident.clear()

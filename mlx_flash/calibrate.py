@@ -23,6 +23,7 @@ bundle's default. Modes and --target:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
 from collections.abc import Sequence
@@ -35,8 +36,17 @@ import mlx.optimizers as optim
 import numpy as np
 from tqdm import tqdm
 
-from .arch import FFNSpec
-from .bundle import DTYPES, Bundle, BundleError, BundleUpdate, RecordFamily, RecordPart, SegmentFile
+from .arch import FFNSpec, pack_records
+from .bundle import (
+    DTYPES,
+    PART_DTYPES,
+    Bundle,
+    BundleError,
+    BundleUpdate,
+    RecordFamily,
+    SegmentFile,
+    layout_parts,
+)
 from .ffn import FlashEngine
 from .loader import blas_hint
 from .selection import MODE_CLASSES, MODES, gate_activation, hidden
@@ -81,14 +91,18 @@ def collect_inputs(model: nn.Module, tokens: Sequence[int], ctx: int,
     return [np.concatenate(x) for x in inputs]
 
 
-def layer_weights(engine: FlashEngine, layer: int) -> dict[str, mx.array]:
-    """All of a layer's FFN weights (float32), read from its neuron records, in arrays of
-    their own (what `fetch` returns lives in matrices the next fetch overwrites)."""
+def layer_weights(engine: FlashEngine, layer: int
+                  ) -> tuple[dict[str, mx.array], dict[str, mx.array]]:
+    """All of a layer's FFN weights, read from its neuron records, in neuron order and in
+    arrays of their own (what `fetch` returns lives in matrices the next fetch overwrites):
+    each tensor in float32 (dequantized), and each record part as stored."""
     fam = engine.families["neuron"]
-    names = [p.name for p in fam.parts]
-    rows = engine.fetch(layer, "neuron", names, np.arange(fam.count))
-    order = np.argsort(rows.ids)  # rows in neuron order
-    return {k: mx.array(np.array(rows[k].astype(mx.float32))[order]) for k in names}
+    rows = engine.fetch(layer, "neuron", fam.tensors, np.arange(fam.count))
+    order = mx.array(np.argsort(rows.ids))
+    w = {k: mx.take(rows[k].astype(mx.float32), order, axis=0) for k in fam.tensors}
+    raw = {p.name: mx.take(rows.raw(p.name), order, axis=0) for p in fam.parts}
+    mx.eval(w, raw)
+    return w, raw
 
 
 def true_active(spec: FFNSpec, x: mx.array, w: dict[str, mx.array],
@@ -174,6 +188,8 @@ def calibrate(path: str | Path, data: str | Path, mode: str | None = None,
     if mode != "predictor" and spec.kind != "glu":
         raise ValueError(f"mode {mode!r} needs a gated (SwiGLU) FFN; use predictor")
     goals = _parse_target(mode, target)
+    derived = {name: layout_family(name, layout, engine.families["neuron"], spec)
+               for name, layout in MODE_CLASSES[mode].LAYOUTS.items()}
     rank = rank or default_rank(spec)
     tokenizer = load_tokenizer(bundle.tokenizer_path)
     ids = text_tokens(tokenizer, data)[: tokens or DEFAULT_TOKENS[mode]]
@@ -186,7 +202,7 @@ def calibrate(path: str | Path, data: str | Path, mode: str | None = None,
     records: dict[str, list[mx.array]] = {name: [] for name in layouts}
     for layer in tqdm(range(n_layers), desc=f"fitting {mode}", unit="layer",
                       disable=not progress):
-        w = layer_weights(engine, layer)
+        w, raw = layer_weights(engine, layer)
         x = mx.array(X[layer])
         if mode == "predictor":
             entry, A, B, b = _fit_predictor(spec, x, w, goals[0], rank, epochs, seed + layer)
@@ -204,7 +220,10 @@ def calibrate(path: str | Path, data: str | Path, mode: str | None = None,
                      "t_h": quantile_threshold(mx.abs(h), goals[1])}
         layers.append(entry)
         for name, layout in layouts.items():
-            records[name].append(_layout_records(w, layout))
+            fam = derived[name]
+            arrays_of = {"gate": w["gate"].T, "up": w["up"].T} if layout == "columns" else raw
+            records[name].append(pack_records(fam.parts, fam.record_bytes, {
+                p.name: arrays_of[p.name].astype(PART_DTYPES[p.dtype]) for p in fam.parts}))
     with BundleUpdate(bundle) as update:
         m = update.manifest
         info: dict[str, Any] = {"target": goals, "layers": layers, "calibration": {
@@ -216,10 +235,10 @@ def calibrate(path: str | Path, data: str | Path, mode: str | None = None,
         if records:
             staging, name = update.new_file(f"ffn-{mode}", ".bin")
             out = SegmentFile(staging)
-            for family, layout in layouts.items():
-                segments = tuple(out.write(r, bundle.dtype) for r in records[family])
-                m["ffn"]["families"][family] = _layout_family(
-                    family, layout, name, spec, bundle.dtype, segments).to_json()
+            for family in layouts:
+                segments = tuple(out.write(r) for r in records[family])
+                m["ffn"]["families"][family] = dataclasses.replace(
+                    derived[family], file=name, segments=segments).to_json()
             out.close()
         selection = m.setdefault("selection", {"default": None, "modes": {}})
         selection["modes"][mode] = info
@@ -227,23 +246,23 @@ def calibrate(path: str | Path, data: str | Path, mode: str | None = None,
         return update.commit()
 
 
-def _layout_records(w: dict[str, mx.array], layout: tuple[str, ...] | str) -> mx.array:
-    """One layer's records of a family from its neuron parts (`[n, d]` each; down holds the
-    down projection's columns): per neuron the named parts, or per input dimension its column
-    of gate and of up ("columns")."""
+def layout_family(name: str, layout: tuple[str, ...] | str, neuron: RecordFamily,
+                  spec: FFNSpec) -> RecordFamily:
+    """The record family (segments still empty) a selection mode reads besides the neuron
+    records: per neuron the tensors named, stored as in the neuron records (quantized ones
+    too), or, for "columns", per input dimension its column of gate and of up."""
     if layout == "columns":
-        return mx.concatenate([w["gate"].T, w["up"].T], axis=1)
-    return mx.concatenate([w[p] for p in layout], axis=1)
-
-
-def _layout_family(name: str, layout: tuple[str, ...] | str, file: str, spec: FFNSpec,
-                   dtype: str, segments: tuple[tuple[int, int], ...]) -> RecordFamily:
-    d, n = spec.hidden_size, spec.intermediate_size
-    if layout == "columns":
-        count, parts = d, (RecordPart("gate", 0, n), RecordPart("up", n, n))
-    else:
-        count, parts = n, tuple(RecordPart(p, i * d, d) for i, p in enumerate(layout))
-    return RecordFamily(name, file, count, sum(p.length for p in parts), dtype, parts, segments)
+        if neuron.quantization:
+            raise ValueError("mode 'teal' reads gate and up by input column, which records "
+                             "quantized along the row cannot give: convert with --dtype")
+        n = spec.intermediate_size
+        parts, size = layout_parts([("gate", n, neuron.dtype), ("up", n, neuron.dtype)])
+        return RecordFamily(name, "", spec.hidden_size, size, neuron.dtype, parts, ())
+    wanted = neuron.expand(layout)
+    parts, size = layout_parts([(p.name, p.length, p.dtype) for p in neuron.parts
+                                if p.name in wanted])
+    return RecordFamily(name, "", neuron.count, size, neuron.dtype, parts, (), {
+        t: q for t, q in neuron.quantization.items() if t in layout})
 
 
 def _fit_predictor(spec: FFNSpec, x: mx.array, w: dict[str, mx.array], recall: float,

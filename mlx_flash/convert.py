@@ -19,8 +19,25 @@ import mlx.core as mx
 from mlx.utils import tree_flatten
 from tqdm import tqdm
 
-from .arch import Architecture, UnsupportedModel, get_architecture, make_records
-from .bundle import DTYPES, Bundle, BundleError, BundleWriter, publish_dir, staging_dir
+from .arch import (
+    Architecture,
+    FFNSpec,
+    QuantizedTensor,
+    UnsupportedModel,
+    Weight,
+    get_architecture,
+    pack_records,
+    record_tensors,
+)
+from .bundle import (
+    DTYPES,
+    Bundle,
+    BundleError,
+    BundleWriter,
+    Quantization,
+    publish_dir,
+    staging_dir,
+)
 from .loader import build_flash_model, default_dtype
 from .sources import SourceError, open_source
 
@@ -39,10 +56,52 @@ def _plan(source) -> tuple[dict[str, Any], Architecture, dict[str, str]]:
     return config, arch, names
 
 
-def convert(src: str | Path, out: str | Path, dtype: str = "float16",
-            progress: bool = True) -> Bundle:
-    """Convert `src` into a new bundle at `out` (which must not exist)."""
-    if dtype not in DTYPES:
+def _ffn_quantization(source, spec: FFNSpec, roles: dict[str, str], keep: bool,
+                      quantize: Quantization | None, down_bits: int | None
+                      ) -> dict[str, Quantization]:
+    """How the records store each FFN tensor: as asked (`quantize`), or as the source stores
+    it (`keep`; layer 0 decides). The down projection is quantized along d, at `down_bits`
+    (default: as the rest); a kept source's down, whose quantization runs across neurons, is
+    stored as float (exact) unless `down_bits` asks to requantize it. 16: float."""
+    out: dict[str, Quantization] = {}
+    for t in ("gate", "up", "down"):
+        if t not in roles:
+            continue
+        if quantize is not None:
+            q = quantize
+        else:
+            w = source.get_weight(roles[t]) if keep else None
+            if not isinstance(w, QuantizedTensor):
+                continue
+            q = Quantization(w.bits, w.group_size)
+        if t == "down" and (down_bits == 16 or (down_bits is None and quantize is None)):
+            continue  # float: exact (the source's blocks run across neurons)
+        out[t] = Quantization(down_bits or q.bits, q.group_size) if t == "down" else q
+    return out
+
+
+def _auto_dtype(source, arch: Architecture, names: dict[str, str], keep: bool) -> str:
+    """float16 when a quantized source's quantization is kept (GGUF's scales are float16),
+    else the platform's default."""
+    up = names[arch.ffn_source_names(0)["up"]]
+    if keep and isinstance(source.get_weight(up), QuantizedTensor):
+        return "float16"
+    return default_dtype()
+
+
+def convert(src: str | Path, out: str | Path, dtype: str | None = "float16",
+            progress: bool = True,
+            quantize: Quantization | None = None, keep_quantization: bool = False,
+            down_bits: int | None = None) -> Bundle:
+    """Convert `src` into a new bundle at `out` (which must not exist).
+
+    Weights are stored as `dtype`, dequantized, unless `quantize` asks for MLX affine
+    quantization (FFN records, attention and embeddings, like mlx-lm) or `keep_quantization`
+    keeps a quantized source's own (GGUF Q4_0/Q4_1/Q8_0, mlx-lm folders) bit for bit where
+    the layout allows: everywhere but the down projection, which is stored as float, exact,
+    or with `down_bits` requantized along d (docs/FORMAT.md). `dtype` None: float16 when a source's
+    quantization is kept (GGUF's scales are float16), else `default_dtype()`."""
+    if dtype is not None and dtype not in DTYPES:
         raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
     source = open_source(src)
     config, arch, names = _plan(source)
@@ -59,55 +118,104 @@ def convert(src: str | Path, out: str | Path, dtype: str = "float16",
     if spec.down_bias:
         resident.update({f"{arch.layer_prefix(i)}.mlp.bias": ffn_names[i]["down_bias"]
                          for i in range(n_layers)})
-    expected = dict(tree_flatten(build_flash_model(arch, config, spec, None).parameters()))
+    model = build_flash_model(arch, config, spec, None)
+    expected = dict(tree_flatten(model.parameters()))
     if resident.keys() != expected.keys():
         extra = sorted(resident.keys() - expected.keys())
         lacking = sorted(expected.keys() - resident.keys())
         raise ConversionError(f"{source.path.name} does not match the {arch.name} model: "
                               f"unexpected tensors {extra[:3]}, missing {lacking[:3]}")
+    quantizable = {f"{path}.weight" for path, m in model.named_modules()
+                   if hasattr(m, "to_quantized")}
+    keep = keep_quantization or quantize is not None
 
     d, n = spec.hidden_size, spec.intermediate_size
     ffn_shapes = {"gate": (n, d), "up": (n, d), "down": (d, n), "up_bias": (n,)}
 
-    def get(name: str, shape: tuple[int, ...]) -> mx.array:
-        w = source.get(names[name])
+    def get(name: str, shape: tuple[int, ...], quantized: bool = False) -> Weight:
+        w = source.get_weight(names[name]) if quantized else source.get(names[name])
         if tuple(w.shape) != tuple(shape):
             raise ConversionError(f"{name} has shape {tuple(w.shape)}, the model expects "
                                   f"{tuple(shape)}")
         return w
 
-    parts, stride = spec.record_layout()
+    ffn_q = _ffn_quantization(source, spec, {r: names[v] for r, v in ffn_names[0].items()},
+                              keep, quantize, down_bits)
+    dtype = dtype or _auto_dtype(source, arch, names, keep)
+    parts, record_bytes = spec.record_layout(dtype, ffn_q)
+    quantized: dict[str, Quantization] = {}  # resident module -> its quantization
     with BundleWriter(out, architecture=arch.name, config=config, dtype=dtype,
                       source=source.describe()) as writer, \
             tqdm(total=len(resident) + n_layers, unit="tensor", disable=not progress,
                  desc=f"converting {source.path.name}") as bar:
         for target, name in resident.items():
-            writer.add_resident(target, get(name, expected[target].shape))
+            w = get(name, expected[target].shape, keep and target in quantizable)
+            if isinstance(w, mx.array) and quantize is not None and target in quantizable \
+                    and w.shape[-1] % quantize.group_size == 0:
+                w = QuantizedTensor(*mx.quantize(w, quantize.group_size, quantize.bits),
+                                    quantize.bits, quantize.group_size)
+            if isinstance(w, QuantizedTensor):
+                module = target.removesuffix(".weight")
+                quantized[module] = Quantization(w.bits, w.group_size)
+                for suffix, a in (("weight", w.weight), ("scales", w.scales),
+                                  ("biases", w.biases)):
+                    writer.add_resident(f"{module}.{suffix}", a)
+            else:
+                writer.add_resident(target, w)
             bar.update()
-        writer.add_family("neuron", spec.intermediate_size, parts, stride)
+        if quantized:
+            config["quantization"] = mlx_lm_quantization(quantized)
+        writer.add_family("neuron", spec.intermediate_size, parts, record_bytes, ffn_q)
         for i in range(n_layers):
-            w = {role: get(n, ffn_shapes[role]) for role, n in ffn_names[i].items()
+            w = {role: get(n, ffn_shapes[role], role in ffn_q) for role, n in ffn_names[i].items()
                  if role != "down_bias"}
-            writer.write_segment("neuron", i, make_records(spec, w))
+            writer.write_segment("neuron", i, pack_records(
+                parts, record_bytes, record_tensors(spec, w, dtype, ffn_q)))
             bar.update()
         source.save_tokenizer(writer.tokenizer_dir)
         return writer.commit()
 
 
-def export_mlx_lm(src: str | Path, out: str | Path, dtype: str = "float16",
-                  progress: bool = True) -> Path:
+def mlx_lm_quantization(modules: dict[str, Quantization]) -> dict[str, Any]:
+    """mlx-lm's config entry for quantized modules: the most common bits and group size, and
+    each module that differs under its own name."""
+    from collections import Counter
+
+    common = Counter(modules.values()).most_common(1)[0][0]
+    entry: dict[str, Any] = {"group_size": common.group_size, "bits": common.bits}
+    for module, q in sorted(modules.items()):
+        if q != common:
+            entry[module] = {"group_size": q.group_size, "bits": q.bits}
+    return entry
+
+
+def export_mlx_lm(src: str | Path, out: str | Path, dtype: str | None = "float16",
+                  progress: bool = True, keep_quantization: bool = False) -> Path:
     """Write `src` as a plain, dense mlx-lm folder (config.json, model.safetensors, tokenizer)
-    holding exactly the weights a bundle converted with the same dtype holds."""
+    holding exactly the weights a bundle converted with the same dtype holds; with
+    `keep_quantization`, a quantized source's weights as it stores them (an mlx-lm quantized
+    model: the reference for quantized bundles)."""
     source = open_source(src)
     config, arch, names = _plan(source)
     if arch.name != "llama" or arch.ffn_spec(config).activation != "silu":
         raise ConversionError("mlx-lm has no equivalent of this model (it has no OPT, and its "
                               "llama computes SiLU only): no mlx-lm folder to write")
-    weights = {}
+    dtype = dtype or _auto_dtype(source, arch, names, keep_quantization)
+    weights, quantized = {}, {}
     for name in tqdm(names, unit="tensor", desc="exporting", disable=not progress):
         target = arch.resident_name(name, config)
-        if target is not None:
-            weights[target] = source.get(names[name]).astype(DTYPES[dtype])
+        if target is None:
+            continue
+        w = source.get_weight(names[name]) if keep_quantization else source.get(names[name])
+        if isinstance(w, QuantizedTensor):
+            module = target.removesuffix(".weight")
+            quantized[module] = Quantization(w.bits, w.group_size)
+            weights.update({target: w.weight, f"{module}.scales": w.scales.astype(DTYPES[dtype]),
+                            f"{module}.biases": w.biases.astype(DTYPES[dtype])})
+        else:
+            weights[target] = w.astype(DTYPES[dtype])
+    if quantized:
+        config["quantization"] = mlx_lm_quantization(quantized)
     out = Path(out)
     with staging_dir(out) as tmp:
         mx.save_safetensors(str(tmp / "model.safetensors"), weights, metadata={"format": "mlx"})
@@ -126,22 +234,41 @@ def main(argv: list[str] | None = None) -> int:
                         "Hugging Face / mlx-lm model folder (llama, mistral, qwen2, opt)")
     parser.add_argument("out", help="the bundle folder to create (must not exist)")
     parser.add_argument("--dtype", choices=list(DTYPES), default=None,
-                        help="dtype of the stored weights; quantized sources are dequantized "
-                        "to it (default: float16 where Metal runs, else bfloat16, which MLX's "
-                        "CPU backend computes about twice as fast)")
+                        help="dtype of the stored float weights. Given, a quantized source is "
+                        "dequantized to it; not given, a quantized source (GGUF Q4_0/Q4_1/Q8_0, "
+                        "an mlx-lm quantized folder) keeps its quantization, scales in float16, "
+                        "and a float one becomes float16 where Metal runs, else bfloat16, which "
+                        "MLX's CPU backend computes about twice as fast")
+    parser.add_argument("--quantize", action="store_true",
+                        help="store FFN records, attention and embeddings with MLX's affine "
+                        "quantization (a quantized source's own is kept where it already is)")
+    parser.add_argument("--q-bits", type=int, default=4, choices=[2, 3, 4, 5, 6, 8],
+                        help="bits per weight with --quantize (default 4)")
+    parser.add_argument("--q-group-size", type=int, default=64, choices=[32, 64, 128],
+                        help="weights per scale and bias with --quantize (default 64)")
+    parser.add_argument("--down-bits", type=int, default=None, choices=[2, 3, 4, 5, 6, 8, 16],
+                        help="bits of the down projection in quantized records, quantized "
+                        "along the model dimension (default: as the rest with --quantize; "
+                        "a kept source's down is stored as float16, exactly, unless this "
+                        "asks to requantize it; 16: float)")
     parser.add_argument("--format", choices=["bundle", "mlx-lm"], default="bundle",
                         help="'mlx-lm' writes a dense mlx-lm folder instead, for comparison")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
-    args.dtype = args.dtype or default_dtype()
+    keep = args.dtype is None and not args.quantize
+    quantize = Quantization(args.q_bits, args.q_group_size) if args.quantize else None
     try:
         if args.format == "mlx-lm":
-            export_mlx_lm(args.src, args.out, args.dtype, progress=not args.quiet)
+            export_mlx_lm(args.src, args.out, args.dtype, progress=not args.quiet,
+                          keep_quantization=keep)
             print(f"wrote mlx-lm folder {args.out}")
         else:
-            b = convert(args.src, args.out, args.dtype, progress=not args.quiet)
+            b = convert(args.src, args.out, args.dtype, progress=not args.quiet,
+                        quantize=quantize, keep_quantization=keep, down_bits=args.down_bits)
+            q = b.families["neuron"].quantization
+            how = ", ".join(f"{t} {v.bits}-bit/{v.group_size}" for t, v in q.items()) or b.dtype
             print(f"wrote bundle {b.path}: resident {b.resident_bytes / 1e6:.1f} MB, "
-                  f"FFN records {b.ffn_bytes / 1e6:.1f} MB ({b.dtype})")
+                  f"FFN records {b.ffn_bytes / 1e6:.1f} MB ({how})")
     except (SourceError, UnsupportedModel, ConversionError, BundleError, FileExistsError,
             OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -68,7 +68,7 @@ class ReadStats:
         self.neurons[layer] += used.sum().item()
         if self.truth:
             if layer not in self._weights:  # read once: the mode's own reads are done
-                self._weights[layer] = layer_weights(self.engine, layer)
+                self._weights[layer] = layer_weights(self.engine, layer)[0]
             active = true_active(self.engine.spec, x.astype(mx.float32), self._weights[layer],
                                  label_keep=0.5)
             self.hits[layer] += (used & active).sum().item()
@@ -133,7 +133,7 @@ def evaluate(path: str | Path, data: str | Path, tokens: int = 4096, ctx: int = 
         "tokens": len(ids) - 1,
         "ctx": ctx,
         "mode": name,
-        "compute_dtype": compute_dtype or bundle.dtype,
+        "compute_dtype": str(engine.compute_dtype).rsplit(".", 1)[-1],
         "target": info.get("target"),
         "calibration_tokens": info.get("calibration", {}).get("tokens"),
         "ppl_dense": ppl_dense,

@@ -133,7 +133,8 @@ class FlashEngine:
                 raise RuntimeError(f"{len(ids)} {family} records do not fit the staging matrix "
                                    f"({staging.capacity} rows)")
             reader.read_records(fam, layer, ids, self._slots[:len(ids)], staging, parts)
-            return Rows(ids, staging.parts, self._slots[:len(ids)], len(ids), self.compute_dtype)
+            return Rows(ids, staging.parts, self._slots[:len(ids)], len(ids), self.compute_dtype,
+                        fam.quantization)
         t0 = time.perf_counter()
         load, slots, spill = cache.admit(ids, self._token)
         self._mem_seconds += time.perf_counter() - t0
@@ -143,15 +144,16 @@ class FlashEngine:
         reader.read_records(fam, layer, load, slots, cache.matrix, parts)
         cached = ids[cache.slot_of[ids] >= 0]
         rows = Rows(cached, cache.matrix.parts, cache.slot_of[cached], cache.size,
-                    self.compute_dtype)
+                    self.compute_dtype, fam.quantization)
         if len(spill) == 0:
             return rows
         # no room for all: what was read past the cache and what is in it, gathered together
         reader.read_records(fam, layer, spill, self._slots[:len(spill)], staging, parts)
-        joined = {p: mx.concatenate([rows[p], staging.parts[p][:len(spill)]]) for p in parts}
+        joined = {p: mx.concatenate([rows.raw(p), staging.parts[p][:len(spill)]])
+                  for p in fam.expand(parts)}
         k = len(cached) + len(spill)
         return Rows(np.concatenate([cached, spill]), joined, self._slots[:k], k,
-                    self.compute_dtype)
+                    self.compute_dtype, fam.quantization)
 
     def __call__(self, layer: int, x: mx.array, down_bias: mx.array | None) -> mx.array:
         mx.eval(x)

@@ -26,6 +26,15 @@ def default_dtype() -> str:
     return "float16" if mx.metal.is_available() else "bfloat16"
 
 
+def compute_dtype_for(bundle: Bundle) -> str:
+    """The dtype a bundle computes in unless told: its own, except quantized bundles on MLX's
+    CPU backend, whose quantized products are 7x (bfloat16) to 30x (float16) slower than in
+    float32 there (docs/BENCHMARKS.md); quantized weights stay packed either way."""
+    quantized = bundle.config.get("quantization") or any(
+        f.quantization for f in bundle.families.values())
+    return "float32" if quantized and not mx.metal.is_available() else bundle.dtype
+
+
 def blas_hint() -> str | None:
     """On Linux, MLX's CPU backend links a slow reference BLAS; preloading OpenBLAS makes its
     float32 matrix products 10-20x faster (docs/BENCHMARKS.md). The hint, when it applies."""
@@ -55,6 +64,22 @@ def build_flash_model(arch: Architecture, config: dict[str, Any], spec: FFNSpec,
     return model
 
 
+def quantize_resident(model: nn.Module, config: dict[str, Any],
+                      weights: dict[str, mx.array]) -> None:
+    """Make the modules whose weights are stored quantized quantized modules, as mlx-lm does
+    for a config with a "quantization" entry (per-module bits and group size included)."""
+    q = config.get("quantization")
+    if not q:
+        return
+
+    def predicate(path: str, module: nn.Module) -> bool | dict[str, int]:
+        if f"{path}.scales" not in weights or not hasattr(module, "to_quantized"):
+            return False
+        return q.get(path, True)
+
+    nn.quantize(model, group_size=q["group_size"], bits=q["bits"], class_predicate=predicate)
+
+
 @dataclass
 class EngineOptions:
     """How the flash engine runs (see `load`)."""
@@ -76,12 +101,16 @@ def open_model(bundle: Bundle, compute_dtype: str | None = None,
     options = options or EngineOptions()
     arch = get_architecture(bundle.config)
     spec = arch.ffn_spec(bundle.config)
-    parts, stride = spec.record_layout()
     fam = bundle.families.get("neuron")
-    if fam is None or list(fam.parts) != parts or fam.stride != stride \
+    expected, _ = spec.record_layout(fam.dtype, fam.quantization) if fam else ((), 0)
+
+    def shapes(parts):
+        return [(p.name, p.length, p.dtype) for p in parts]
+
+    if fam is None or shapes(fam.parts) != shapes(expected) \
             or fam.count != spec.intermediate_size:
         raise BundleError(f"{bundle.path}: neuron records do not match the {arch.name} FFN layout")
-    dtype = DTYPES[compute_dtype or bundle.dtype]
+    dtype = DTYPES[compute_dtype or compute_dtype_for(bundle)]
     try:
         mode = load_mode(bundle, spec, sparsity, dtype)
     except (KeyError, ValueError) as e:
@@ -102,6 +131,7 @@ def open_model(bundle: Bundle, compute_dtype: str | None = None,
     weights = bundle.load_resident()
     weights = {k: v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) else v
                for k, v in weights.items()}
+    quantize_resident(model, bundle.config, weights)
     try:
         model.load_weights(list(weights.items()), strict=True)
     except ValueError as e:

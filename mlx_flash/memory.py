@@ -130,7 +130,7 @@ def plan_memory(bundle: Bundle, compute_itemsize: int, selection_bytes: int,
     row_bytes = {}
     for family, parts in cache_keys:
         fam = bundle.families[family]
-        row_bytes[(family, parts)] = sum(fam.part(p).length for p in parts) * ITEMSIZE[fam.dtype]
+        row_bytes[(family, parts)] = fam.tensor_bytes(parts)
     full = n_layers * sum(bundle.families[f].count * row_bytes[(f, p)] for f, p in cache_keys)
     if budget is None:
         fraction = 1.0 if default_full else 0.0

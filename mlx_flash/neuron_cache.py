@@ -19,26 +19,25 @@ from dataclasses import dataclass
 import mlx.core as mx
 import numpy as np
 
-from .bundle import DTYPES, ITEMSIZE, RecordFamily
+from .bundle import PART_DTYPES, RecordFamily
 
 
 class NeuronMatrix:
-    """Rows `0..capacity-1` of the named record parts (default all), allocated once and
-    filled in place."""
+    """Rows `0..capacity-1` of the named record tensors (default all; a quantized tensor's
+    scales and biases come with it), allocated once and filled in place."""
 
     def __init__(self, family: RecordFamily, capacity: int, parts: Sequence[str] | None = None):
         self.family = family
         self.capacity = capacity
-        size = ITEMSIZE[family.dtype]
-        names = [p.name for p in family.parts] if parts is None else list(parts)
+        names = family.expand(family.tensors if parts is None else parts)
         self._buffers: dict[str, mx.array] = {}
         self.parts: dict[str, mx.array] = {}  # typed views of the buffers, what compute uses
         self._rows: dict[str, np.ndarray] = {}  # writable uint8 views of the same memory
         for name in names:
             p = family.part(name)
-            buf = mx.zeros((capacity, p.length * size), dtype=mx.uint8)
+            buf = mx.zeros((capacity, p.nbytes), dtype=mx.uint8)
             self._buffers[name] = buf
-            self.parts[name] = buf.view(DTYPES[family.dtype])
+            self.parts[name] = buf.view(PART_DTYPES[p.dtype])
             mx.eval(buf, self.parts[name])
             self._rows[name] = np.array(buf, copy=False)
         # bytes that are read but not kept (padding, parts not asked for) land here
@@ -51,27 +50,25 @@ class NeuronMatrix:
         return sum(r.nbytes for r in self._rows.values())
 
     def span(self, parts: Sequence[str]) -> tuple[int, int]:
-        """Byte range `[start, end)` of a record that covers `parts` (all parts: the whole
-        record, padding included, so adjacent records read as one)."""
-        if set(parts) == {p.name for p in self.family.parts}:
+        """Byte range `[start, end)` of a record that covers tensors `parts` (all of them: the
+        whole record, padding included, so adjacent records read as one)."""
+        if set(parts) == set(self.family.tensors):
             return 0, self.family.record_bytes
-        start, end = self.family.part_span(parts)
-        size = ITEMSIZE[self.family.dtype]
-        return start * size, end * size
+        return self.family.part_span(self.family.expand(parts))
 
     def _layout(self, parts: tuple[str, ...]) -> list[tuple[int, str | None]]:
         """The pieces of a record's span for `parts`: (bytes, part receiving them or None)."""
-        size = ITEMSIZE[self.family.dtype]
         start, end = self.span(parts)
+        wanted = set(self.family.expand(parts))
         pieces: list[tuple[int, str | None]] = []
         position = start
         for p in sorted(self.family.parts, key=lambda p: p.offset):
-            a, b = p.offset * size, (p.offset + p.length) * size
+            a, b = p.offset, p.offset + p.nbytes
             if a < start or b > end:
                 continue
             if a > position:
                 pieces.append((a - position, None))
-            pieces.append((b - a, p.name if p.name in parts else None))
+            pieces.append((b - a, p.name if p.name in wanted else None))
             position = b
         if end > position:
             pieces.append((end - position, None))

@@ -25,7 +25,7 @@ Each call also returns what each token needed to read (bytes), before any cache.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import mlx.core as mx
@@ -35,7 +35,7 @@ from mlx_lm.models.activations import swiglu
 
 from . import kernels
 from .arch import FFNSpec
-from .bundle import Bundle, RecordFamily
+from .bundle import Bundle, Quantization, RecordFamily
 
 
 @dataclass
@@ -43,21 +43,35 @@ class Rows:
     """Records a mode fetched, where they lie: neuron `ids[r]` is row `slots[r]` of
     `matrices[part]` (a cache, or the staging matrix), whose first `in_use` rows hold
     neurons. Batches multiply gathered rows (`rows[part]`); a single token goes through the
-    kernels, which read the rows where they lie."""
+    kernels, which read the rows where they lie. A tensor in `quantization` lies in three
+    matrices: packed (its own name), `.scales` and `.biases`."""
 
     ids: np.ndarray
     matrices: dict[str, mx.array]
     slots: np.ndarray
     in_use: int
     dtype: mx.Dtype
+    quantization: dict[str, Quantization] = field(default_factory=dict)
 
-    def __getitem__(self, part: str) -> mx.array:
-        """`[len(ids), length]` rows of `part`, in the compute dtype."""
+    def raw(self, part: str) -> mx.array:
+        """`[len(ids), length]` rows of matrix `part` as stored."""
         m = self.matrices[part]
         k = len(self.ids)
         if np.array_equal(self.slots, np.arange(k)):
-            return m[:k].astype(self.dtype)
-        return mx.take(m, self.slot_array, axis=0).astype(self.dtype)
+            return m[:k]
+        return mx.take(m, self.slot_array, axis=0)
+
+    def __getitem__(self, part: str) -> mx.array:
+        """`[len(ids), length]` rows of tensor `part`, in the compute dtype (dequantized)."""
+        q = self.quantization.get(part)
+        if q is None:
+            return self.raw(part).astype(self.dtype)
+        w, scales, biases = (self.raw(n) for n in self.quantized(part))
+        return mx.dequantize(w, scales.astype(self.dtype), biases.astype(self.dtype),
+                             group_size=q.group_size, bits=q.bits)
+
+    def quantized(self, part: str) -> tuple[str, str, str]:
+        return part, f"{part}.scales", f"{part}.biases"
 
     @property
     def slot_array(self) -> mx.array:
@@ -70,6 +84,15 @@ Fetch = Callable[[int, str, Sequence[str], np.ndarray], Rows]
 
 def project(x: mx.array, rows: Rows, part: str) -> mx.array:
     """`[T, k]`: x · each fetched row of `part`."""
+    q = rows.quantization.get(part)
+    if q is not None:
+        if x.shape[0] == 1:
+            triple = tuple(rows.matrices[n] for n in rows.quantized(part))
+            return kernels.gather_qmatvec(x[0], triple, rows.slot_array, q.bits, q.group_size,
+                                          rows.in_use)[None].astype(x.dtype)
+        w, scales, biases = (rows.raw(n) for n in rows.quantized(part))
+        return mx.quantized_matmul(x, w, scales.astype(x.dtype), biases.astype(x.dtype),
+                                   group_size=q.group_size, bits=q.bits)
     if x.shape[0] == 1:
         return kernels.gather_matvec(x[0], rows.matrices[part], rows.slot_array,
                                      rows.in_use)[None].astype(x.dtype)
@@ -78,6 +101,15 @@ def project(x: mx.array, rows: Rows, part: str) -> mx.array:
 
 def combine(h: mx.array, rows: Rows, part: str) -> mx.array:
     """`[T, length]`: the fetched rows of `part` weighted by h (`[T, k]`) and summed."""
+    q = rows.quantization.get(part)
+    if q is not None:
+        if h.shape[0] == 1:
+            triple = tuple(rows.matrices[n] for n in rows.quantized(part))
+            return kernels.gather_qaccumulate(h[0], triple, rows.slot_array, q.bits,
+                                              q.group_size, rows.in_use)[None].astype(h.dtype)
+        w, scales, biases = (rows.raw(n) for n in rows.quantized(part))
+        return mx.quantized_matmul(h, w, scales.astype(h.dtype), biases.astype(h.dtype),
+                                   transpose=False, group_size=q.group_size, bits=q.bits)
     if h.shape[0] == 1:
         return kernels.gather_accumulate(h[0], rows.matrices[part], rows.slot_array,
                                          rows.in_use)[None].astype(h.dtype)
@@ -148,7 +180,7 @@ class Mode:
                              "the bundle for it again")
         self.families = families
         self.neuron = families["neuron"]
-        self.all_parts = tuple(p.name for p in self.neuron.parts)
+        self.all_parts = self.neuron.tensors
 
     def record_bytes(self, family: str) -> int:
         return self.families[family].record_bytes
@@ -164,8 +196,11 @@ class Mode:
         y = None
         for start in range(0, n, step):  # the FFN is a sum over neurons: slice by slice
             rows = fetch(layer, "neuron", self.all_parts, np.arange(start, min(n, start + step)))
-            p = {name: rows[name] for name in self.all_parts}
-            part = hidden(self.spec, x, p) @ p["down"]  # the order of the rows does not matter
+            if rows.quantization:  # multiplied quantized, as mlx-lm's quantized model does
+                part = combine(hidden(self.spec, x, rows), rows, "down")
+            else:
+                p = {name: rows[name] for name in self.all_parts}
+                part = hidden(self.spec, x, p) @ p["down"]  # the order of rows does not matter
             y = part if y is None else y + part
             if start + step < n:
                 mx.eval(y)  # the next slice is read over this one
@@ -193,7 +228,7 @@ class Predictor(Mode):
         """The FFN over each token's selected neurons (`sel`: [T, n]), whole records read."""
         rows = fetch(layer, "neuron", self.all_parts, union(sel))
         reads = LayerReads(per_token(sel) * self.neuron.record_bytes, sel)
-        if x.shape[0] == 1:  # one token: the fused kernel, every fetched neuron is selected
+        if x.shape[0] == 1 and not rows.quantization:  # the fused kernel: all fetched are used
             s = self.spec
             y = kernels.sparse_ffn(x[0], rows.matrices, rows.slot_array, s.kind, s.activation,
                                    s.threshold, rows.in_use)

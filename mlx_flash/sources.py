@@ -1,8 +1,10 @@
 """Model sources the converter reads: GGUF files and Hugging Face / mlx-lm folders.
 
 Both present the same face: an HF-style `config` dict, tensors by their Hugging Face names
-(dequantized, in HF layout), and a tokenizer that can be written into a folder. Tensors are
-produced one at a time, so converting never holds more than one of them beyond what is kept.
+in HF layout — `get` dequantized, `get_weight` as stored when that is MLX's affine
+quantization (GGUF Q4_0/Q4_1/Q8_0, mlx-lm's quantized folders) — and a tokenizer that can be
+written into a folder. Tensors are produced one at a time, so converting never holds more
+than one of them beyond what is kept.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ from typing import Any
 
 import mlx.core as mx
 import numpy as np
+
+from .arch import QuantizedTensor, Weight
 
 
 class SourceError(Exception):
@@ -68,6 +72,28 @@ def _unpermute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
     rows = w.shape[0]
     return (w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:])
             .swapaxes(1, 2).reshape(w.shape))
+
+
+def _gguf_blocks(data: np.ndarray, type_name: str, rows: int) -> QuantizedTensor:
+    """GGUF Q4_0/Q4_1/Q8_0 blocks (32 weights each) as MLX's affine quantization, losslessly:
+    Q4_1 is w = d·q + m, Q4_0 w = d·(q - 8), Q8_0 w = d·q with q signed, i.e. unsigned q + 128
+    with bias -128·d (exact in float16: a power-of-two multiple)."""
+    head = {"Q4_0": 2, "Q4_1": 4, "Q8_0": 2}[type_name]
+    block = head + (32 if type_name == "Q8_0" else 16)
+    raw = np.ascontiguousarray(data, dtype=np.uint8).reshape(rows, -1, block)
+    d = raw[..., :2].copy().view(np.float16)[..., 0]
+    qs = raw[..., head:]
+    if type_name == "Q8_0":
+        packed = (qs.view(np.int8).astype(np.int16) + 128).astype(np.uint8)
+        bits, bias = 8, -128 * d
+    else:
+        q = np.concatenate([qs & 0x0F, qs >> 4], axis=-1)  # GGUF: low nibbles first, then high
+        packed = q[..., 0::2] | (q[..., 1::2] << 4)  # MLX: element 2i low nibble of byte i
+        bits = 4
+        bias = raw[..., 2:4].copy().view(np.float16)[..., 0] if type_name == "Q4_1" else -8 * d
+    words = np.ascontiguousarray(packed.reshape(rows, -1)).view(np.uint32)
+    return QuantizedTensor(mx.array(words), mx.array(d), mx.array(bias.astype(np.float16)),
+                           bits, 32)
 
 
 class GGUFSource:
@@ -154,6 +180,19 @@ class GGUFSource:
             w = _unpermute_qk(w, heads)
         return mx.array(w)
 
+    def get_weight(self, name: str) -> Weight:
+        t = self.tensors[name]
+        if t.tensor_type.name not in ("Q4_0", "Q4_1", "Q8_0"):
+            return self.get(name)
+        rows = int(t.shape[-1]) if len(t.shape) > 1 else 1
+        q = _gguf_blocks(t.data, t.tensor_type.name, rows)
+        if self.arch == "llama" and name.endswith(("q_proj.weight", "k_proj.weight")):
+            c = self.config
+            heads = c["num_attention_heads"] if "q_proj" in name else c["num_key_value_heads"]
+            q = QuantizedTensor(*(mx.array(_unpermute_qk(np.array(a), heads))
+                                  for a in (q.weight, q.scales, q.biases)), q.bits, q.group_size)
+        return q
+
     def save_tokenizer(self, dest: Path) -> None:
         """Rebuild the tokenizer (chat template included) from the GGUF metadata, offline."""
         from transformers import PreTrainedTokenizerFast
@@ -224,20 +263,28 @@ class HFSource:
                 raise SourceError(f"cannot read {f}: {e}") from None
         quant = self.config.pop("quantization", None)
         self.config.pop("quantization_config", None)
-        self._quant = quant  # mlx-lm quantized folders: dequantized on read
+        self._quant = quant  # mlx-lm quantized folders
 
     def names(self) -> list[str]:
         return [n for n in self._arrays
                 if not n.endswith((".scales", ".biases")) or self._quant is None]
 
+    def _quantized(self, name: str) -> bool:
+        base = name.removesuffix(".weight")
+        return self._quant is not None and name != base and f"{base}.scales" in self._arrays
+
+    def get_weight(self, name: str) -> Weight:
+        if not self._quantized(name):
+            return self.get(name)
+        base = name.removesuffix(".weight")
+        own = self._quant.get(base.removeprefix("model."), self._quant.get(base))
+        bits = int((own if isinstance(own, dict) else self._quant)["bits"])
+        w, scales = self._arrays[name], self._arrays[f"{base}.scales"]
+        return QuantizedTensor(w, scales, self._arrays[f"{base}.biases"], bits,
+                               w.shape[-1] * 32 // bits // scales.shape[-1])
+
     def get(self, name: str) -> mx.array:
-        w = self._arrays[name]
-        base = name[: -len(".weight")]
-        if self._quant is not None and f"{base}.scales" in self._arrays:
-            scales, biases = self._arrays[f"{base}.scales"], self._arrays[f"{base}.biases"]
-            bits = self._quant["bits"]
-            group = w.shape[-1] * 32 // bits // scales.shape[-1]
-            w = mx.dequantize(w, scales, biases, group_size=group, bits=bits)
+        w = self.get_weight(name).dequantize() if self._quantized(name) else self._arrays[name]
         if mx.issubdtype(w.dtype, mx.floating):
             w = w.astype(mx.float32)
         mx.eval(w)

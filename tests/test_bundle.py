@@ -38,7 +38,7 @@ def test_layout_matches_the_source_weights(tiny_llama, tiny_bundle):
     b = Bundle.open(tiny_bundle, verify=True)
     fam = b.families["neuron"]
     d, n = config["hidden_size"], config["intermediate_size"]
-    assert (fam.count, fam.stride, fam.dtype) == (n, 3 * d, "float32")
+    assert (fam.count, fam.record_bytes, fam.dtype) == (n, 3 * d * 4, "float32")
     raw = np.fromfile(b.ffn_path, dtype=np.float32)
     for layer, (offset, length) in enumerate(fam.segments):
         assert offset % ALIGNMENT == 0 and length == n * 3 * d * 4

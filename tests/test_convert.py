@@ -32,7 +32,7 @@ def records(bundle: Bundle, layer: int) -> np.ndarray:
     fam = bundle.families["neuron"]
     offset, length = fam.segments[layer]
     raw = np.fromfile(bundle.ffn_path, dtype=np.float32, count=length // 4, offset=offset)
-    return raw.reshape(fam.count, fam.stride)
+    return raw.reshape(fam.count, fam.record_bytes // 4)
 
 
 def test_hf_folder_model_matches_mlx_lm(tiny_llama, tiny_bundle):

@@ -18,8 +18,9 @@ from mlx_flash.memory import BudgetError, parse_size
 from mlx_flash.neuron_cache import NeuronCache
 
 COUNT, D = 40, 4
-FAMILY = RecordFamily("neuron", "ffn.bin", COUNT, 2 * D, "float32",
-                      (RecordPart("up", 0, D), RecordPart("down", D, D)), ((0, COUNT * 32),))
+FAMILY = RecordFamily("neuron", "ffn.bin", COUNT, 2 * D * 4, "float32",
+                      (RecordPart("up", 0, D, "float32"), RecordPart("down", 4 * D, D, "float32")),
+                      ((0, COUNT * 32),))
 
 
 @pytest.fixture(scope="module")

@@ -17,9 +17,9 @@ from mlx_flash.neuron_cache import NeuronMatrix
 
 COUNT, D = 64, 8
 # an OPT-like record: up row, down column, one bias, padding to 24 elements
-FAMILY = RecordFamily("neuron", "ffn.bin", COUNT, 24, "float32",
-                      (RecordPart("up", 0, D), RecordPart("down", D, D),
-                       RecordPart("up_bias", 2 * D, 1)), ((4096, COUNT * 24 * 4),))
+FAMILY = RecordFamily("neuron", "ffn.bin", COUNT, 24 * 4, "float32",
+                      (RecordPart("up", 0, D, "float32"), RecordPart("down", 4 * D, D, "float32"),
+                       RecordPart("up_bias", 8 * D, 1, "float32")), ((4096, COUNT * 24 * 4),))
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +68,7 @@ def test_records_land_in_their_slots(segment, data):
     expected = {p.name: np.full((COUNT, p.length), -1, np.float32) for p in FAMILY.parts}
     for i, s in zip(ids, slots, strict=True):
         for p in wanted:
-            expected[p.name][s] = records[i, p.offset:p.offset + p.length]
+            expected[p.name][s] = records[i, p.offset // 4:p.offset // 4 + p.length]
     for name, part in matrix.parts.items():
         np.testing.assert_array_equal(np.array(part), expected[name])
     start, end = matrix.span([p.name for p in wanted])
@@ -92,12 +92,13 @@ def test_partial_records(segment, parts):
     for p in FAMILY.parts:
         got = np.array(matrix.parts[p.name])[slots]
         if p.name in parts:
-            np.testing.assert_array_equal(got, records[ids, p.offset:p.offset + p.length])
+            first = p.offset // 4  # float32 elements
+            np.testing.assert_array_equal(got, records[ids, first:first + p.length])
         else:
             assert not got.any()
     start, end = FAMILY.part_span(parts)
     assert reader.counters.calls == len(ids)
-    assert reader.counters.bytes == len(ids) * (end - start) * 4
+    assert reader.counters.bytes == len(ids) * (end - start)
 
 
 def test_one_read_per_run(segment):

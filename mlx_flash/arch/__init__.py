@@ -15,7 +15,7 @@ from typing import Any, Protocol
 import mlx.core as mx
 import mlx.nn as nn
 
-from ..bundle import RecordPart
+from ..bundle import DTYPES, PART_DTYPES, Quantization, RecordPart, layout_parts
 
 
 class UnsupportedModel(Exception):
@@ -40,33 +40,102 @@ class FFNSpec:
     down_bias: bool = False
     threshold: float = 0.0
 
-    def record_layout(self) -> tuple[list[RecordPart], int]:
-        """The parts of one neuron record and its stride, in elements."""
-        d = self.hidden_size
-        names = ["gate", "up", "down"] if self.kind == "glu" else ["up", "down"]
-        parts = [RecordPart(n, i * d, d) for i, n in enumerate(names)]
-        if self.kind == "mlp":
-            parts.append(RecordPart("up_bias", len(names) * d, 1))
-        used = parts[-1].offset + parts[-1].length
-        stride = -(-used // 8) * 8  # whole 16-byte units in float16, so rows stay aligned
-        return parts, stride
+    @property
+    def tensors(self) -> list[str]:
+        """The record's tensors: gate row, up row, down column (and the up bias)."""
+        return ["gate", "up", "down"] if self.kind == "glu" else ["up", "down", "up_bias"]
+
+    def record_layout(self, dtype: str, quantization: dict[str, Quantization] | None = None
+                      ) -> tuple[tuple[RecordPart, ...], int]:
+        """The parts of one neuron record and its size in bytes: each tensor `hidden_size`
+        elements of `dtype`, or, if `quantization` names it, packed words, scales and biases."""
+        d, quantization = self.hidden_size, quantization or {}
+        parts: list[tuple[str, int, str]] = []
+        for t in self.tensors:
+            q = quantization.get(t)
+            if t == "up_bias":
+                parts.append((t, 1, dtype))
+            elif q is None:
+                parts.append((t, d, dtype))
+            else:
+                if d % q.group_size:
+                    raise UnsupportedModel(f"hidden size {d} is not a multiple of the "
+                                           f"quantization group size {q.group_size}")
+                groups = d // q.group_size
+                parts += [(t, d * q.bits // 32, "uint32"), (f"{t}.scales", groups, dtype),
+                          (f"{t}.biases", groups, dtype)]
+        return layout_parts(parts)
 
 
-def make_records(spec: FFNSpec, w: dict[str, mx.array]) -> mx.array:
-    """Bundle one layer's FFN weights into neuron records `[intermediate_size, stride]`.
+@dataclass(frozen=True)
+class QuantizedTensor:
+    """A weight matrix in MLX's affine quantization, rows = output features (as mlx-lm and
+    GGUF's Q4_0/Q4_1/Q8_0 store it): `weight` packed uint32, `scales`, `biases` per group."""
 
-    `w` holds HF-layout tensors: gate/up `[n, d]`, down `[d, n]`, up_bias `[n]`.
-    """
-    parts, stride = spec.record_layout()
-    n = spec.intermediate_size
-    columns = []
-    for p in parts:
-        t = w[p.name]
-        t = t.T if p.name == "down" else t
-        columns.append(t.reshape(n, p.length).astype(mx.float32))
-    used = parts[-1].offset + parts[-1].length
-    if stride > used:
-        columns.append(mx.zeros((n, stride - used), dtype=mx.float32))
+    weight: mx.array
+    scales: mx.array
+    biases: mx.array
+    bits: int
+    group_size: int
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.weight.shape[0], self.weight.shape[1] * 32 // self.bits
+
+    def dequantize(self) -> mx.array:
+        # float32 scales: float16 ones would round the dequantized values (GGUF's are exact)
+        return mx.dequantize(self.weight, self.scales.astype(mx.float32),
+                             self.biases.astype(mx.float32), group_size=self.group_size,
+                             bits=self.bits)
+
+
+Weight = mx.array | QuantizedTensor
+
+
+def record_tensors(spec: FFNSpec, w: dict[str, Weight], dtype: str,
+                   quantization: dict[str, Quantization] | None = None) -> dict[str, mx.array]:
+    """One layer's neuron-record parts (`[intermediate_size, length]` each) from its FFN
+    weights in HF layout (gate/up `[n, d]`, down `[d, n]`, up_bias `[n]`; float, or quantized
+    along d). A gate/up already quantized as asked is kept bit for bit; anything else is
+    dequantized and (re)quantized along the row. The down projection is quantized along the
+    FFN dimension in its source, across neurons, so a quantized down column is always
+    requantized, along d (docs/FORMAT.md)."""
+    quantization, out = quantization or {}, {}
+    target = DTYPES[dtype]
+    for t in spec.tensors:
+        src, q = w[t], quantization.get(t)
+        if q is not None and t != "down" and isinstance(src, QuantizedTensor) \
+                and (src.bits, src.group_size) == (q.bits, q.group_size):
+            out.update({t: src.weight, f"{t}.scales": src.scales.astype(target),
+                        f"{t}.biases": src.biases.astype(target)})
+            continue
+        f = src.dequantize() if isinstance(src, QuantizedTensor) else src.astype(mx.float32)
+        f = f.T if t == "down" else f.reshape(spec.intermediate_size, -1)
+        if q is None:
+            out[t] = f.astype(target)
+        else:
+            packed, scales, biases = mx.quantize(f, group_size=q.group_size, bits=q.bits)
+            out.update({t: packed, f"{t}.scales": scales.astype(target),
+                        f"{t}.biases": biases.astype(target)})
+    return out
+
+
+def pack_records(parts: tuple[RecordPart, ...], record_bytes: int,
+                 arrays: dict[str, mx.array]) -> mx.array:
+    """Records `[n, record_bytes]` (uint8): each row holds every part at its offset."""
+    n = next(iter(arrays.values())).shape[0]
+    columns, position = [], 0
+    for p in sorted(parts, key=lambda p: p.offset):
+        if p.offset > position:
+            columns.append(mx.zeros((n, p.offset - position), dtype=mx.uint8))
+        a = arrays[p.name]
+        if tuple(a.shape) != (n, p.length) or a.dtype != PART_DTYPES[p.dtype]:
+            raise ValueError(f"part {p.name}: {a.shape} {a.dtype}, expected {(n, p.length)} "
+                             f"{p.dtype}")
+        columns.append(a.view(mx.uint8).reshape(n, p.nbytes))
+        position = p.offset + p.nbytes
+    if record_bytes > position:
+        columns.append(mx.zeros((n, record_bytes - position), dtype=mx.uint8))
     return mx.concatenate(columns, axis=1)
 
 

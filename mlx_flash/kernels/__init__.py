@@ -96,6 +96,27 @@ def gather_accumulate(h: mx.array, rows: mx.array, slots: mx.array,
     return implementation.gather_accumulate(h, rows, slots, in_use)
 
 
+# Quantized rows: MLX's quantized_matmul (itself a Metal / CUDA kernel on those backends) on
+# the selected rows; a fused gather-and-dequantize kernel is not written yet.
+
+
+def gather_qmatvec(x: mx.array, q: tuple[mx.array, mx.array, mx.array], slots: mx.array,
+                   bits: int, group_size: int, in_use: int | None = None) -> mx.array:
+    """`[k]` float32: like `gather_matvec`, the rows quantized: `q` = (packed uint32 `[C,
+    d·bits/32]`, scales, biases `[C, d/group_size]`), x `[d]` in the compute dtype."""
+    if slots.size == 0:
+        return mx.zeros((0,), dtype=mx.float32)
+    return reference.gather_qmatvec(x, q, slots, bits, group_size, in_use)
+
+
+def gather_qaccumulate(h: mx.array, q: tuple[mx.array, mx.array, mx.array], slots: mx.array,
+                       bits: int, group_size: int, in_use: int | None = None) -> mx.array:
+    """`[d]` float32: like `gather_accumulate`, the rows quantized (see `gather_qmatvec`)."""
+    if slots.size == 0:
+        return mx.zeros((q[0].shape[1] * 32 // bits,), dtype=mx.float32)
+    return reference.gather_qaccumulate(h, q, slots, bits, group_size, in_use)
+
+
 def sparse_ffn(x: mx.array, parts: dict[str, mx.array], slots: mx.array, kind: str,
                activation: str, threshold: float = 0.0, in_use: int | None = None) -> mx.array:
     """`[d]` float32: the FFN of one token `x` `[d]` over the neurons at `slots`.
@@ -122,4 +143,4 @@ def sparse_ffn(x: mx.array, parts: dict[str, mx.array], slots: mx.array, kind: s
 
 
 __all__ = ["BACKENDS", "available", "backend", "gather_accumulate", "gather_matvec",
-           "sparse_ffn"]
+           "gather_qaccumulate", "gather_qmatvec", "sparse_ffn"]
