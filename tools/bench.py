@@ -114,7 +114,7 @@ def build_synthetic_opt(out: Path, layers: int, d: int = 4096, ffn: int = 16384,
     from mlx.utils import tree_flatten
 
     from mlx_flash.arch import get_architecture
-    from mlx_flash.bundle import BundleWriter
+    from mlx_flash.bundle import DTYPES, ITEMSIZE, BundleWriter
     from mlx_flash.loader import build_flash_model
 
     config = {"model_type": "opt", "vocab_size": 259, "hidden_size": d, "ffn_dim": ffn,
@@ -127,7 +127,7 @@ def build_synthetic_opt(out: Path, layers: int, d: int = 4096, ffn: int = 16384,
     spec = arch.ffn_spec(config)
     mx.random.seed(seed)
     params = dict(tree_flatten(build_flash_model(arch, config, spec, None).parameters()))
-    parts, stride = spec.record_layout()
+    parts, record_bytes = spec.record_layout(dtype)
     with BundleWriter(out, architecture="opt", config=config, dtype=dtype,
                       source={"kind": "synthetic", "name": "OPT-6.7B-shaped, random"}) as w:
         for name, p in params.items():
@@ -138,9 +138,10 @@ def build_synthetic_opt(out: Path, layers: int, d: int = 4096, ffn: int = 16384,
             else:
                 value = mx.random.normal(p.shape) * p.shape[-1] ** -0.5
             w.add_resident(name, value)
-        w.add_family("neuron", ffn, parts, stride)
+        w.add_family("neuron", ffn, parts, record_bytes)
         for layer in range(layers):
-            records = mx.random.normal((ffn, stride)) * d ** -0.5
+            weights = mx.random.normal((ffn, record_bytes // ITEMSIZE[dtype])) * d ** -0.5
+            records = weights.astype(DTYPES[dtype]).view(mx.uint8)
             mx.eval(records)
             w.write_segment("neuron", layer, records)
         for f in (ROOT / "tests" / "data" / "relu-opt").glob("tokenizer*.json"):
@@ -170,27 +171,31 @@ def worker(spec: dict) -> dict:
         from mlx_flash.loader import load_dense
 
         runtime = rss_bytes()
-        model = load_dense(path)
+        model = load_dense(path, spec["compute_dtype"])
     else:
         from mlx_flash.bundle import Bundle
         from mlx_flash.loader import EngineOptions, open_model
 
         bundle = Bundle.open(path)
+        trace = None
+        if engine_name == "flash" and spec.get("trace"):  # stands in for a predictor: made
+            # before measuring, as generating it takes transient memory a predictor does not
+            fam = bundle.families["neuron"]
+            trace = opt_like_trace(fam.layers, fam.count, 64, seed=0)
         runtime = rss_bytes()
         options = EngineOptions(
             memory_budget=spec["budget"] if engine_name in ("hybrid", "flash") else None,
             window=spec["window"] if engine_name == "flash" else 10**9,
             context=spec["context"], threads=spec["threads"] if engine_name == "flash" else 1,
             cold=engine_name != "mmap", use_mmap=engine_name == "mmap")
-        sparsity = spec["sparsity"] if engine_name == "flash" and spec["sparsity"] else "off"
-        model = open_model(bundle, None, sparsity, options)
+        # flash: the bundle's calibrated mode (None) unless the run names one
+        sparsity = spec["sparsity"] if engine_name == "flash" else "off"
+        model = open_model(bundle, spec["compute_dtype"], sparsity, options)
         flash = model.flash
-        if engine_name == "flash" and spec.get("trace"):
+        if trace is not None:
             from mlx_flash.selection import Trace
 
-            flash.mode = Trace(flash.spec, bundle.families,
-                               opt_like_trace(len(flash.families["neuron"].segments),
-                                              flash.spec.intermediate_size, 64, seed=0))
+            flash.mode = Trace(flash.spec, bundle.families, trace)
     load_s = time.perf_counter() - t0
     stamps = []
     for _ in generate_step(mx.array(spec["prompt_ids"]), model, max_tokens=tokens):
@@ -275,7 +280,7 @@ def table(run: dict) -> str:
         return "–" if v is None else format(v * scale, fmt)
 
     lines = [f"**{run['model']}** — budget {run['budget_bytes'] / 1e6:.0f} MB, "
-             f"{run['tokens']} tokens",
+             f"{run['tokens']} tokens, computed in {run.get('compute_dtype', 'the bundle dtype')}",
              "", "| engine | ms/token | vs naive | FFN MB read/token | peak RSS MB (model) | "
              "I/O ms | cache ms | compute ms |", "|---|---|---|---|---|---|---|---|"]
     naive = next((r["ms_per_token"] for r in run["rows"] if r["engine"] == "naive"), None)
@@ -356,6 +361,11 @@ def main() -> int:
     work = home() / "bench"
     work.mkdir(parents=True, exist_ok=True)
     engines = args.engines.split(",")
+    # Every engine computes in the platform's fastest 16-bit type (float16 on Metal; bfloat16
+    # on MLX's CPU backend, where float16 products are 2x slower), whatever the bundle stores.
+    from mlx_flash.loader import default_dtype
+
+    compute = default_dtype()
     runs = []
     names = ["big"] if args.big else args.runs.split(",")
     for name in names:
@@ -370,7 +380,8 @@ def main() -> int:
             budget = int(0.75 * size)
             base = {"tokens": tokens, "prompt_ids": ids, "budget": budget, "window": 5,
                     "context": len(ids) + tokens + 8, "threads": args.threads,
-                    "sparsity": None, "dense_mlx_lm": True, "trace": False}
+                    "sparsity": None, "dense_mlx_lm": True, "trace": False,
+                    "compute_dtype": compute}
             folders = {"bundle": bundle, "dense": dense}
         else:
             if name == "big":
@@ -389,10 +400,11 @@ def main() -> int:
             tokens = args.tokens or (6 if args.quick or name == "big" else 16)
             base = {"tokens": tokens, "prompt_ids": [0, 87, 104, 111], "budget": budget,
                     "window": 5, "context": 64, "threads": args.threads, "sparsity": None,
-                    "dense_mlx_lm": False, "trace": True}
+                    "dense_mlx_lm": False, "trace": True, "compute_dtype": compute}
             folders = {"bundle": bundle}
         print(f"{name}: {bundle.name}, budget {budget / 1e6:.0f} MB, {tokens} tokens")
         run = {"model": name, "budget_bytes": budget, "bundle_bytes": size, "tokens": tokens,
+               "compute_dtype": compute,
                "rows": run_engines(folders, base, engines)}
         flash = next((r for r in run["rows"] if r["engine"] == "flash"), None)
         if flash and flash.get("mean_read_bytes"):
