@@ -43,6 +43,7 @@ from .bundle import (
     Bundle,
     BundleError,
     BundleUpdate,
+    Quantization,
     RecordFamily,
     SegmentFile,
     layout_parts,
@@ -52,6 +53,7 @@ from .loader import blas_hint
 from .selection import MODE_CLASSES, MODES, gate_activation, hidden
 
 DEFAULT_TARGETS = {"predictor": "0.99", "gate": "0.8", "hybrid": "0.8,0.5", "teal": "0.8,0.6"}
+GATE_GROUP = 64  # group size of gate rows quantized for gate / hybrid
 DEFAULT_TOKENS = {"predictor": 16384, "gate": 4096, "hybrid": 4096, "teal": 4096}
 
 
@@ -172,8 +174,10 @@ def _parse_target(mode: str, target: str | None) -> list[float]:
 
 def calibrate(path: str | Path, data: str | Path, mode: str | None = None,
               tokens: int | None = None, target: str | None = None, rank: int | None = None,
-              epochs: int = 8, ctx: int = 512, seed: int = 0, progress: bool = True) -> Bundle:
-    """Calibrate `mode` (default: by architecture) on `data` and write it into the bundle."""
+              epochs: int = 8, ctx: int = 512, seed: int = 0, progress: bool = True,
+              gate_bits: int = 8) -> Bundle:
+    """Calibrate `mode` (default: by architecture) on `data` and write it into the bundle.
+    `gate_bits`: how `gate` and `hybrid` keep the gate rows of float records (16: as stored)."""
     from mlx_lm.utils import load_tokenizer
 
     from .loader import open_model
@@ -199,6 +203,9 @@ def calibrate(path: str | Path, data: str | Path, mode: str | None = None,
     layers: list[dict[str, Any]] = []
     arrays: dict[str, mx.array] = {}
     layouts = MODE_CLASSES[mode].LAYOUTS
+    neuron = engine.families["neuron"]
+    gate_q = neuron.quantization.get("gate") or (
+        Quantization(gate_bits, GATE_GROUP) if gate_bits < 16 else None)
     records: dict[str, list[mx.array]] = {name: [] for name in layouts}
     for layer in tqdm(range(n_layers), desc=f"fitting {mode}", unit="layer",
                       disable=not progress):
@@ -208,12 +215,13 @@ def calibrate(path: str | Path, data: str | Path, mode: str | None = None,
             entry, A, B, b = _fit_predictor(spec, x, w, goals[0], rank, epochs, seed + layer)
             arrays.update({f"{layer}.A": A, f"{layer}.B": B, f"{layer}.b": b})
         elif mode in ("gate", "hybrid"):
-            act = gate_activation(spec, x @ w["gate"].T)
+            gate, stored = resident_gate(engine.families["neuron"], w, raw, gate_q)
+            arrays.update({f"{layer}.{k}": v for k, v in stored.items()})
+            act = gate_activation(spec, x @ gate.T)  # thresholds on the gate the mode uses
             entry = {"t_gate": quantile_threshold(mx.abs(act), goals[0])}
             if mode == "hybrid":
-                h = hidden(spec, x, w)
+                h = hidden(spec, x, {**w, "gate": gate})
                 entry["t_h"] = quantile_threshold(mx.abs(h), goals[1])
-            arrays[f"{layer}.gate"] = w["gate"]
         else:  # teal
             h = hidden(spec, x, w)
             entry = {"t_x": quantile_threshold(mx.abs(x), goals[0]),
@@ -228,10 +236,13 @@ def calibrate(path: str | Path, data: str | Path, mode: str | None = None,
         m = update.manifest
         info: dict[str, Any] = {"target": goals, "layers": layers, "calibration": {
             "data": Path(data).name, "tokens": len(ids), "seconds": round(time.time() - started)}}
+        if mode in ("gate", "hybrid") and gate_q is not None:
+            info["gate_quantization"] = {"bits": gate_q.bits, "group_size": gate_q.group_size}
         if arrays:
             staging, info["file"] = update.new_file(f"selection-{mode}", ".safetensors")
-            mx.save_safetensors(str(staging), {k: v.astype(DTYPES[bundle.dtype])
-                                               for k, v in arrays.items()})
+            mx.save_safetensors(str(staging), {
+                k: v.astype(DTYPES[bundle.dtype]) if mx.issubdtype(v.dtype, mx.floating) else v
+                for k, v in arrays.items()})
         if records:
             staging, name = update.new_file(f"ffn-{mode}", ".bin")
             out = SegmentFile(staging)
@@ -244,6 +255,22 @@ def calibrate(path: str | Path, data: str | Path, mode: str | None = None,
         selection["modes"][mode] = info
         selection["default"] = mode
         return update.commit()
+
+
+def resident_gate(neuron: RecordFamily, w: dict[str, mx.array], raw: dict[str, mx.array],
+                  q: Quantization | None) -> tuple[mx.array, dict[str, mx.array]]:
+    """The gate rows `gate` and `hybrid` keep in memory: (the values the mode computes with,
+    float32; the tensors to store). Quantized records lend their own gate rows, bit for bit;
+    float ones are quantized to `q` (default 8 bits: half the memory of 16-bit rows, and the
+    selection moves by less than calibration noise, docs/SPARSITY.md), or kept with q None."""
+    if q is None:
+        return w["gate"], {"gate": w["gate"]}
+    if "gate" in neuron.quantization:
+        packed = tuple(raw[k] for k in ("gate", "gate.scales", "gate.biases"))
+        return w["gate"], dict(zip(("gate", "gate.scales", "gate.biases"), packed, strict=True))
+    packed = mx.quantize(w["gate"], group_size=q.group_size, bits=q.bits)
+    gate = mx.dequantize(*packed, group_size=q.group_size, bits=q.bits)
+    return gate, dict(zip(("gate", "gate.scales", "gate.biases"), packed, strict=True))
 
 
 def layout_family(name: str, layout: tuple[str, ...] | str, neuron: RecordFamily,
@@ -308,13 +335,18 @@ def main(argv: list[str] | None = None) -> int:
                    help="predictor rank (default: hidden size / 8, within 32..128)")
     p.add_argument("--epochs", type=int, default=8, help="predictor training epochs")
     p.add_argument("--ctx", type=int, default=512, help="tokens per forward window")
+    p.add_argument("--gate-bits", type=int, default=8, choices=[4, 8, 16],
+                   help="gate and hybrid keep the gate rows in memory quantized to this many "
+                   "bits (default 8; 16: as the records store them). Quantized bundles keep "
+                   "their own")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     args = p.parse_args(argv)
     if (hint := blas_hint()) and not args.quiet:
         print(hint, file=sys.stderr)
     try:
         bundle = calibrate(args.bundle, args.data, args.mode, args.tokens, args.target,
-                           args.rank, args.epochs, args.ctx, progress=not args.quiet)
+                           args.rank, args.epochs, args.ctx, progress=not args.quiet,
+                           gate_bits=args.gate_bits)
     except (BundleError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

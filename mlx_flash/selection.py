@@ -268,19 +268,29 @@ class Hybrid(Mode):
     name = "hybrid"
     LAYOUTS = {"up": ("up",), "down": ("down",)}
 
-    def __init__(self, spec, families, gates: list[mx.array], t_gate: Sequence[float],
-                 t_h: Sequence[float] | None):
+    def __init__(self, spec, families, gates: list[mx.array] | list[tuple[mx.array, ...]],
+                 t_gate: Sequence[float], t_h: Sequence[float] | None,
+                 gate_quantization: Quantization | None = None):
         super().__init__(spec, families)
         if spec.kind != "glu":
             raise ValueError(f"mode {self.name!r} needs a gated FFN")
         self.gates, self.t_gate, self.t_h = gates, list(t_gate), t_h and list(t_h)
+        self.gate_q = gate_quantization  # gates[i] = (packed, scales, biases) when set
+
+    def gate_products(self, layer: int, x: mx.array) -> mx.array:
+        """`[T, n]`: x · every resident gate row."""
+        if self.gate_q is None:
+            return x @ self.gates[layer].T
+        w, scales, biases = self.gates[layer]
+        return mx.quantized_matmul(x, w, scales, biases, group_size=self.gate_q.group_size,
+                                   bits=self.gate_q.bits)
 
     @property
     def cache_keys(self):
         return [(name, parts) for name, parts in self.LAYOUTS.items()]
 
     def __call__(self, layer, x, fetch):
-        g = x @ self.gates[layer].T
+        g = self.gate_products(layer, x)
         a = gate_activation(self.spec, g)
         cand = mx.abs(a) > self.t_gate[layer]
         if self.t_h is None:  # CATS: up and down of the candidates, one read per neuron
@@ -311,8 +321,8 @@ class Gate(Hybrid):
     name = "gate"
     LAYOUTS = {"updown": ("up", "down")}
 
-    def __init__(self, spec, families, gates, t_gate):
-        super().__init__(spec, families, gates, t_gate, None)
+    def __init__(self, spec, families, gates, t_gate, gate_quantization=None):
+        super().__init__(spec, families, gates, t_gate, None, gate_quantization)
 
 
 class Teal(Mode):
@@ -394,6 +404,15 @@ def load_mode(bundle: Bundle, spec: FFNSpec, name: str | None,
     def stack(key: str) -> list[mx.array]:
         return [arrays[f"{i}.{key}"].astype(dtype) for i in range(n)]
 
+    q = m.get("gate_quantization")
+    gate_q = Quantization(int(q["bits"]), int(q["group_size"])) if q else None
+
+    def gates() -> list:
+        if gate_q is None:
+            return stack("gate")
+        return [(arrays[f"{i}.gate"], arrays[f"{i}.gate.scales"].astype(dtype),
+                 arrays[f"{i}.gate.biases"].astype(dtype)) for i in range(n)]
+
     def column(key: str) -> list[float]:
         return [float(layer[key]) for layer in layers]
 
@@ -401,9 +420,9 @@ def load_mode(bundle: Bundle, spec: FFNSpec, name: str | None,
         return Predictor(spec, bundle.families, stack("A"), stack("B"), stack("b"),
                          column("threshold"))
     if name == "gate":
-        return Gate(spec, bundle.families, stack("gate"), column("t_gate"))
+        return Gate(spec, bundle.families, gates(), column("t_gate"), gate_q)
     if name == "hybrid":
-        return Hybrid(spec, bundle.families, stack("gate"), column("t_gate"), column("t_h"))
+        return Hybrid(spec, bundle.families, gates(), column("t_gate"), column("t_h"), gate_q)
     if name == "teal":
         return Teal(spec, bundle.families, column("t_x"), column("t_h"))
     raise ValueError(f"unknown selection mode {name!r}")

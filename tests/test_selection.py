@@ -43,9 +43,14 @@ def brute_force(mode: str, bundle: Bundle, weights, layer: int, x: np.ndarray) -
     G, U, D = (weights[f"{p}.{k}_proj.weight"].astype(np.float64) for k in ("gate", "up", "down"))
     info = bundle.selection["modes"][mode]
     t = info["layers"][layer]
-    stored = {k: np.array(v, dtype=np.float64)
-              for k, v in mx.load(str(bundle.path / info["file"])).items()} \
-        if info.get("file") else {}
+    arrays = mx.load(str(bundle.path / info["file"])) if info.get("file") else {}
+    q = info.get("gate_quantization")
+    if q:  # the resident gate rows, as the mode keeps them
+        G = np.array(mx.dequantize(*(arrays.pop(f"{layer}.gate{k}").astype(
+            mx.float32 if k else mx.uint32) for k in ("", ".scales", ".biases")),
+            group_size=q["group_size"], bits=q["bits"]), dtype=np.float64)
+    stored = {k: np.array(v.astype(mx.float32), dtype=np.float64) for k, v in arrays.items()
+              if k.startswith(f"{layer}.")}
     x = x.astype(np.float64)
     out = []
     for v in x:
