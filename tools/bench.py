@@ -14,6 +14,8 @@ for the same number of tokens; the page cache of the model's files is emptied be
           every token (page cache bypassed)
   flash   selection + sliding-window cache + bundled, coalesced, threaded reads in the budget
           (page cache bypassed)
+  flash-q4  (default run) the same on a 4-bit bundle of the model: the GGUF's own Q4_1
+          blocks, the down projection requantized to 4 bits along d
 
 Runs:
   default  the embedded default model (SwiGLU) with its calibrated selection mode, budget 75%
@@ -48,7 +50,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-ENGINES = ("dense", "naive", "mmap", "hybrid", "flash")
+ENGINES = ("dense", "naive", "mmap", "hybrid", "flash", "flash-q4")
 PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle."
 SHARED_TEXT = ROOT.parent / "shared" / "data" / "wikitext-2-valid.txt"
 TEST_TEXT = ROOT / "tests" / "data" / "wikitext-2-valid-slice.txt"
@@ -178,19 +180,22 @@ def worker(spec: dict) -> dict:
 
         bundle = Bundle.open(path)
         trace = None
-        if engine_name == "flash" and spec.get("trace"):  # stands in for a predictor: made
+        flash_engine = engine_name.startswith("flash")
+        if flash_engine and spec.get("trace"):  # stands in for a predictor: made
             # before measuring, as generating it takes transient memory a predictor does not
             fam = bundle.families["neuron"]
             trace = opt_like_trace(fam.layers, fam.count, 64, seed=0)
         runtime = rss_bytes()
         options = EngineOptions(
-            memory_budget=spec["budget"] if engine_name in ("hybrid", "flash") else None,
-            window=spec["window"] if engine_name == "flash" else 10**9,
-            context=spec["context"], threads=spec["threads"] if engine_name == "flash" else 1,
+            memory_budget=spec["budget"] if engine_name == "hybrid" or flash_engine else None,
+            window=spec["window"] if flash_engine else 10**9,
+            context=spec["context"], threads=spec["threads"] if flash_engine else 1,
             cold=engine_name != "mmap", use_mmap=engine_name == "mmap")
         # flash: the bundle's calibrated mode (None) unless the run names one
-        sparsity = spec["sparsity"] if engine_name == "flash" else "off"
-        model = open_model(bundle, spec["compute_dtype"], sparsity, options)
+        sparsity = spec["sparsity"] if flash_engine else "off"
+        # quantized bundles compute in the loader's choice (float32 on MLX's CPU backend)
+        compute = None if engine_name == "flash-q4" else spec["compute_dtype"]
+        model = open_model(bundle, compute, sparsity, options)
         flash = model.flash
         if trace is not None:
             from mlx_flash.selection import Trace
@@ -221,6 +226,8 @@ def worker(spec: dict) -> dict:
 def run_engines(folders: dict[str, Path], base: dict, engines: list[str]) -> list[dict]:
     rows = []
     for engine in engines:
+        if engine == "flash-q4" and engine not in folders:
+            continue  # a run without a 4-bit bundle
         folder = folders.get(engine, folders["bundle"])
         drop_page_cache(folder)
         spec = dict(base, engine=engine, path=str(folder))
@@ -236,32 +243,43 @@ def run_engines(folders: dict[str, Path], base: dict, engines: list[str]) -> lis
 # ----------------------------------------------------------------------------- runs
 
 
-def prepare_default(work: Path, quick: bool) -> tuple[Path, Path, int]:
-    """The default model's bundle, calibrated with its default mode, and a dense mlx-lm
-    folder of the same weights."""
+def calibrated_copy(src: Path, bundle: Path, tokens: int) -> None:
+    """`bundle`: a copy of `src` calibrated with its default mode (made once)."""
     from mlx_flash.calibrate import calibrate
-    from mlx_flash.convert import export_mlx_lm
+
+    if bundle.exists():
+        return
+    tmp = bundle.parent / f".{bundle.name}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(src, tmp)
+    calibrate(tmp, SHARED_TEXT if SHARED_TEXT.exists() else TEST_TEXT, tokens=tokens)
+    tmp.rename(bundle)
+
+
+def prepare_default(work: Path, quick: bool) -> tuple[Path, Path, Path, int]:
+    """The default model's bundle and its 4-bit bundle (the GGUF's own Q4_1 blocks; the down
+    projection requantized to 4 bits along d), each calibrated with its default mode, and a
+    dense mlx-lm folder of the same weights as the first."""
+    from mlx_flash.bundle import Bundle
+    from mlx_flash.convert import convert, export_mlx_lm
     from mlx_flash.loader import default_dtype
     from mlx_flash.paths import default_model_source, resolve_bundle
 
     dtype = default_dtype()
     tokens = 512 if quick else 4096
     bundle = work / f"default-{dtype}-cal{tokens}"
-    if not bundle.exists():
-        src = resolve_bundle(None, dtype)
-        tmp = work / f".{bundle.name}.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.copytree(src, tmp)
-        text = SHARED_TEXT if SHARED_TEXT.exists() else TEST_TEXT
-        calibrate(tmp, text, tokens=tokens)
-        tmp.rename(bundle)
+    calibrated_copy(resolve_bundle(None, dtype), bundle, tokens)
+    q4 = work / f"default-q4-cal{tokens}"
+    if not q4.exists():
+        shutil.rmtree(work / "default-q4", ignore_errors=True)
+        convert(default_model_source(), work / "default-q4", dtype=None,
+                keep_quantization=True, down_bits=4)
+    calibrated_copy(work / "default-q4", q4, tokens)
     dense = work / f"default-{dtype}-dense"
     if not dense.exists():
         export_mlx_lm(default_model_source(), dense, dtype=dtype)
-    from mlx_flash.bundle import Bundle
-
     b = Bundle.open(bundle)
-    return bundle, dense, b.resident_bytes + b.ffn_bytes
+    return bundle, q4, dense, b.resident_bytes + b.ffn_bytes
 
 
 def prepare_scale(work: Path, layers: int, name: str) -> tuple[Path, int]:
@@ -300,6 +318,12 @@ def table(run: dict) -> str:
                      + (f" (flash_profile, {run['profile']['chunk_kib']} KiB with "
                         f"{run['profile']['threads']} threads: {run['profile']['mb_per_s']:.0f} "
                         "MB/s)" if run.get("profile") else ""))
+    q4 = next((r for r in run["rows"] if r["engine"] == "flash-q4"), None)
+    if flash and q4:
+        lines.append(f"flash-q4: {flash['ms_per_token'] / q4['ms_per_token']:.2f}× the speed "
+                     f"of flash on the {run.get('compute_dtype', '')} bundle, reading "
+                     f"{q4['ffn_bytes_per_token'] / flash['ffn_bytes_per_token']:.2f}× its "
+                     "bytes per token")
     if run.get("trace"):
         t = run["trace"]
         lines.append(f"trace: {t['active']:.1%} of neurons active per token, a 5-token window "
@@ -372,7 +396,7 @@ def main() -> int:
         if name == "default":
             from mlx_lm.utils import load_tokenizer
 
-            bundle, dense, size = prepare_default(work, args.quick)
+            bundle, q4, dense, size = prepare_default(work, args.quick)
             tok = load_tokenizer(bundle / "tokenizer")
             ids = tok.apply_chat_template([{"role": "user", "content": PROMPT}],
                                           add_generation_prompt=True)
@@ -382,7 +406,7 @@ def main() -> int:
                     "context": len(ids) + tokens + 8, "threads": args.threads,
                     "sparsity": None, "dense_mlx_lm": True, "trace": False,
                     "compute_dtype": compute}
-            folders = {"bundle": bundle, "dense": dense}
+            folders = {"bundle": bundle, "dense": dense, "flash-q4": q4}
         else:
             if name == "big":
                 ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
