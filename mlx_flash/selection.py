@@ -82,6 +82,14 @@ class Rows:
 Fetch = Callable[[int, str, Sequence[str], np.ndarray], Rows]
 
 
+def dequantize_batches(x: mx.array) -> bool:
+    """Whether quantized rows are dequantized before multiplying a batch `x` (`[T, ...]`): on
+    MLX's CPU backend a quantized product costs as much per token as a dense one, so from a
+    few tokens on (prefill, calibration, evaluation) one dequantization and a matrix product
+    win, 33x with OpenBLAS at 512 tokens (docs/BENCHMARKS.md). Metal's are fast: kept."""
+    return x.shape[0] > 8 and not mx.metal.is_available()
+
+
 def project(x: mx.array, rows: Rows, part: str) -> mx.array:
     """`[T, k]`: x · each fetched row of `part`."""
     q = rows.quantization.get(part)
@@ -90,6 +98,8 @@ def project(x: mx.array, rows: Rows, part: str) -> mx.array:
             triple = tuple(rows.matrices[n] for n in rows.quantized(part))
             return kernels.gather_qmatvec(x[0], triple, rows.slot_array, q.bits, q.group_size,
                                           rows.in_use)[None].astype(x.dtype)
+        if dequantize_batches(x):
+            return x @ rows[part].T
         w, scales, biases = (rows.raw(n) for n in rows.quantized(part))
         return mx.quantized_matmul(x, w, scales.astype(x.dtype), biases.astype(x.dtype),
                                    group_size=q.group_size, bits=q.bits)
@@ -107,6 +117,8 @@ def combine(h: mx.array, rows: Rows, part: str) -> mx.array:
             triple = tuple(rows.matrices[n] for n in rows.quantized(part))
             return kernels.gather_qaccumulate(h[0], triple, rows.slot_array, q.bits,
                                               q.group_size, rows.in_use)[None].astype(h.dtype)
+        if dequantize_batches(h):
+            return h @ rows[part]
         w, scales, biases = (rows.raw(n) for n in rows.quantized(part))
         return mx.quantized_matmul(h, w, scales.astype(h.dtype), biases.astype(h.dtype),
                                    transpose=False, group_size=q.group_size, bits=q.bits)
