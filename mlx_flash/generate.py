@@ -61,7 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-kv-size", type=int, default=None,
                    help="bound the KV cache to this many tokens (rotating, as mlx_lm does); "
                    "the budget reserves it (default: reserves 2048 tokens, unbounded)")
-    p.add_argument("--threads", type=int, default=1, help="parallel flash reads")
+    p.add_argument("--threads", type=int, default=8,
+                   help="parallel flash reads (default 8: what tools/flash_profile.py found best)")
     p.add_argument("--cold", action="store_true",
                    help="bypass the OS page cache, so every read reaches the storage (for "
                    "honest I/O figures)")

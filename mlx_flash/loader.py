@@ -15,7 +15,7 @@ from mlx_lm.tokenizer_utils import TokenizerWrapper
 from .arch import Architecture, FFNSpec, get_architecture
 from .bundle import DTYPES, ITEMSIZE, Bundle, BundleError
 from .ffn import FlashEngine, FlashFFN
-from .memory import parse_size, plan_memory
+from .memory import loaded_bytes, parse_size, plan_memory
 from .selection import load_mode
 
 
@@ -87,7 +87,7 @@ class EngineOptions:
     memory_budget: int | str | None = None
     window: int = 5
     context: int = 2048
-    threads: int = 1
+    threads: int = 8  # parallel reads: flash_profile flattens beyond 8 (docs/BENCHMARKS.md)
     cold: bool = False
     use_mmap: bool = False  # read records out of a memory map (the benchmark's "mmap" engine)
 
@@ -117,8 +117,7 @@ def open_model(bundle: Bundle, compute_dtype: str | None = None,
         raise BundleError(f"{bundle.path}: {e}") from None
     info = bundle.selection["modes"].get(mode.name, {})
     itemsize = ITEMSIZE[str(dtype).rsplit(".", 1)[-1]]
-    selection = (bundle.file_bytes(info["file"]) * itemsize // ITEMSIZE[bundle.dtype]
-                 if info.get("file") else 0)
+    selection = loaded_bytes(bundle.path / info["file"], itemsize) if info.get("file") else 0
     budget = None if options.memory_budget is None else parse_size(options.memory_budget)
     plan = plan_memory(bundle, itemsize, selection, mode.cache_keys, budget, options.context,
                        default_full=mode.name != "off" and options.window > 0)
@@ -153,7 +152,7 @@ def load(
     memory_budget: int | str | None = None,
     window: int = 5,
     context: int = 2048,
-    threads: int = 1,
+    threads: int = 8,
     cold: bool = False,
 ) -> tuple[nn.Module, TokenizerWrapper]:
     """Load a flash bundle as `(model, tokenizer)` for mlx-lm's generate / stream_generate.

@@ -13,9 +13,12 @@ import re
 import resource
 import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
-from .bundle import ITEMSIZE, Bundle
+import mlx.core as mx
+
+from .bundle import Bundle
 
 UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20,
          "gib": 2**30}
@@ -106,6 +109,14 @@ class MemoryPlan:
                 f"caches {format_bytes(self.cache_bytes)}")
 
 
+def loaded_bytes(path: Path, compute_itemsize: int) -> int:
+    """Memory the tensors of a safetensors file take once loaded for compute: float tensors
+    in the compute dtype, the rest (quantized weights) as stored. Reads only the header."""
+    return sum(a.nbytes * compute_itemsize // a.itemsize
+               if mx.issubdtype(a.dtype, mx.floating) else a.nbytes
+               for a in mx.load(str(path)).values())
+
+
 def plan_memory(bundle: Bundle, compute_itemsize: int, selection_bytes: int,
                 cache_keys: list[tuple[str, tuple[str, ...]]], budget: int | None,
                 context: int, default_full: bool) -> MemoryPlan:
@@ -114,18 +125,19 @@ def plan_memory(bundle: Bundle, compute_itemsize: int, selection_bytes: int,
     the same fraction of their neurons, as much as the budget leaves."""
     config = bundle.config
     n_layers = int(config["num_hidden_layers"])
-    resident = bundle.resident_bytes * compute_itemsize // ITEMSIZE[bundle.dtype]
+    resident = loaded_bytes(bundle.resident_path, compute_itemsize)
     from .ffn import staging_rows
 
     families = {family for family, _ in cache_keys} | {"neuron"}
     staging = sum(staging_rows(bundle.families[f]) * bundle.families[f].record_bytes
                   for f in families)
     kv = context * kv_bytes_per_token(config, compute_itemsize)
-    # a token's rows gathered out of the caches, what computing on them takes (on MLX's CPU
-    # backend, 16-bit matrix products convert their operands to float32 first), buffers MLX
-    # keeps for reuse (the loader caps them at a quarter of this) and the engine's Python-side
-    # bookkeeping: twice a staging slice plus 16 MiB (measured: docs/BENCHMARKS.md)
-    work = 2 * staging + 16 * 2**20
+    # a token's rows gathered out of the caches (and, when a cache cannot hold a token's
+    # neurons, joined with those read past it), what computing on them takes (weighted sums
+    # convert rows to float32; a compute dtype other than the stored one copies them), buffers
+    # MLX keeps for reuse (the loader caps them at a quarter of this) and the engine's
+    # Python-side bookkeeping: four staging slices plus 16 MiB (measured: docs/BENCHMARKS.md)
+    work = 4 * staging + 16 * 2**20
     plan = MemoryPlan(budget, resident, selection_bytes, staging, kv, context, work=work)
     row_bytes = {}
     for family, parts in cache_keys:

@@ -214,7 +214,9 @@ def worker(spec: dict) -> dict:
            "io_ms": None, "mem_ms": None, "compute_ms": None}
     if flash is not None:
         d = flash.stats.decode
-        row.update(ffn_bytes_per_token=d.bytes / d.tokens, io_ms=1e3 * d.io_seconds / d.tokens,
+        row.update(ffn_bytes_per_token=d.bytes / d.tokens,
+                   needed_bytes_per_token=d.needed_bytes / d.tokens,
+                   io_ms=1e3 * d.io_seconds / d.tokens,
                    mem_ms=1e3 * d.mem_seconds / d.tokens, read_calls=flash.read_calls,
                    cache_hit_rate=flash.cache_stats().hit_rate,
                    read_mb_per_s=d.bytes / max(d.io_seconds, 1e-9) / 1e6,
@@ -320,10 +322,12 @@ def table(run: dict) -> str:
                         "MB/s)" if run.get("profile") else ""))
     q4 = next((r for r in run["rows"] if r["engine"] == "flash-q4"), None)
     if flash and q4:
+        need, read = (q4[k] / flash[k] for k in ("needed_bytes_per_token",
+                                                   "ffn_bytes_per_token"))
         lines.append(f"flash-q4: {flash['ms_per_token'] / q4['ms_per_token']:.2f}× the speed "
-                     f"of flash on the {run.get('compute_dtype', '')} bundle, reading "
-                     f"{q4['ffn_bytes_per_token'] / flash['ffn_bytes_per_token']:.2f}× its "
-                     "bytes per token")
+                     f"of flash on the {run.get('compute_dtype', '')} bundle; its selection "
+                     f"needs {need:.2f}× the bytes per token, and in the same budget its "
+                     f"window holds more of them: it reads {read:.2f}× the bytes")
     if run.get("trace"):
         t = run["trace"]
         lines.append(f"trace: {t['active']:.1%} of neurons active per token, a 5-token window "

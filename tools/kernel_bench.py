@@ -6,7 +6,8 @@ For one decode token and a window of C neurons of which a fraction is selected, 
 (median of `--repeats` runs after warm-up, each evaluated with mx.eval):
 
   gathered  `mlx_flash.kernels.reference.sparse_ffn`: mx.take of the k selected rows of gate,
-            up and down, then matmuls on those k rows (SwiGLU, float32 accumulation)
+            up and down, then matmuls on those k rows (SwiGLU; dot products in the rows'
+            dtype, weighted sums in float32)
   window    the same FFN over all C rows, the selected results picked (h of the others zero):
             no gather, C/k times the arithmetic (`reference`, its crossover forced)
 
