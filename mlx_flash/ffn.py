@@ -54,7 +54,7 @@ class EngineStats:
 
 
 Observer = Callable[[int, mx.array, LayerReads], None]
-STAGING_BYTES = 32 * 2**20  # a staging matrix holds a whole layer, or this much of one
+STAGING_BYTES = 16 * 2**20  # a staging matrix holds a whole layer, or this much of one
 
 
 def staging_rows(family: RecordFamily) -> int:

@@ -15,7 +15,7 @@ from mlx_lm.tokenizer_utils import TokenizerWrapper
 from .arch import Architecture, FFNSpec, get_architecture
 from .bundle import DTYPES, ITEMSIZE, Bundle, BundleError
 from .ffn import FlashEngine, FlashFFN
-from .memory import loaded_bytes, parse_size, plan_memory
+from .memory import loaded_bytes, parse_size, plan_memory, return_freed_memory
 from .selection import load_mode
 
 
@@ -124,6 +124,7 @@ def open_model(bundle: Bundle, compute_dtype: str | None = None,
     if budget is not None:
         # freed buffers MLX keeps for reuse count in the process's memory: within the plan
         mx.set_cache_limit(plan.work // 4)
+        return_freed_memory()
     engine = FlashEngine(bundle, spec, mode, dtype, plan, options.window, options.threads,
                          options.cold, options.use_mmap)
     model = build_flash_model(arch, bundle.config, spec, engine)

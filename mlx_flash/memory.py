@@ -109,6 +109,23 @@ class MemoryPlan:
                 f"caches {format_bytes(self.cache_bytes)}")
 
 
+def return_freed_memory() -> None:
+    """Make the C allocator hand large freed blocks back to the OS. glibc raises its mmap
+    threshold (up to 32 MiB) each time a large block is freed, after which blocks of that size
+    come from the heap and stay in the process when freed: measured on the scale benchmark,
+    RSS crept 60 MB past what MLX held. A fixed 1 MiB threshold keeps RSS with MLX's own
+    accounting. No-op where there is no glibc."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass
+
+
 def loaded_bytes(path: Path, compute_itemsize: int) -> int:
     """Memory the tensors of a safetensors file take once loaded for compute: float tensors
     in the compute dtype, the rest (quantized weights) as stored. Reads only the header."""

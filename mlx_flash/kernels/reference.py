@@ -52,16 +52,20 @@ def gather_accumulate(h: mx.array, rows: mx.array, slots: mx.array,
     """`[d]`: the rows at `slots` weighted by `h` and summed (h scattered over all `in_use`
     rows, zeros elsewhere, when that is the faster way)."""
     h = h.astype(mx.float32)
+    # in chunks of rows: the float32 copies then take 8 MiB at a time, not a whole selection
+    # or window (same speed, measured)
+    step = max(1, CHUNK_BYTES // (4 * rows.shape[1]))
     if use_window(slots, in_use):
         spread = mx.zeros((in_use,), dtype=mx.float32)
         spread[slots] = h
-        return spread @ rows[:in_use].astype(mx.float32)
-    # in chunks of rows: the float32 copies then take 8 MiB at a time, not a whole selection
-    # (same speed, measured)
-    step = max(1, CHUNK_BYTES // (4 * rows.shape[1]))
+        chunks = [(spread[i:i + step], rows[i:min(i + step, in_use)])
+                  for i in range(0, in_use, step)]
+    else:
+        chunks = [(h[i:i + step], mx.take(rows, slots[i:i + step], axis=0))
+                  for i in range(0, slots.shape[0], step)]
     y = None
-    for i in range(0, slots.shape[0], step):
-        part = h[i:i + step] @ mx.take(rows, slots[i:i + step], axis=0).astype(mx.float32)
+    for weights, block in chunks:
+        part = weights @ block.astype(mx.float32)
         y = part if y is None else y + part
     return y
 
