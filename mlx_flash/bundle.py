@@ -67,6 +67,11 @@ class RecordPart:
         return self.length * ITEMSIZE[self.dtype]
 
 
+def quantized_parts(tensor: str) -> tuple[str, str, str]:
+    """The record parts a quantized tensor is stored in: packed words, scales, biases."""
+    return tensor, f"{tensor}.scales", f"{tensor}.biases"
+
+
 @dataclass(frozen=True)
 class Quantization:
     """MLX affine quantization of a part along its row: `w = scales * q + biases` per group of
@@ -108,9 +113,7 @@ class RecordFamily:
         """The parts that hold `tensors`."""
         out = []
         for t in tensors:
-            out.append(t)
-            if t in self.quantization:
-                out += [f"{t}.scales", f"{t}.biases"]
+            out += quantized_parts(t) if t in self.quantization else [t]
         return out
 
     def part(self, name: str) -> RecordPart:
@@ -331,7 +334,7 @@ class Bundle:
             for t, q in fam.quantization.items():
                 p = fam.part(t)
                 if p.dtype != "uint32" or q.bits not in (2, 3, 4, 5, 6, 8) \
-                        or fam.part(f"{t}.scales").length * q.group_size \
+                        or fam.part(quantized_parts(t)[1]).length * q.group_size \
                         != p.length * 32 // q.bits:
                     raise BundleError(f"quantized part {fam.name}.{t} is inconsistent")
             if fam.layers != n_layers:

@@ -47,6 +47,7 @@ from .bundle import (
     RecordFamily,
     SegmentFile,
     layout_parts,
+    quantized_parts,
 )
 from .ffn import FlashEngine
 from .loader import blas_hint
@@ -265,12 +266,12 @@ def resident_gate(neuron: RecordFamily, w: dict[str, mx.array], raw: dict[str, m
     selection moves by less than calibration noise, docs/SPARSITY.md), or kept with q None."""
     if q is None:
         return w["gate"], {"gate": w["gate"]}
+    names = quantized_parts("gate")
     if "gate" in neuron.quantization:
-        packed = tuple(raw[k] for k in ("gate", "gate.scales", "gate.biases"))
-        return w["gate"], dict(zip(("gate", "gate.scales", "gate.biases"), packed, strict=True))
+        return w["gate"], {k: raw[k] for k in names}
     packed = mx.quantize(w["gate"], group_size=q.group_size, bits=q.bits)
     gate = mx.dequantize(*packed, group_size=q.group_size, bits=q.bits)
-    return gate, dict(zip(("gate", "gate.scales", "gate.biases"), packed, strict=True))
+    return gate, dict(zip(names, packed, strict=True))
 
 
 def layout_family(name: str, layout: tuple[str, ...] | str, neuron: RecordFamily,

@@ -154,14 +154,8 @@ def convert(src: str | Path, out: str | Path, dtype: str | None = "float16",
                     and w.shape[-1] % quantize.group_size == 0:
                 w = QuantizedTensor(*mx.quantize(w, quantize.group_size, quantize.bits),
                                     quantize.bits, quantize.group_size)
-            if isinstance(w, QuantizedTensor):
-                module = target.removesuffix(".weight")
-                quantized[module] = Quantization(w.bits, w.group_size)
-                for suffix, a in (("weight", w.weight), ("scales", w.scales),
-                                  ("biases", w.biases)):
-                    writer.add_resident(f"{module}.{suffix}", a)
-            else:
-                writer.add_resident(target, w)
+            for k, a in resident_arrays(target, w, quantized).items():
+                writer.add_resident(k, a)
             bar.update()
         if quantized:
             config["quantization"] = mlx_lm_quantization(quantized)
@@ -174,6 +168,18 @@ def convert(src: str | Path, out: str | Path, dtype: str | None = "float16",
             bar.update()
         source.save_tokenizer(writer.tokenizer_dir)
         return writer.commit()
+
+
+def resident_arrays(target: str, w: Weight, quantized: dict[str, Quantization]
+                    ) -> dict[str, mx.array]:
+    """The model parameters weight `target` is stored as: itself, or, quantized, its module's
+    weight, scales and biases as mlx-lm names them (recording the module in `quantized`)."""
+    if not isinstance(w, QuantizedTensor):
+        return {target: w}
+    module = target.removesuffix(".weight")
+    quantized[module] = Quantization(w.bits, w.group_size)
+    return {f"{module}.weight": w.weight, f"{module}.scales": w.scales,
+            f"{module}.biases": w.biases}
 
 
 def mlx_lm_quantization(modules: dict[str, Quantization]) -> dict[str, Any]:
@@ -207,13 +213,8 @@ def export_mlx_lm(src: str | Path, out: str | Path, dtype: str | None = "float16
         if target is None:
             continue
         w = source.get_weight(names[name]) if keep_quantization else source.get(names[name])
-        if isinstance(w, QuantizedTensor):
-            module = target.removesuffix(".weight")
-            quantized[module] = Quantization(w.bits, w.group_size)
-            weights.update({target: w.weight, f"{module}.scales": w.scales.astype(DTYPES[dtype]),
-                            f"{module}.biases": w.biases.astype(DTYPES[dtype])})
-        else:
-            weights[target] = w.astype(DTYPES[dtype])
+        weights.update({k: a.astype(DTYPES[dtype]) if mx.issubdtype(a.dtype, mx.floating) else a
+                        for k, a in resident_arrays(target, w, quantized).items()})
     if quantized:
         config["quantization"] = mlx_lm_quantization(quantized)
     out = Path(out)

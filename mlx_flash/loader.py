@@ -202,6 +202,8 @@ def load_dense(path: str | os.PathLike, compute_dtype: str | None = None) -> nn.
     dtype = DTYPES[compute_dtype or bundle.dtype]
     weights = dict(bundle.load_resident())
     fam = bundle.families["neuron"]
+    if fam.quantization or config.get("quantization"):
+        raise BundleError(f"{bundle.path} is quantized: the dense baseline reads float records")
     matrix = NeuronMatrix(fam, fam.count)
     reader = FlashReader(bundle.ffn_path)
     every = np.arange(fam.count)

@@ -35,7 +35,7 @@ from mlx_lm.models.activations import swiglu
 
 from . import kernels
 from .arch import FFNSpec
-from .bundle import Bundle, Quantization, RecordFamily
+from .bundle import Bundle, Quantization, RecordFamily, quantized_parts
 
 
 @dataclass
@@ -66,12 +66,24 @@ class Rows:
         q = self.quantization.get(part)
         if q is None:
             return self.raw(part).astype(self.dtype)
-        w, scales, biases = (self.raw(n) for n in self.quantized(part))
+        w, scales, biases = (self.raw(n) for n in quantized_parts(part))
         return mx.dequantize(w, scales.astype(self.dtype), biases.astype(self.dtype),
                              group_size=q.group_size, bits=q.bits)
 
-    def quantized(self, part: str) -> tuple[str, str, str]:
-        return part, f"{part}.scales", f"{part}.biases"
+    def matrices_of(self, part: str) -> tuple[mx.array, ...]:
+        """The matrices tensor `part` lies in (packed, scales, biases when quantized)."""
+        return tuple(self.matrices[n] for n in quantized_parts(part))
+
+    def quantized_product(self, v: mx.array, part: str, transpose: bool) -> mx.array:
+        """v (`[T, ...]`) times the fetched rows of quantized `part` (transposed or not), for
+        a batch: dequantized first where that is faster (`dequantize_batches`)."""
+        if dequantize_batches(v):
+            w = self[part]
+            return v @ (w.T if transpose else w)
+        q = self.quantization[part]
+        w, scales, biases = (self.raw(n) for n in quantized_parts(part))
+        return mx.quantized_matmul(v, w, scales.astype(v.dtype), biases.astype(v.dtype),
+                                   transpose=transpose, group_size=q.group_size, bits=q.bits)
 
     @property
     def slot_array(self) -> mx.array:
@@ -94,15 +106,10 @@ def project(x: mx.array, rows: Rows, part: str) -> mx.array:
     """`[T, k]`: x · each fetched row of `part`."""
     q = rows.quantization.get(part)
     if q is not None:
-        if x.shape[0] == 1:
-            triple = tuple(rows.matrices[n] for n in rows.quantized(part))
-            return kernels.gather_qmatvec(x[0], triple, rows.slot_array, q.bits, q.group_size,
-                                          rows.in_use)[None].astype(x.dtype)
-        if dequantize_batches(x):
-            return x @ rows[part].T
-        w, scales, biases = (rows.raw(n) for n in rows.quantized(part))
-        return mx.quantized_matmul(x, w, scales.astype(x.dtype), biases.astype(x.dtype),
-                                   group_size=q.group_size, bits=q.bits)
+        if x.shape[0] > 1:
+            return rows.quantized_product(x, part, transpose=True)
+        return kernels.gather_qmatvec(x[0], rows.matrices_of(part), rows.slot_array, q.bits,
+                                      q.group_size, rows.in_use)[None].astype(x.dtype)
     if x.shape[0] == 1:
         return kernels.gather_matvec(x[0], rows.matrices[part], rows.slot_array,
                                      rows.in_use)[None].astype(x.dtype)
@@ -113,15 +120,10 @@ def combine(h: mx.array, rows: Rows, part: str) -> mx.array:
     """`[T, length]`: the fetched rows of `part` weighted by h (`[T, k]`) and summed."""
     q = rows.quantization.get(part)
     if q is not None:
-        if h.shape[0] == 1:
-            triple = tuple(rows.matrices[n] for n in rows.quantized(part))
-            return kernels.gather_qaccumulate(h[0], triple, rows.slot_array, q.bits,
-                                              q.group_size, rows.in_use)[None].astype(h.dtype)
-        if dequantize_batches(h):
-            return h @ rows[part]
-        w, scales, biases = (rows.raw(n) for n in rows.quantized(part))
-        return mx.quantized_matmul(h, w, scales.astype(h.dtype), biases.astype(h.dtype),
-                                   transpose=False, group_size=q.group_size, bits=q.bits)
+        if h.shape[0] > 1:
+            return rows.quantized_product(h, part, transpose=False)
+        return kernels.gather_qaccumulate(h[0], rows.matrices_of(part), rows.slot_array,
+                                          q.bits, q.group_size, rows.in_use)[None].astype(h.dtype)
     if h.shape[0] == 1:
         return kernels.gather_accumulate(h[0], rows.matrices[part], rows.slot_array,
                                          rows.in_use)[None].astype(h.dtype)
@@ -426,8 +428,11 @@ def load_mode(bundle: Bundle, spec: FFNSpec, name: str | None,
         # MLX's CPU backend multiplies quantized matrices 7-30x faster in float32 than in
         # 16-bit (docs/BENCHMARKS.md): there the scales, and so the products, are float32
         scale = dtype if mx.metal.is_available() else mx.float32
-        return [(arrays[f"{i}.gate"], arrays[f"{i}.gate.scales"].astype(scale),
-                 arrays[f"{i}.gate.biases"].astype(scale)) for i in range(n)]
+        gates = []
+        for i in range(n):
+            w, scales, biases = (arrays[f"{i}.{k}"] for k in quantized_parts("gate"))
+            gates.append((w, scales.astype(scale), biases.astype(scale)))
+        return gates
 
     def column(key: str) -> list[float]:
         return [float(layer[key]) for layer in layers]

@@ -174,11 +174,15 @@ class GGUFSource:
             raise SourceError(f"{self.path.name}: tensor type {t.tensor_type.name} of {name} "
                               "cannot be dequantized") from None
         w = np.asarray(w, dtype=np.float32).reshape(tuple(int(n) for n in reversed(t.shape)))
-        if self.arch == "llama" and name.endswith(("q_proj.weight", "k_proj.weight")):
-            c = self.config
-            heads = c["num_attention_heads"] if "q_proj" in name else c["num_key_value_heads"]
-            w = _unpermute_qk(w, heads)
-        return mx.array(w)
+        return mx.array(self._hf_rows(name, w))
+
+    def _hf_rows(self, name: str, rows: np.ndarray) -> np.ndarray:
+        """`rows` of tensor `name` in HF's order: llama.cpp permutes llama's Q/K rows."""
+        if self.arch != "llama" or not name.endswith(("q_proj.weight", "k_proj.weight")):
+            return rows
+        c = self.config
+        heads = c["num_attention_heads"] if "q_proj" in name else c["num_key_value_heads"]
+        return _unpermute_qk(rows, heads)
 
     def get_weight(self, name: str) -> Weight:
         t = self.tensors[name]
@@ -186,12 +190,8 @@ class GGUFSource:
             return self.get(name)
         rows = int(t.shape[-1]) if len(t.shape) > 1 else 1
         q = _gguf_blocks(t.data, t.tensor_type.name, rows)
-        if self.arch == "llama" and name.endswith(("q_proj.weight", "k_proj.weight")):
-            c = self.config
-            heads = c["num_attention_heads"] if "q_proj" in name else c["num_key_value_heads"]
-            q = QuantizedTensor(*(mx.array(_unpermute_qk(np.array(a), heads))
-                                  for a in (q.weight, q.scales, q.biases)), q.bits, q.group_size)
-        return q
+        return QuantizedTensor(*(mx.array(self._hf_rows(name, np.array(a)))
+                                 for a in (q.weight, q.scales, q.biases)), q.bits, q.group_size)
 
     def save_tokenizer(self, dest: Path) -> None:
         """Rebuild the tokenizer (chat template included) from the GGUF metadata, offline."""

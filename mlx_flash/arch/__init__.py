@@ -15,7 +15,14 @@ from typing import Any, Protocol
 import mlx.core as mx
 import mlx.nn as nn
 
-from ..bundle import DTYPES, PART_DTYPES, Quantization, RecordPart, layout_parts
+from ..bundle import (
+    DTYPES,
+    PART_DTYPES,
+    Quantization,
+    RecordPart,
+    layout_parts,
+    quantized_parts,
+)
 
 
 class UnsupportedModel(Exception):
@@ -62,8 +69,9 @@ class FFNSpec:
                     raise UnsupportedModel(f"hidden size {d} is not a multiple of the "
                                            f"quantization group size {q.group_size}")
                 groups = d // q.group_size
-                parts += [(t, d * q.bits // 32, "uint32"), (f"{t}.scales", groups, dtype),
-                          (f"{t}.biases", groups, dtype)]
+                packed, scales, biases = quantized_parts(t)
+                parts += [(packed, d * q.bits // 32, "uint32"), (scales, groups, dtype),
+                          (biases, groups, dtype)]
         return layout_parts(parts)
 
 
@@ -106,8 +114,8 @@ def record_tensors(spec: FFNSpec, w: dict[str, Weight], dtype: str,
         src, q = w[t], quantization.get(t)
         if q is not None and t != "down" and isinstance(src, QuantizedTensor) \
                 and (src.bits, src.group_size) == (q.bits, q.group_size):
-            out.update({t: src.weight, f"{t}.scales": src.scales.astype(target),
-                        f"{t}.biases": src.biases.astype(target)})
+            out.update(zip(quantized_parts(t), (src.weight, src.scales.astype(target),
+                                                 src.biases.astype(target)), strict=True))
             continue
         f = src.dequantize() if isinstance(src, QuantizedTensor) else src.astype(mx.float32)
         f = f.T if t == "down" else f.reshape(spec.intermediate_size, -1)
@@ -115,8 +123,8 @@ def record_tensors(spec: FFNSpec, w: dict[str, Weight], dtype: str,
             out[t] = f.astype(target)
         else:
             packed, scales, biases = mx.quantize(f, group_size=q.group_size, bits=q.bits)
-            out.update({t: packed, f"{t}.scales": scales.astype(target),
-                        f"{t}.biases": biases.astype(target)})
+            out.update(zip(quantized_parts(t), (packed, scales.astype(target),
+                                                 biases.astype(target)), strict=True))
     return out
 
 
