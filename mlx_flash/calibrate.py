@@ -74,6 +74,11 @@ def text_tokens(tokenizer, path: str | Path) -> list[int]:
     return tokenizer.encode(Path(path).read_text(), add_special_tokens=False)
 
 
+def fit_context(config: dict[str, Any], ctx: int) -> int:
+    """`ctx`, or less when the model has positions for fewer tokens (OPT's learned table)."""
+    return min(ctx, int(config.get("max_position_embeddings") or ctx))
+
+
 def windows(tokens: Sequence[int], ctx: int) -> list[list[int]]:
     return [list(tokens[i:i + ctx]) for i in range(0, len(tokens), ctx) if len(tokens[i:i + ctx])]
 
@@ -199,6 +204,7 @@ def calibrate(path: str | Path, data: str | Path, mode: str | None = None,
     tokenizer = load_tokenizer(bundle.tokenizer_path)
     ids = text_tokens(tokenizer, data)[: tokens or DEFAULT_TOKENS[mode]]
     started = time.time()
+    ctx = fit_context(bundle.config, ctx)
     X = collect_inputs(model, ids, ctx, progress)
     n_layers = len(X)
     layers: list[dict[str, Any]] = []
@@ -236,7 +242,8 @@ def calibrate(path: str | Path, data: str | Path, mode: str | None = None,
     with BundleUpdate(bundle) as update:
         m = update.manifest
         info: dict[str, Any] = {"target": goals, "layers": layers, "calibration": {
-            "data": Path(data).name, "tokens": len(ids), "seconds": round(time.time() - started)}}
+            "data": Path(data).name, "tokens": len(ids), "ctx": ctx,
+            "seconds": round(time.time() - started)}}
         if mode in ("gate", "hybrid") and gate_q is not None:
             info["gate_quantization"] = {"bits": gate_q.bits, "group_size": gate_q.group_size}
         if arrays:
@@ -335,7 +342,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rank", type=int, default=None,
                    help="predictor rank (default: hidden size / 8, within 32..128)")
     p.add_argument("--epochs", type=int, default=8, help="predictor training epochs")
-    p.add_argument("--ctx", type=int, default=512, help="tokens per forward window")
+    p.add_argument("--ctx", type=int, default=512,
+                   help="tokens per forward window (default 512; at most the model's positions)")
     p.add_argument("--gate-bits", type=int, default=8, choices=[4, 8, 16],
                    help="gate and hybrid keep the gate rows in memory quantized to this many "
                    "bits (default 8; 16: as the records store them). Quantized bundles keep "

@@ -25,7 +25,7 @@ import numpy as np
 from tqdm import tqdm
 
 from .bundle import Bundle, BundleError
-from .calibrate import layer_weights, text_tokens, true_active, windows
+from .calibrate import fit_context, layer_weights, text_tokens, true_active, windows
 from .ffn import FlashEngine
 from .loader import blas_hint
 from .selection import LayerReads, Mode, Oracle, load_mode
@@ -104,6 +104,7 @@ def evaluate(path: str | Path, data: str | Path, tokens: int = 4096, ctx: int = 
     sparse = load_mode(bundle, spec, name, engine.compute_dtype)
     tokenizer = load_tokenizer(bundle.tokenizer_path)
     ids = text_tokens(tokenizer, data)[-(tokens + 1):]
+    ctx = fit_context(bundle.config, ctx)
 
     ppl_dense, _ = run_mode(model, Mode(spec, bundle.families), ids, ctx, False, progress)
     ppl_sparse, st = run_mode(model, sparse, ids, ctx, name == "predictor", progress)

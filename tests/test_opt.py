@@ -75,3 +75,13 @@ def test_opt_bundle_generates_text(opt_pair):
     _, model, tokenizer = opt_pair
     text = generate(model, tokenizer, "the theme", max_tokens=8)
     assert isinstance(text, str) and model.flash.stats.decode.tokens >= 7
+
+
+def test_positions_past_the_learned_table_are_refused(opt_pair):
+    """OPT's positions are a learned table: a longer sequence is an error, not a gather of the
+    memory past the table (which MLX does not check)."""
+    _, model, _ = opt_pair
+    learned = model.args.max_position_embeddings
+    mx.eval(model(mx.zeros((1, learned), dtype=mx.int32)))
+    with pytest.raises(ValueError, match=f"positions for {learned} tokens"):
+        model(mx.zeros((1, learned + 1), dtype=mx.int32))

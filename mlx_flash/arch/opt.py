@@ -110,6 +110,11 @@ class Decoder(nn.Module):
         if "project_in" in self:
             h = self.project_in(h)
         offset = cache[0].offset if cache is not None and cache[0] is not None else 0
+        learned = self.embed_positions.weight.shape[0] - POSITION_OFFSET
+        if offset + inputs.shape[1] > learned:
+            # a position past the table would gather memory outside it (MLX does not check)
+            raise ValueError(f"OPT learned positions for {learned} tokens; this sequence "
+                             f"reaches {offset + inputs.shape[1]}")
         positions = mx.arange(offset, offset + inputs.shape[1]) + POSITION_OFFSET
         h = h + self.embed_positions(positions)
         if cache is None:
