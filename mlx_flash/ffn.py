@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import mlx.core as mx
@@ -95,6 +96,7 @@ class FlashEngine:
                 for layer in range(n_layers):
                     self.caches[(layer, family, parts)] = NeuronCache(
                         self.families[family], parts, rows, window)
+        self._ahead = ThreadPoolExecutor(1, thread_name_prefix="flash-ahead")  # fetch(ahead=)
         self.stats = EngineStats()
         self.dense_prefill = True  # evaluate turns this off to score each token's selection
         self.observer: Observer | None = None  # sees every layer's input and reads (evaluate)
@@ -118,23 +120,34 @@ class FlashEngine:
         return (sum(r.counters.bytes for r in self.readers.values()),
                 sum(r.counters.seconds for r in self.readers.values()))
 
-    def fetch(self, layer: int, family: str, parts: Sequence[str], ids: np.ndarray) -> Rows:
+    def fetch(self, layer: int, family: str, parts: Sequence[str], ids: np.ndarray,
+              ahead: bool = False) -> Rows | Callable[[], Rows] | None:
         """Parts `parts` of records `ids` (sorted) of `family` for `layer`, as Rows.
 
         Decoding, they come from the layer's cache (reading only the records new to it);
         otherwise, and for what the cache has no room for, from the staging matrix. They are
         views valid until the next fetch of the same part: evaluate what depends on them
-        first, or copy them."""
+        first, or copy them. `ahead`: when they go to the staging matrix, start reading them
+        in the background and return a function that waits for them; else return None."""
         fam, staging = self.families[family], self.matrices[family]
         reader = self.readers[fam.file]
         cache = self.caches.get((layer, family, tuple(parts))) if self._decoding else None
+        if ahead:
+            if cache is not None or staging.capacity < fam.count or len(ids) == 0:
+                return None
+            pending = self._ahead.submit(self._read_staging, layer, family, parts, ids)
+
+            def rows() -> Rows:
+                slots, in_use = pending.result()
+                return Rows(ids, staging.parts, slots, in_use, self.compute_dtype,
+                            fam.quantization)
+            return rows
         if cache is None:
             if len(ids) > staging.capacity:
                 raise RuntimeError(f"{len(ids)} {family} records do not fit the staging matrix "
                                    f"({staging.capacity} rows)")
-            reader.read_records(fam, layer, ids, self._slots[:len(ids)], staging, parts)
-            return Rows(ids, staging.parts, self._slots[:len(ids)], len(ids), self.compute_dtype,
-                        fam.quantization)
+            slots, in_use = self._read_staging(layer, family, parts, ids)
+            return Rows(ids, staging.parts, slots, in_use, self.compute_dtype, fam.quantization)
         t0 = time.perf_counter()
         load, slots, spill = cache.admit(ids, self._token)
         self._mem_seconds += time.perf_counter() - t0
@@ -148,12 +161,25 @@ class FlashEngine:
         if len(spill) == 0:
             return rows
         # no room for all: what was read past the cache and what is in it, gathered together
-        reader.read_records(fam, layer, spill, self._slots[:len(spill)], staging, parts)
-        joined = {p: mx.concatenate([rows.raw(p), staging.parts[p][:len(spill)]])
-                  for p in fam.expand(parts)}
+        slots, _ = self._read_staging(layer, family, parts, spill)
+        past = Rows(spill, staging.parts, slots, 0, self.compute_dtype, fam.quantization)
+        joined = {p: mx.concatenate([rows.raw(p), past.raw(p)]) for p in fam.expand(parts)}
         k = len(cached) + len(spill)
         return Rows(np.concatenate([cached, spill]), joined, self._slots[:k], k,
                     self.compute_dtype, fam.quantization)
+
+    def _read_staging(self, layer: int, family: str, parts: Sequence[str], ids: np.ndarray
+                      ) -> tuple[np.ndarray, int]:
+        """Read records `ids` of `family` into its staging matrix: (their rows, rows in use).
+        When a whole layer fits, record i goes to row i and the records that merged reads
+        pass over land in their own rows (fewer, larger read buffers); else rows 0, 1, ..."""
+        fam, staging = self.families[family], self.matrices[family]
+        reader = self.readers[fam.file]
+        if staging.capacity < fam.count or len(ids) == 0:
+            reader.read_records(fam, layer, ids, self._slots[:len(ids)], staging, parts)
+            return self._slots[:len(ids)], len(ids)
+        reader.read_records(fam, layer, ids, ids, staging, parts, into_free_rows=True)
+        return ids, int(ids[-1]) + 1
 
     def __call__(self, layer: int, x: mx.array, down_bias: mx.array | None) -> mx.array:
         mx.eval(x)
@@ -169,7 +195,9 @@ class FlashEngine:
         y = y.reshape(x.shape)
         if down_bias is not None:
             y = y + down_bias
-        mx.eval(y)
+        lazy = [reads.bytes] if isinstance(reads.bytes, mx.array) else []
+        mx.eval(y, *lazy)
+        reads.bytes = np.array(reads.bytes)
         read1, io1 = self._read()
         phase = self.stats.decode if self._decoding else self.stats.prefill
         if layer == 0:

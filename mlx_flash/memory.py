@@ -24,6 +24,12 @@ UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mi
          "gib": 2**30}
 
 
+# Caches smaller than this share of a layer's records are not kept: measured on the default
+# model at 75% of its bundle, caches of 0.7% of the records hit 0.4% of the neurons and cost
+# 20 ms per token more than none (admission, and joining what they hold with what they spill).
+MIN_CACHE_FRACTION = 1 / 16
+
+
 class BudgetError(ValueError):
     """The memory budget is below what the model needs at the least."""
 
@@ -171,6 +177,8 @@ def plan_memory(bundle: Bundle, compute_itemsize: int, selection_bytes: int,
         fraction = min(1.0, (budget - plan.minimum) / full) if full else 0.0
     for key in cache_keys:
         rows = int(fraction * bundle.families[key[0]].count)
+        if rows < MIN_CACHE_FRACTION * bundle.families[key[0]].count:
+            rows = 0
         plan.capacity[key] = rows
         plan.cache_bytes += n_layers * rows * row_bytes[key]
     return plan

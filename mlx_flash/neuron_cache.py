@@ -77,16 +77,21 @@ class NeuronMatrix:
             raise ValueError(f"this matrix holds no part {sorted(missing)}")
         return pieces
 
-    def iovecs(self, slots: Sequence[int], parts: Sequence[str]) -> list[memoryview]:
-        """The read targets, in file order, for the span of `parts` of records landing in
-        `slots` (one record after another, no gaps)."""
+    def iovecs(self, first_slot: int, count: int, parts: Sequence[str]) -> list[memoryview]:
+        """The read targets, in file order, for the span of `parts` of `count` records that lie
+        one after another on disk and land in rows `first_slot`, `first_slot + 1`, ...: one
+        buffer when the span is a single part (those rows are contiguous), else one per piece
+        of each record."""
         key = tuple(parts)
         pieces = self._pieces.get(key)
         if pieces is None:
             pieces = self._pieces[key] = self._layout(key)
         flat, scratch = self._flat, self.scratch
+        if len(pieces) == 1 and pieces[0][1] is not None:
+            length, name = pieces[0]
+            return [flat[name][first_slot * length:(first_slot + count) * length]]
         out = []
-        for s in slots:
+        for s in range(first_slot, first_slot + count):
             for length, name in pieces:
                 out.append(flat[name][s * length:(s + 1) * length] if name else scratch[:length])
         return out

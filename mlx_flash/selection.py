@@ -24,6 +24,7 @@ Each call also returns what each token needed to read (bytes), before any cache.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -42,9 +43,10 @@ from .bundle import Bundle, Quantization, RecordFamily, quantized_parts
 class Rows:
     """Records a mode fetched, where they lie: neuron `ids[r]` is row `slots[r]` of
     `matrices[part]` (a cache, or the staging matrix), whose first `in_use` rows hold
-    neurons. Batches multiply gathered rows (`rows[part]`); a single token goes through the
-    kernels, which read the rows where they lie. A tensor in `quantization` lies in three
-    matrices: packed (its own name), `.scales` and `.biases`."""
+    weights (of neurons fetched, or others'; the kernels may multiply them all and keep the
+    fetched ones' results). Batches multiply gathered rows (`rows[part]`); a single token
+    goes through the kernels, which read the rows where they lie. A tensor in
+    `quantization` lies in three matrices: packed (its own name), `.scales` and `.biases`."""
 
     ids: np.ndarray
     matrices: dict[str, mx.array]
@@ -89,9 +91,17 @@ class Rows:
     def slot_array(self) -> mx.array:
         return mx.array(self.slots.astype(np.int32))
 
+    def subset(self, ids: np.ndarray) -> Rows | None:
+        """These rows restricted to `ids` (sorted), or None when some are not among them."""
+        pos = np.minimum(np.searchsorted(self.ids, ids), max(len(self.ids) - 1, 0))
+        if len(ids) and (len(self.ids) == 0 or not np.array_equal(self.ids[pos], ids)):
+            return None
+        return dataclasses.replace(self, ids=ids, slots=self.slots[pos])
 
-# fetch(layer, family, parts, ids) -> Rows
-Fetch = Callable[[int, str, Sequence[str], np.ndarray], Rows]
+
+# fetch(layer, family, parts, ids) -> Rows; with ahead=True it may start reading and return at
+# once a function that waits for the Rows (or return None: then fetch them when needed)
+Fetch = Callable[..., Any]
 
 
 def dequantize_batches(x: mx.array) -> bool:
@@ -132,9 +142,11 @@ def combine(h: mx.array, rows: Rows, part: str) -> mx.array:
 
 @dataclass
 class LayerReads:
-    """What one layer needed per token: bytes to read, and the neurons used (for stats)."""
+    """What one layer needed per token: bytes to read, and the neurons used (for stats). Modes
+    may give `bytes` as an MLX array: the engine evaluates it with the layer's output (one
+    wait instead of two) and hands observers NumPy."""
 
-    bytes: np.ndarray  # [T]
+    bytes: np.ndarray | mx.array  # [T]
     neurons: mx.array | None = None  # [T, n] bool, the neurons whose down column was used
 
 
@@ -143,8 +155,9 @@ def union(mask: mx.array) -> np.ndarray:
     return np.flatnonzero(np.array(mask.any(axis=0)))
 
 
-def per_token(mask: mx.array) -> np.ndarray:
-    return np.array(mask.sum(axis=-1)).astype(np.int64)
+def per_token(mask: mx.array) -> mx.array:
+    """`[T]` int64: how many each token of `mask` ([T, n] bool) selects (lazy)."""
+    return mask.astype(mx.int64).sum(axis=-1)
 
 
 def gate_activation(spec: FFNSpec, g: mx.array) -> mx.array:
@@ -314,14 +327,21 @@ class Hybrid(Mode):
             h = mx.where(cand[:, idx], activate(self.spec, g[:, idx], project(x, rows, "up")), 0)
             return combine(h, rows, "down"), LayerReads(
                 per_token(cand) * self.record_bytes("updown"), cand)
-        rows = fetch(layer, "up", ("up",), union(cand))
+        wanted = union(cand)
+        # down columns are needed for a subset of these: where they would be read past any
+        # cache anyway, read them for all of them now, while the up rows are read and used
+        early = fetch(layer, "down", ("down",), wanted, ahead=True)
+        rows = fetch(layer, "up", ("up",), wanted)
         ids = rows.ids
         idx = mx.array(ids)
         h = mx.where(cand[:, idx], activate(self.spec, g[:, idx], project(x, rows, "up")), 0)
         keep = mx.abs(h) > self.t_h[layer]
         column = np.empty(cand.shape[1], dtype=np.int64)  # neuron id -> column of h
         column[ids] = np.arange(len(ids))
-        down = fetch(layer, "down", ("down",), np.sort(ids[np.array(keep.any(axis=0))]))
+        needed = np.sort(ids[np.array(keep.any(axis=0))])
+        down = early and early().subset(needed)
+        if down is None:
+            down = fetch(layer, "down", ("down",), needed)
         kept = down.ids
         cols = mx.array(column[kept])
         y = combine(mx.where(keep[:, cols], h[:, cols], 0), down, "down")

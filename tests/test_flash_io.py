@@ -42,37 +42,62 @@ def test_coalesce():
     assert coalesce(ids, 100, 40, max_gap=59) == [(k, 1) for k in range(6)]
     assert coalesce(ids, 100, 40, max_gap=160) == [(0, 3), (3, 3)]
     assert coalesce(ids, 100, 40, max_gap=360) == [(0, 6)]
+    # cut at every max_read bytes from the first record (records start at 0, 100, 200, 600,
+    # 700 and 900 bytes past it)
+    assert coalesce(ids, 100, 40, max_gap=360, max_read=500) == [(0, 3), (3, 3)]
+    assert coalesce(ids, 100, 40, max_gap=360, max_read=150) == [(0, 2), (2, 1), (3, 2), (5, 1)]
+    assert coalesce(np.arange(10), 100, 100, max_read=300) == [(0, 3), (3, 3), (6, 3), (9, 1)]
 
 
 PART_SETS = [None, ("up",), ("down",), ("up", "down"), ("down", "up_bias")]
 
 
-@settings(max_examples=80, deadline=None)
+@settings(max_examples=120, deadline=None)
 @given(data=st.data())
 def test_records_land_in_their_slots(segment, data):
-    """Any sorted set of records, any parts of them, read into any distinct slots with any gap
-    allowance, lands exactly where a brute-force copy puts it; nothing else is written; the
-    bytes read are the wanted spans plus the gaps merged over, in one call per merged run."""
+    """Any sorted set of records, any parts of them, read into any distinct slots (scattered,
+    consecutive, or as far apart as the records with the rows between free) with any gap
+    allowance and read size, lands exactly where a brute-force copy puts it; nothing else is
+    written but, into free rows, the records that belong there; the bytes read are the wanted
+    spans plus the gaps merged over, in one call per merged run."""
     path, records = segment
     ids = np.array(sorted(data.draw(st.sets(st.integers(0, COUNT - 1), max_size=COUNT))),
                    dtype=np.int64)
-    slots = np.array(data.draw(st.permutations(range(COUNT)))[: len(ids)], dtype=np.int64)
+    layout = data.draw(st.sampled_from(["scattered", "consecutive", "free rows"]))
+    if layout == "scattered":
+        slots = np.array(data.draw(st.permutations(range(COUNT)))[: len(ids)], dtype=np.int64)
+    elif layout == "consecutive":
+        slots = np.arange(len(ids)) + data.draw(st.integers(0, COUNT - len(ids)))
+    else:
+        slots = ids - (ids[0] if len(ids) else 0)
+    first = int(ids[0]) if len(ids) else 0
     parts = data.draw(st.sampled_from(PART_SETS))
     max_gap = data.draw(st.sampled_from([0, 50, 96, 500, 4096]))
+    max_read = data.draw(st.sampled_from([96, 500, 2000]))
+    threads = data.draw(st.sampled_from([1, 3]))
     matrix = NeuronMatrix(FAMILY, COUNT)
     for part in matrix.parts.values():
         np.array(part, copy=False)[:] = -1
-    reader = FlashReader(path, max_gap=max_gap)
-    reader.read_records(FAMILY, 0, ids, slots, matrix, parts)
+    reader = FlashReader(path, max_gap=max_gap, max_read=max_read, threads=threads)
+    reader.read_records(FAMILY, 0, ids, slots, matrix, parts,
+                        into_free_rows=layout == "free rows")
     wanted = [p for p in FAMILY.parts if parts is None or p.name in parts]
     expected = {p.name: np.full((COUNT, p.length), -1, np.float32) for p in FAMILY.parts}
     for i, s in zip(ids, slots, strict=True):
         for p in wanted:
             expected[p.name][s] = records[i, p.offset // 4:p.offset // 4 + p.length]
-    for name, part in matrix.parts.items():
-        np.testing.assert_array_equal(np.array(part), expected[name])
+    for p in FAMILY.parts:
+        got = np.array(matrix.parts[p.name])
+        if layout == "free rows":  # rows between may hold their own record (row r: first + r)
+            own = np.full_like(got, np.nan)
+            own[:COUNT - first] = records[first:, p.offset // 4:p.offset // 4 + p.length]
+            between = (got != expected[p.name]).any(axis=1)
+            np.testing.assert_array_equal(got[between], own[between])
+        else:
+            np.testing.assert_array_equal(got, expected[p.name])
     start, end = matrix.span([p.name for p in wanted])
-    runs = coalesce(ids, FAMILY.record_bytes, end - start, max_gap)
+    runs = coalesce(ids, FAMILY.record_bytes, end - start, max_gap,
+                    max_read if threads > 1 else 0)
     span_bytes = sum((ids[f + n - 1] - ids[f]) * FAMILY.record_bytes + end - start
                      for f, n in runs)
     assert reader.counters.bytes == span_bytes
