@@ -135,19 +135,12 @@ class FlashEngine:
         if ahead:
             if cache is not None or staging.capacity < fam.count or len(ids) == 0:
                 return None
-            pending = self._ahead.submit(self._read_staging, layer, family, parts, ids)
-
-            def rows() -> Rows:
-                slots, in_use = pending.result()
-                return Rows(ids, staging.parts, slots, in_use, self.compute_dtype,
-                            fam.quantization)
-            return rows
+            return self._ahead.submit(self._read_staging, layer, family, parts, ids).result
         if cache is None:
             if len(ids) > staging.capacity:
                 raise RuntimeError(f"{len(ids)} {family} records do not fit the staging matrix "
                                    f"({staging.capacity} rows)")
-            slots, in_use = self._read_staging(layer, family, parts, ids)
-            return Rows(ids, staging.parts, slots, in_use, self.compute_dtype, fam.quantization)
+            return self._read_staging(layer, family, parts, ids)
         t0 = time.perf_counter()
         load, slots, spill = cache.admit(ids, self._token)
         self._mem_seconds += time.perf_counter() - t0
@@ -161,25 +154,26 @@ class FlashEngine:
         if len(spill) == 0:
             return rows
         # no room for all: what was read past the cache and what is in it, gathered together
-        slots, _ = self._read_staging(layer, family, parts, spill)
-        past = Rows(spill, staging.parts, slots, 0, self.compute_dtype, fam.quantization)
+        past = self._read_staging(layer, family, parts, spill)
         joined = {p: mx.concatenate([rows.raw(p), past.raw(p)]) for p in fam.expand(parts)}
         k = len(cached) + len(spill)
         return Rows(np.concatenate([cached, spill]), joined, self._slots[:k], k,
                     self.compute_dtype, fam.quantization)
 
     def _read_staging(self, layer: int, family: str, parts: Sequence[str], ids: np.ndarray
-                      ) -> tuple[np.ndarray, int]:
-        """Read records `ids` of `family` into its staging matrix: (their rows, rows in use).
-        When a whole layer fits, record i goes to row i and the records that merged reads
-        pass over land in their own rows (fewer, larger read buffers); else rows 0, 1, ..."""
+                      ) -> Rows:
+        """Read records `ids` of `family` into its staging matrix, as Rows. When a whole
+        layer fits, record i goes to row i and the records that merged reads pass over land in
+        their own rows (fewer, larger read buffers); else rows 0, 1, ..."""
         fam, staging = self.families[family], self.matrices[family]
         reader = self.readers[fam.file]
         if staging.capacity < fam.count or len(ids) == 0:
-            reader.read_records(fam, layer, ids, self._slots[:len(ids)], staging, parts)
-            return self._slots[:len(ids)], len(ids)
-        reader.read_records(fam, layer, ids, ids, staging, parts, into_free_rows=True)
-        return ids, int(ids[-1]) + 1
+            slots, in_use = self._slots[:len(ids)], len(ids)
+            reader.read_records(fam, layer, ids, slots, staging, parts)
+        else:
+            slots, in_use = ids, int(ids[-1]) + 1
+            reader.read_records(fam, layer, ids, slots, staging, parts, into_free_rows=True)
+        return Rows(ids, staging.parts, slots, in_use, self.compute_dtype, fam.quantization)
 
     def __call__(self, layer: int, x: mx.array, down_bias: mx.array | None) -> mx.array:
         mx.eval(x)

@@ -91,12 +91,9 @@ class Rows:
     def slot_array(self) -> mx.array:
         return mx.array(self.slots.astype(np.int32))
 
-    def subset(self, ids: np.ndarray) -> Rows | None:
-        """These rows restricted to `ids` (sorted), or None when some are not among them."""
-        pos = np.minimum(np.searchsorted(self.ids, ids), max(len(self.ids) - 1, 0))
-        if len(ids) and (len(self.ids) == 0 or not np.array_equal(self.ids[pos], ids)):
-            return None
-        return dataclasses.replace(self, ids=ids, slots=self.slots[pos])
+    def subset(self, ids: np.ndarray) -> Rows:
+        """These rows restricted to `ids`, sorted ids that are among this Rows' (sorted) ones."""
+        return dataclasses.replace(self, ids=ids, slots=self.slots[np.searchsorted(self.ids, ids)])
 
 
 # fetch(layer, family, parts, ids) -> Rows; with ahead=True it may start reading and return at
@@ -338,10 +335,8 @@ class Hybrid(Mode):
         keep = mx.abs(h) > self.t_h[layer]
         column = np.empty(cand.shape[1], dtype=np.int64)  # neuron id -> column of h
         column[ids] = np.arange(len(ids))
-        needed = np.sort(ids[np.array(keep.any(axis=0))])
-        down = early and early().subset(needed)
-        if down is None:
-            down = fetch(layer, "down", ("down",), needed)
+        needed = np.sort(ids[np.array(keep.any(axis=0))])  # columns of h: among `wanted`
+        down = early().subset(needed) if early else fetch(layer, "down", ("down",), needed)
         kept = down.ids
         cols = mx.array(column[kept])
         y = combine(mx.where(keep[:, cols], h[:, cols], 0), down, "down")
