@@ -53,6 +53,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 ENGINES = ("dense", "naive", "mmap", "hybrid", "flash", "flash-q4")
+BIG_ENGINES = ("naive", "mmap", "hybrid", "flash")  # dense cannot load a model over RAM
 PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle."
 SHARED_TEXT = ROOT.parent / "shared" / "data" / "wikitext-2-valid.txt"
 TEST_TEXT = ROOT / "tests" / "data" / "wikitext-2-valid-slice.txt"
@@ -375,7 +376,9 @@ def main() -> int:
     p.add_argument("--quick", action="store_true", help="few tokens, short calibration (CI)")
     p.add_argument("--big", action="store_true", help="the 1.3x-RAM run (by hand, slow)")
     p.add_argument("--tokens", type=int, default=None, help="decode tokens per engine")
-    p.add_argument("--engines", default=",".join(ENGINES))
+    p.add_argument("--engines", default=None,
+                   help=f"comma-separated (default {','.join(ENGINES)}; --big: "
+                        f"{','.join(BIG_ENGINES)})")
     p.add_argument("--threads", type=int, default=8, help="read threads, every engine")
     p.add_argument("--json", default=None)
     p.add_argument("--md", default=None)
@@ -390,7 +393,8 @@ def main() -> int:
 
     work = home() / "bench"
     work.mkdir(parents=True, exist_ok=True)
-    engines = args.engines.split(",")
+    engines = args.engines.split(",") if args.engines else list(
+        BIG_ENGINES if args.big else ENGINES)
     # Every engine computes in the platform's fastest 16-bit type (float16 on Metal; bfloat16
     # on MLX's CPU backend, where float16 products are 2x slower), whatever the bundle stores.
     from mlx_flash.loader import default_dtype
