@@ -15,9 +15,10 @@ from __future__ import annotations
 import mlx.core as mx
 import numpy as np
 import pytest
+from gpu_emulator import COMPILER, Emulator
 
 from mlx_flash import kernels
-from mlx_flash.kernels import cuda, gpu, metal
+from mlx_flash.kernels import cuda, gpu, metal, reference
 
 TOL = 1e-4  # float32 accumulation errors measured here stay below 1e-7 of the scale
 ROUNDOFF = {mx.float16: 2.0**-11, mx.bfloat16: 2.0**-8, mx.float32: 0.0}
@@ -192,15 +193,14 @@ GPU = {"metal": metal, "cuda": cuda}
 @pytest.mark.parametrize("name", GPU)
 def test_kernel_sources_name_their_inputs(name):
     module = GPU[name]
-    rows_body, accumulate_body = module.ROWS, module.ACCUMULATE
-    for source in (module.HEADER, rows_body, accumulate_body):
+    assert set(module.BODIES) == set(gpu.SIGNATURES)
+    for source in (module.HEADER, *module.BODIES.values()):
         assert source.count("{") == source.count("}")
         assert source.count("(") == source.count(")")
-    for inputs, outputs, body in ((gpu.ROWS_INPUTS, gpu.ROWS_OUTPUTS, rows_body),
-                                  (gpu.ACCUMULATE_INPUTS, gpu.ACCUMULATE_OUTPUTS,
-                                   accumulate_body)):
+    for which, (inputs, outputs) in gpu.SIGNATURES.items():
         for n in inputs + outputs:
-            assert f"{n}[" in body or f"{n} +" in body, f"{name}: {n} is never read or written"
+            body = module.BODIES[which]
+            assert f"{n}[" in body or f"{n} +" in body, f"{name} {which}: {n} is never used"
     for code in ("FLASH_GROUP", "FLASH_KIND_GLU", "FLASH_KIND_MLP", "FLASH_ACT_SILU",
                  "FLASH_ACT_FATRELU", "FLASH_ACT_DRELU"):
         assert f"int {code} = " in module.HEADER
@@ -214,7 +214,31 @@ def test_kernels_build(name):
         pytest.skip(f"{name} kernels cannot be built here: {e}")
     assert callable(kernel)
     assert GPU[name].KERNELS.kernel("rows") is kernel  # built once, cached
-    assert callable(GPU[name].KERNELS.kernel("accumulate"))
+    for which in gpu.SIGNATURES:
+        assert callable(GPU[name].KERNELS.kernel(which))
+
+
+def assert_matches_reference(run, d: int, c: int, dtype: str, ks: list[int],
+                             variants=VARIANTS) -> None:
+    """`run(fn, *args)` (an implementation's gather_matvec, gather_accumulate, sparse_ffn)
+    against the reference, for `ks` selected of `c` rows of width `d`."""
+    x, parts = make(d, c, DTYPES[dtype], seed=d + c)
+    xn, pn = as_np(x), {p: as_np(v) for p, v in parts.items()}
+    threshold = safe_threshold(pn["gate"] @ xn)
+    for k in ks:
+        slots = pick(c, k, seed=k)
+        s = np.array(slots)
+        calls = [(("gather_matvec", x, parts["up"], slots), np.abs(pn["up"][s]) @ np.abs(xn))]
+        h = reference.gather_matvec(x, parts["gate"], slots)
+        calls.append((("gather_accumulate", h, parts["down"], slots),
+                      np.abs(np.array(h)) @ np.abs(pn["down"][s])))
+        for kind, activation in variants:
+            p = {n: v for n, v in parts.items() if not (kind == "mlp" and n == "gate")}
+            calls.append((("sparse_ffn", x, p, slots, kind, activation, threshold),
+                          numpy_ffn(xn, pn, s, kind, activation, threshold)[1]))
+        for args, scale in calls:
+            want = getattr(reference, args[0])(*args[1:])
+            check(run(*args), np.array(want), scale, x.dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -223,27 +247,125 @@ def test_kernels_build(name):
 def test_gpu_kernels_match_reference(monkeypatch, name, dtype, d, c):
     if not kernels.available(name):
         pytest.skip(f"{name} backend not available on this machine")
+    monkeypatch.setenv(kernels.ENV, name)
+    assert_matches_reference(lambda fn, *args: getattr(kernels, fn)(*args), d, c, dtype,
+                             counts(c))
 
-    def on(backend: str, fn: str, *args) -> mx.array:
-        monkeypatch.setenv(kernels.ENV, backend)
-        return getattr(kernels, fn)(*args)
 
-    x, parts = make(d, c, DTYPES[dtype], seed=d + c)
-    xn, pn = as_np(x), {p: as_np(v) for p, v in parts.items()}
-    threshold = safe_threshold(pn["gate"] @ xn)
-    for k in counts(c):
+def quantized_rows(d: int, c: int, bits: int, group_size: int, dtype: str,
+                   seed: int) -> tuple[tuple[mx.array, mx.array, mx.array], np.ndarray]:
+    """Random rows quantized by MLX, and their values in float64 unpacked by NumPy (the
+    packing, independently: value e of a uint32 word in bits e·bits..), checked against
+    mx.dequantize."""
+    w = mx.array(np.random.default_rng(seed).standard_normal((c, d)).astype(np.float32))
+    packed, scales, biases = mx.quantize(w, group_size=group_size, bits=bits)
+    scales, biases = scales.astype(DTYPES[dtype]), biases.astype(DTYPES[dtype])
+    words = np.array(packed).astype(np.uint64)
+    per_word = 32 // bits
+    q = np.stack([(words >> (e * bits)) & ((1 << bits) - 1) for e in range(per_word)], -1)
+    q = q.reshape(c, d).astype(np.float64)
+    groups = np.arange(d) // group_size
+    values = as_np(scales)[:, groups] * q + as_np(biases)[:, groups]
+    np.testing.assert_allclose(values, as_np(mx.dequantize(
+        packed, scales.astype(mx.float32), biases.astype(mx.float32), group_size=group_size,
+        bits=bits)), rtol=1e-6, atol=1e-6)
+    return (packed, scales, biases), values
+
+
+def assert_quantized_matches_numpy(implementation, bits: int, group_size: int,
+                                   dtype: str) -> None:
+    """`implementation`'s gather_qmatvec and gather_qaccumulate against NumPy."""
+    d, c = 2 * group_size, 20
+    q, values = quantized_rows(d, c, bits, group_size, dtype, seed=bits + group_size)
+    rng = np.random.default_rng(bits)
+    x = mx.array(rng.standard_normal(d).astype(np.float32))
+    for k in (1, 17, c):
         slots = pick(c, k, seed=k)
         s = np.array(slots)
-        calls = [(("gather_matvec", x, parts["up"], slots), np.abs(pn["up"][s]) @ np.abs(xn))]
-        h = on("reference", "gather_matvec", x, parts["gate"], slots)
-        calls.append((("gather_accumulate", h, parts["down"], slots),
-                      np.abs(np.array(h)) @ np.abs(pn["down"][s])))
-        for kind, activation in VARIANTS:
-            p = {n: v for n, v in parts.items() if not (kind == "mlp" and n == "gate")}
-            calls.append((("sparse_ffn", x, p, slots, kind, activation, threshold),
-                          numpy_ffn(xn, pn, s, kind, activation, threshold)[1]))
-        for args, scale in calls:
-            check(on(name, *args), np.array(on("reference", *args)), scale, x.dtype)
+        rows = values[s]
+        got = implementation.gather_qmatvec(x, q, slots, bits, group_size)
+        check(got, rows @ as_np(x), np.abs(rows) @ np.abs(as_np(x)))
+        h = mx.array(rng.standard_normal(k).astype(np.float32))
+        got = implementation.gather_qaccumulate(h, q, slots, bits, group_size)
+        check(got, as_np(h) @ rows, np.abs(as_np(h)) @ np.abs(rows))
+
+
+QUANTIZED = [(4, 64, "bfloat16"), (8, 32, "float16"), (2, 128, "float32")]
+
+
+@pytest.mark.parametrize(("bits", "group_size", "dtype"), QUANTIZED)
+@pytest.mark.parametrize("name", GPU)
+def test_gpu_quantized_kernels_match_numpy(monkeypatch, name, bits, group_size, dtype):
+    if not kernels.available(name):
+        pytest.skip(f"{name} backend not available on this machine")
+    monkeypatch.setenv(kernels.ENV, name)
+    assert_quantized_matches_numpy(kernels, bits, group_size, dtype)
+
+
+@pytest.mark.parametrize(("bits", "group_size", "dtype"), QUANTIZED + [(3, 32, "float32")])
+def test_reference_quantized_matches_numpy(use_reference, bits, group_size, dtype):
+    """The reference path (MLX's quantized_matmul), and the public functions' dispatch: 3 bits
+    (packed across words) go to the reference on every backend."""
+    if bits == 3:
+        d, c = 256, 8
+        packed, scales, biases = mx.quantize(mx.ones((c, d)), group_size=group_size, bits=3)
+        assert kernels._quantized_implementation((packed, scales, biases), 3) is reference
+        return
+    assert_quantized_matches_numpy(kernels, bits, group_size, dtype)
+
+
+# The GPU kernel bodies run on this CPU by tests/gpu_emulator.py (g++): their arithmetic,
+# indexing, packing, reductions and guards against the reference, wherever the tests run.
+# Not the Metal or CUDA compilers: see the emulator's docstring.
+
+
+@pytest.fixture(scope="module")
+def emulated(tmp_path_factory):
+    if COMPILER is None:
+        pytest.skip("g++ is not installed: the GPU kernel bodies cannot be emulated")
+    work = tmp_path_factory.mktemp("emulated")
+
+    def two_pass(name: str, bodies: dict[str, str]) -> gpu.TwoPass:
+        module = GPU[name]
+        label = f"{name}-emulated-{abs(hash(tuple(bodies.values())))}"
+        return gpu.TwoPass(label, Emulator(name, work).make, module.HEADER, bodies,
+                           module.KERNELS.split)
+
+    return two_pass
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("name", GPU)
+def test_emulated_gpu_kernels_match_reference(emulated, name, dtype):
+    """Every variant once across the dtypes (each instantiation is one g++ compile)."""
+    i = list(DTYPES).index(dtype)
+    variants = [VARIANTS[j % len(VARIANTS)] for j in (2 * i, 2 * i + 1)]
+    implementation = emulated(name, GPU[name].BODIES)
+    for d, c in [(8, 1), (96, 21)]:  # d under a SIMD group; k over a threadgroup's rows
+        assert_matches_reference(lambda fn, *args: getattr(implementation, fn)(*args), d, c,
+                                 dtype, [k for k in counts(c) if k], variants)
+
+
+@pytest.mark.parametrize(("bits", "group_size", "dtype"), QUANTIZED)
+@pytest.mark.parametrize("name", GPU)
+def test_emulated_quantized_kernels_match_numpy(emulated, name, bits, group_size, dtype):
+    assert_quantized_matches_numpy(emulated(name, GPU[name].BODIES), bits, group_size, dtype)
+
+
+@pytest.mark.parametrize("name", GPU)
+def test_emulator_catches_broken_kernels(emulated, name):
+    """The emulation can fail: a body reading the wrong bits gives wrong numbers, and one whose
+    lanes leave before a SIMD reduction is refused."""
+    bodies = GPU[name].BODIES
+    wrong_bits = emulated(name, dict(bodies, qrows=bodies["qrows"].replace(
+        "(e * BITS)", "(e * BITS + 1)")))
+    with pytest.raises(AssertionError):
+        assert_quantized_matches_numpy(wrong_bits, 4, 64, "float32")
+    diverging = emulated(name, dict(bodies, rows=bodies["rows"].replace(
+        "if (row >= k) {", "if (row >= k || lane >= 16) {")))
+    x, parts = make(64, 8, mx.float32, seed=3)
+    with pytest.raises(RuntimeError, match="SIMD reduction"):
+        diverging.gather_matvec(x, parts["up"], pick(8, 5, seed=3))
 
 
 @pytest.mark.parametrize("kind,activation", VARIANTS)
@@ -252,8 +374,6 @@ def test_reference_window_path(name, kind, activation):
     """With most of the rows in use selected, the reference multiplies the whole window
     instead of gathering; it must compute the same thing (only the first `in_use` rows hold
     neurons: the rest are garbage it must not read)."""
-    from mlx_flash.kernels import reference
-
     d, c, in_use = 64, 64, 40
     x, parts = make(d, c, DTYPES[name], 7)
     slots = pick(in_use, 36, 8)  # 90% of the rows in use

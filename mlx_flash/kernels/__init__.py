@@ -14,6 +14,10 @@ Three implementations stand behind each function:
 `backend()` picks one: MLX_FLASH_KERNEL=reference|metal|cuda if set (forcing one that is not
 available raises RuntimeError), else metal where Metal is available, cuda where MLX runs on
 CUDA with the GPU as its default device, else reference. It is read on every call.
+
+`gather_qmatvec` / `gather_qaccumulate` do the same on rows stored with MLX's affine
+quantization: the GPU kernels dequantize each element where they load it (2, 4 or 8 bits),
+the reference (and every backend for 3, 5 or 6 bits) runs `mx.quantized_matmul`.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ import os
 
 import mlx.core as mx
 
-from . import cuda, metal, reference
+from . import cuda, gpu, metal, reference
 
 BACKENDS = ("reference", "metal", "cuda")
 ENV = "MLX_FLASH_KERNEL"
@@ -64,7 +68,8 @@ def backend() -> str:
 def _implementation(rows: mx.array):
     """The backend's implementation, once `rows` has a dtype the kernels take."""
     if rows.dtype not in DTYPES:
-        raise ValueError(f"rows must be float16, bfloat16 or float32, not {rows.dtype}")
+        raise ValueError(f"rows (or scales) must be float16, bfloat16 or float32, not "
+                         f"{rows.dtype}")
     return _IMPLEMENTATIONS[backend()]
 
 
@@ -96,25 +101,33 @@ def gather_accumulate(h: mx.array, rows: mx.array, slots: mx.array,
     return implementation.gather_accumulate(h, rows, slots, in_use)
 
 
-# Quantized rows: MLX's quantized_matmul (itself a Metal / CUDA kernel on those backends) on
-# the selected rows; a fused gather-and-dequantize kernel is not written yet.
+# Quantized rows: the GPU passes dequantize each element where they load it (2, 4 or 8 bits);
+# the reference, and every backend for 3, 5 or 6 bits, runs MLX's quantized_matmul on the
+# selected rows.
+
+
+def _quantized_implementation(q: tuple[mx.array, mx.array, mx.array], bits: int):
+    implementation = _implementation(q[1])  # the scales' dtype is the kernels' T
+    return implementation if bits in gpu.QUANTIZED_BITS else reference
 
 
 def gather_qmatvec(x: mx.array, q: tuple[mx.array, mx.array, mx.array], slots: mx.array,
                    bits: int, group_size: int, in_use: int | None = None) -> mx.array:
     """`[k]` float32: like `gather_matvec`, the rows quantized: `q` = (packed uint32 `[C,
     d·bits/32]`, scales, biases `[C, d/group_size]`), x `[d]` in the compute dtype."""
+    implementation = _quantized_implementation(q, bits)
     if slots.size == 0:
         return mx.zeros((0,), dtype=mx.float32)
-    return reference.gather_qmatvec(x, q, slots, bits, group_size, in_use)
+    return implementation.gather_qmatvec(x, q, slots, bits, group_size, in_use)
 
 
 def gather_qaccumulate(h: mx.array, q: tuple[mx.array, mx.array, mx.array], slots: mx.array,
                        bits: int, group_size: int, in_use: int | None = None) -> mx.array:
     """`[d]` float32: like `gather_accumulate`, the rows quantized (see `gather_qmatvec`)."""
+    implementation = _quantized_implementation(q, bits)
     if slots.size == 0:
         return mx.zeros((q[0].shape[1] * 32 // bits,), dtype=mx.float32)
-    return reference.gather_qaccumulate(h, q, slots, bits, group_size, in_use)
+    return implementation.gather_qaccumulate(h, q, slots, bits, group_size, in_use)
 
 
 def sparse_ffn(x: mx.array, parts: dict[str, mx.array], slots: mx.array, kind: str,

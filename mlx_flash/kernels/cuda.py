@@ -1,10 +1,13 @@
 """The sparse FFN as CUDA kernels (`mx.fast.cuda_kernel`), for MLX's CUDA backend.
 
-The same two passes as the Metal kernels (see `gpu.py`). The development machine has no
-CUDA, where the tests only check the sources' names (`mx.fast.cuda_kernel` refuses even to
-build a kernel without the CUDA backend). Run on an NVIDIA H200 (MLX 0.32.4 with
-mlx-cuda-13), tests/test_kernels.py passed in full: every dtype, kind and activation against
-the reference, k from 0 to C, d up to 4096. Not tuned beyond that.
+The same passes as the Metal kernels (see `gpu.py`). The development machine has no CUDA,
+where the tests run the bodies on the CPU under `tests/gpu_emulator.py` (g++ with stand-ins
+for CUDA's built-ins) against the reference, and check the sources' names
+(`mx.fast.cuda_kernel` refuses even to build a kernel without the CUDA backend). Run on an
+NVIDIA H200 (MLX 0.32.4 with mlx-cuda-13), tests/test_kernels.py passed in full for the float
+passes: every dtype, kind and activation against the reference, k from 0 to C, d up to 4096.
+The quantized passes ("qrows", "qaccumulate") were written later and have not run on a GPU:
+only emulated. Not tuned.
 
 How MLX turns these bodies into kernels: every input becomes a `const <dtype>*` parameter,
 `<name>_shape` is added for inputs whose shape the body uses, and the template arguments
@@ -100,5 +103,75 @@ ACCUMULATE = """
   }
 """
 
+# Pass 1 on quantized rows: a lane takes whole packed words (32 / BITS values, all in one
+# group, as BITS divides 32 and GROUP_SIZE is a multiple of 32), so per word it needs one
+# scale and bias: x·(s q + b) = s (x·q) + b (sum of x).
+QROWS = """
+  const int lane = threadIdx.x;
+  const int row = blockIdx.y * blockDim.y + threadIdx.y;
+  const int k = slots_shape[0];
+  const int d = x_shape[0];
+  if (row >= k) {
+    return;
+  }
+  constexpr int PER_WORD = 32 / BITS;
+  constexpr uint32_t MASK = (1u << BITS) - 1u;
+  const int words = d / PER_WORD;
+  const int groups = d / GROUP_SIZE;
+  const size_t slot = static_cast<size_t>(slots[row]);
+  float acc = 0.0f;
+  for (int i = lane; i < words; i += FLASH_GROUP) {
+    const uint32_t word = w[slot * words + i];
+    float dot = 0.0f;
+    float sum = 0.0f;
+    for (int e = 0; e < PER_WORD; ++e) {
+      const float xj = x[i * PER_WORD + e];
+      dot += xj * static_cast<float>((word >> (e * BITS)) & MASK);
+      sum += xj;
+    }
+    const size_t g = slot * groups + i * PER_WORD / GROUP_SIZE;
+    acc += static_cast<float>(scales[g]) * dot + static_cast<float>(biases[g]) * sum;
+  }
+  acc = flash_warp_sum(acc);
+  if (lane == 0) {
+    h[row] = acc;
+  }
+"""
+
+# Pass 2 on quantized rows: as ACCUMULATE, each element dequantized where it is loaded
+# (neighbouring threads read the same word).
+QACCUMULATE = """
+  __shared__ float partial[SPLIT][FLASH_GROUP];
+  const int tx = threadIdx.x;
+  const int ty = threadIdx.y;
+  const int j = blockIdx.x * FLASH_GROUP + tx;
+  const int k = slots_shape[0];
+  constexpr int PER_WORD = 32 / BITS;
+  constexpr uint32_t MASK = (1u << BITS) - 1u;
+  const int words = w_shape[1];
+  const int d = words * PER_WORD;
+  const int groups = d / GROUP_SIZE;
+  float acc = 0.0f;
+  if (j < d) {
+    const int shift = (j % PER_WORD) * BITS;
+    for (int i = ty; i < k; i += SPLIT) {
+      const size_t slot = static_cast<size_t>(slots[i]);
+      const size_t g = slot * groups + j / GROUP_SIZE;
+      const float q = static_cast<float>((w[slot * words + j / PER_WORD] >> shift) & MASK);
+      acc += h[i] * (static_cast<float>(scales[g]) * q + static_cast<float>(biases[g]));
+    }
+  }
+  partial[ty][tx] = acc;
+  __syncthreads();
+  if (ty == 0 && j < d) {
+    float total = 0.0f;
+    for (int p = 0; p < SPLIT; ++p) {
+      total += partial[p][tx];
+    }
+    y[j] = total;
+  }
+"""
+
+BODIES = {"rows": ROWS, "accumulate": ACCUMULATE, "qrows": QROWS, "qaccumulate": QACCUMULATE}
 # 32 slices: 1024-thread blocks, so a few hundred columns still fill many warps.
-KERNELS = TwoPass("cuda", mx.fast.cuda_kernel, HEADER, ROWS, ACCUMULATE, split=32)
+KERNELS = TwoPass("cuda", mx.fast.cuda_kernel, HEADER, BODIES, split=32)

@@ -48,10 +48,17 @@ def constants(qualifier: str) -> str:
     return "".join(f"{qualifier} int {name} = {value};\n" for name, value in named.items())
 
 
-ROWS_INPUTS = ["x", "slots", "first", "second", "bias", "params"]
-ROWS_OUTPUTS = ["h"]
-ACCUMULATE_INPUTS = ["h", "slots", "rows"]
-ACCUMULATE_OUTPUTS = ["y"]
+# Each pass's inputs and outputs, in the order the kernels take them. "qrows" and
+# "qaccumulate" are the passes on quantized rows (MLX's affine quantization along the row:
+# `w` packed uint32, `scales` and `biases` one per group): they dequantize each element where
+# they load it, so the gathered rows are never materialised in float either.
+SIGNATURES = {"rows": (["x", "slots", "first", "second", "bias", "params"], ["h"]),
+              "accumulate": (["h", "slots", "rows"], ["y"]),
+              "qrows": (["x", "slots", "w", "scales", "biases"], ["h"]),
+              "qaccumulate": (["h", "slots", "w", "scales", "biases"], ["y"])}
+# Bits the quantized passes take: those whose values never straddle two uint32 words
+# (MLX packs 3, 5 and 6 bits across words; those rows go through the reference).
+QUANTIZED_BITS = (2, 4, 8)
 
 
 class TwoPass:
@@ -59,35 +66,47 @@ class TwoPass:
     `mx.fast.cuda_kernel`; `split` is pass 2's number of slices (its threadgroup has
     `GROUP * split` threads)."""
 
-    def __init__(self, name: str, make: Callable[..., Any], header: str, rows_source: str,
-                 accumulate_source: str, split: int):
-        self.name, self.make, self.header, self.split = name, make, header, split
-        self.sources = {"rows": (ROWS_INPUTS, ROWS_OUTPUTS, rows_source),
-                        "accumulate": (ACCUMULATE_INPUTS, ACCUMULATE_OUTPUTS, accumulate_source)}
+    def __init__(self, name: str, make: Callable[..., Any], header: str,
+                 bodies: dict[str, str], split: int):
+        self.name, self.make, self.header, self.bodies, self.split = (name, make, header,
+                                                                       bodies, split)
 
     def kernel(self, which: str) -> Any:
-        """The kernel object of pass `which` ("rows" or "accumulate"), built on first use.
+        """The kernel object of pass `which` (a key of SIGNATURES), built on first use.
         Building needs no GPU; calling it does."""
         key = (self.name, which)
         if key not in _KERNELS:
-            inputs, outputs, source = self.sources[which]
+            inputs, outputs = SIGNATURES[which]
             _KERNELS[key] = self.make(name=f"mlx_flash_{self.name}_{which}", input_names=inputs,
-                                      output_names=outputs, source=source, header=self.header)
+                                      output_names=outputs, source=self.bodies[which],
+                                      header=self.header)
         return _KERNELS[key]
+
+    def per_row(self, which: str, inputs: list[mx.array], template: list, k: int) -> mx.array:
+        """`[k]` float32 from a pass-1 kernel: one SIMD group per selected neuron."""
+        return self.kernel(which)(inputs=inputs, template=template, grid=(GROUP, k, 1),
+                                  threadgroup=(GROUP, ROWS_PER_GROUP, 1),
+                                  output_shapes=[(k,)], output_dtypes=[mx.float32])[0]
+
+    def per_column(self, which: str, inputs: list[mx.array], template: list,
+                   d: int) -> mx.array:
+        """`[d]` float32 from a pass-2 kernel: GROUP columns per threadgroup."""
+        columns = -(-d // GROUP) * GROUP
+        return self.kernel(which)(inputs=inputs, template=template + [("SPLIT", self.split)],
+                                  grid=(columns, self.split, 1),
+                                  threadgroup=(GROUP, self.split, 1),
+                                  output_shapes=[(d,)], output_dtypes=[mx.float32])[0]
 
     def hidden(self, x: mx.array, first: mx.array, second: mx.array, bias: mx.array,
                slots: mx.array, kind: str, activation: str, threshold: float) -> mx.array:
         """Pass 1: `[k]` float32. "dot": first·x; "glu": act(first·x) * second·x (relu'd
         for drelu); "mlp": act(first·x + bias). Inputs a kind does not read are passed as
         `first` (no copy: the kernel never touches them)."""
-        k = slots.shape[0]
         inputs = [x.astype(mx.float32), slots, first, second, bias,
                   mx.array([threshold], dtype=mx.float32)]
         template = [("T", first.dtype), ("KIND", KIND_CODES[kind]),
                     ("ACT", ACTIVATION_CODES[activation])]
-        return self.kernel("rows")(inputs=inputs, template=template, grid=(GROUP, k, 1),
-                                   threadgroup=(GROUP, ROWS_PER_GROUP, 1),
-                                   output_shapes=[(k,)], output_dtypes=[mx.float32])[0]
+        return self.per_row("rows", inputs, template, slots.shape[0])
 
     def gather_matvec(self, x: mx.array, rows: mx.array, slots: mx.array,
                       in_use: int | None = None) -> mx.array:
@@ -96,13 +115,26 @@ class TwoPass:
     def gather_accumulate(self, h: mx.array, rows: mx.array, slots: mx.array,
                           in_use: int | None = None) -> mx.array:
         """Pass 2: `[d]` float32."""
-        d = rows.shape[1]
-        columns = -(-d // GROUP) * GROUP
-        return self.kernel("accumulate")(
-            inputs=[h.astype(mx.float32), slots, rows],
-            template=[("T", rows.dtype), ("SPLIT", self.split)],
-            grid=(columns, self.split, 1), threadgroup=(GROUP, self.split, 1),
-            output_shapes=[(d,)], output_dtypes=[mx.float32])[0]
+        return self.per_column("accumulate", [h.astype(mx.float32), slots, rows],
+                               [("T", rows.dtype)], rows.shape[1])
+
+    def gather_qmatvec(self, x: mx.array, q: tuple[mx.array, mx.array, mx.array],
+                       slots: mx.array, bits: int, group_size: int,
+                       in_use: int | None = None) -> mx.array:
+        """Pass 1 on quantized rows (`bits` in QUANTIZED_BITS): `[k]` float32."""
+        w, scales, biases = q
+        template = [("T", scales.dtype), ("BITS", bits), ("GROUP_SIZE", group_size)]
+        return self.per_row("qrows", [x.astype(mx.float32), slots, w, scales, biases],
+                            template, slots.shape[0])
+
+    def gather_qaccumulate(self, h: mx.array, q: tuple[mx.array, mx.array, mx.array],
+                           slots: mx.array, bits: int, group_size: int,
+                           in_use: int | None = None) -> mx.array:
+        """Pass 2 on quantized rows: `[d]` float32."""
+        w, scales, biases = q
+        template = [("T", scales.dtype), ("BITS", bits), ("GROUP_SIZE", group_size)]
+        return self.per_column("qaccumulate", [h.astype(mx.float32), slots, w, scales, biases],
+                               template, w.shape[1] * 32 // bits)
 
     def sparse_ffn(self, x: mx.array, parts: dict[str, mx.array], slots: mx.array, kind: str,
                    activation: str, threshold: float, in_use: int | None = None) -> mx.array:

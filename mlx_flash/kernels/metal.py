@@ -1,13 +1,15 @@
 """The sparse FFN as Metal kernels (`mx.fast.metal_kernel`), for Apple GPUs.
 
-UNTESTED: these sources were written against MLX's documented metal_kernel API (0.32) and
-have never been compiled by Metal or run: the development machine has no Metal. The tests
-build the kernel objects (which needs no GPU) and check the sources' names, and they compare
-the kernels with the reference when Metal is available; run `pytest tests/test_kernels.py` on
-a Mac before relying on them. (The bodies did parse as C++17 under g++ with stand-ins for
-Metal's address-space qualifiers, `simd_sum`, `threadgroup_barrier` and bfloat16_t, for
-every kind and activation in float32 and bfloat16.) The algorithm and launch geometry are
-in `gpu.py`; the same algorithm in CUDA (`cuda.py`) has passed the tests on an NVIDIA GPU.
+NEVER RUN ON METAL: these sources were written against MLX's documented metal_kernel API
+(0.32) and have never been compiled by Metal or run on an Apple GPU: the development machine
+has no Metal. What has run: every body, on the CPU, under `tests/gpu_emulator.py` (g++ with
+stand-ins for Metal's built-ins: threads, threadgroup memory and barriers, `simd_sum`),
+against the reference, in the test suite; that checks their arithmetic, indexing, packing,
+reductions and guards, not Metal's compiler or type rules. The tests also build the kernel
+objects (which needs no GPU) and compare them with the reference when Metal is available:
+run `pytest tests/test_kernels.py` on a Mac before relying on them. The algorithm and launch
+geometry are in `gpu.py`; the same float passes in CUDA (`cuda.py`) have passed the tests on
+an NVIDIA GPU.
 
 How MLX turns these bodies into kernels: it writes the signature from the input arrays'
 dtypes (inputs with fewer than 8 elements go in the `constant` address space, so the bodies
@@ -100,5 +102,77 @@ ACCUMULATE = """
   }
 """
 
+# Pass 1 on quantized rows (see cuda.py's QROWS): a lane takes whole packed words, all of
+# whose values share a group's scale and bias.
+QROWS = """
+  const uint lane = thread_position_in_threadgroup.x;
+  const uint row = thread_position_in_grid.y;
+  const uint k = slots_shape[0];
+  const uint d = x_shape[0];
+  if (row >= k) {
+    return;
+  }
+  constexpr uint PER_WORD = 32 / BITS;
+  constexpr uint MASK = (1u << BITS) - 1u;
+  const uint words = d / PER_WORD;
+  const uint groups = d / GROUP_SIZE;
+  const size_t slot = size_t(slots[row]);
+  float acc = 0.0f;
+  for (uint i = lane; i < words; i += FLASH_GROUP) {
+    const uint word = w[slot * words + i];
+    float dot = 0.0f;
+    float sum = 0.0f;
+    for (uint e = 0; e < PER_WORD; ++e) {
+      const float xj = x[i * PER_WORD + e];
+      dot += xj * float((word >> (e * BITS)) & MASK);
+      sum += xj;
+    }
+    const size_t g = slot * groups + i * PER_WORD / GROUP_SIZE;
+    const T s = scales[g];
+    const T b = biases[g];
+    acc += float(s) * dot + float(b) * sum;
+  }
+  acc = metal::simd_sum(acc);
+  if (lane == 0) {
+    h[row] = acc;
+  }
+"""
+
+# Pass 2 on quantized rows: as ACCUMULATE, each element dequantized where it is loaded.
+QACCUMULATE = """
+  threadgroup float partial[SPLIT][FLASH_GROUP];
+  const uint tx = thread_position_in_threadgroup.x;
+  const uint ty = thread_position_in_threadgroup.y;
+  const uint j = thread_position_in_grid.x;
+  const uint k = slots_shape[0];
+  constexpr uint PER_WORD = 32 / BITS;
+  constexpr uint MASK = (1u << BITS) - 1u;
+  const uint words = w_shape[1];
+  const uint d = words * PER_WORD;
+  const uint groups = d / GROUP_SIZE;
+  float acc = 0.0f;
+  if (j < d) {
+    const uint shift = (j % PER_WORD) * BITS;
+    for (uint i = ty; i < k; i += SPLIT) {
+      const size_t slot = size_t(slots[i]);
+      const size_t g = slot * groups + j / GROUP_SIZE;
+      const float q = float((w[slot * words + j / PER_WORD] >> shift) & MASK);
+      const T s = scales[g];
+      const T b = biases[g];
+      acc += h[i] * (float(s) * q + float(b));
+    }
+  }
+  partial[ty][tx] = acc;
+  metal::threadgroup_barrier(metal::mem_flags::mem_threadgroup);
+  if (ty == 0 && j < d) {
+    float total = 0.0f;
+    for (uint p = 0; p < SPLIT; ++p) {
+      total += partial[p][tx];
+    }
+    y[j] = total;
+  }
+"""
+
+BODIES = {"rows": ROWS, "accumulate": ACCUMULATE, "qrows": QROWS, "qaccumulate": QACCUMULATE}
 # 8 slices: 256-thread threadgroups, a common size on Apple GPUs (not tuned: no Mac here).
-KERNELS = TwoPass("metal", mx.fast.metal_kernel, HEADER, ROWS, ACCUMULATE, split=8)
+KERNELS = TwoPass("metal", mx.fast.metal_kernel, HEADER, BODIES, split=8)
