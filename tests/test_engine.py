@@ -10,6 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from mlx_lm.generate import generate_step
+from mlx_lm.models.cache import make_prompt_cache
 
 import mlx_flash
 from mlx_flash.bundle import Bundle, RecordFamily, RecordPart
@@ -144,7 +145,13 @@ def test_budget(relu_bundle):
     assert plan.minimum < plan.total <= budget
     fam = bundle.families["neuron"]
     assert 0 < plan.capacity[("neuron", tuple(p.name for p in fam.parts))] < fam.count
-    assert decode(model, [40, 41], 4)
+    tokens = decode(model, [40, 41], 4)
+    # the KV cache the plan counts: 64 tokens, allocated once (not mlx-lm's 256-token steps)
+    cache = make_prompt_cache(model)
+    again = [int(t) for t, _ in generate_step(mx.array([40, 41]), model, max_tokens=4,
+                                              prompt_cache=cache)]
+    assert again == tokens
+    assert {c.keys.shape[2] for c in cache} == {64}
 
 
 def test_parse_size():
