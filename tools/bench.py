@@ -423,7 +423,8 @@ def main() -> int:
                 per_layer = 16384 * (2 * 4096 + 8) * 2 + 4 * 4096 * 4096 * 2
                 layers = int(1.3 * ram / per_layer) + 1
                 free = shutil.disk_usage(work).free
-                if free < 1.2 * layers * per_layer:
+                built = (work / f"opt-shaped-{layers}l").exists()
+                if not built and free < 1.2 * layers * per_layer:
                     raise SystemExit(f"the big run needs {layers * per_layer / 1e9:.0f} GB of "
                                      f"disk; {free / 1e9:.0f} GB free")
                 bundle, size = prepare_scale(work, layers, f"opt-shaped-{layers}l")
