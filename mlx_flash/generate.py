@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
                                 sparsity=None if args.sparsity == "auto" else args.sparsity,
                                 memory_budget=args.memory_budget, window=args.window,
                                 context=args.max_kv_size or 2048, threads=args.threads,
-                                cold=args.cold)
+                                cold=args.cold, rotating_kv=args.max_kv_size is not None)
     except (FileNotFoundError, FileExistsError, BundleError, SourceError, UnsupportedModel,
             ConversionError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -11,7 +11,7 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
-from mlx_lm.models.cache import KVCache
+from mlx_lm.models.cache import KVCache, RotatingKVCache
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
 from .arch import Architecture, FFNSpec, get_architecture
@@ -82,12 +82,14 @@ def quantize_resident(model: nn.Module, config: dict[str, Any],
     nn.quantize(model, group_size=q["group_size"], bits=q["bits"], class_predicate=predicate)
 
 
-def kv_caches(n_layers: int, context: int) -> list[KVCache]:
+def kv_caches(n_layers: int, context: int, rotating: bool) -> list[KVCache | RotatingKVCache]:
     """KV caches that allocate `context` tokens at once (mlx-lm's own grow in 256-token steps
     by concatenation). Budgeted models make these: the plan counts KV memory for `context`
     tokens, and mlx-lm's steps put an 82-layer OPT-shaped model 344 MB over a 64-token plan
-    (measured). Past `context` they grow by another `context` tokens, over the plan."""
-    caches = [KVCache() for _ in range(n_layers)]
+    (measured). Past `context` they rotate (`rotating`: mlx-lm's max_kv_size, keeping the
+    first 4 tokens, as mlx-lm does) or grow by another `context` tokens, over the plan."""
+    caches = [RotatingKVCache(max_size=context, keep=4) if rotating else KVCache()
+              for _ in range(n_layers)]
     for cache in caches:
         cache.step = context
     return caches
@@ -103,6 +105,7 @@ class EngineOptions:
     threads: int = 8  # parallel reads: flash_profile flattens beyond 8 (docs/BENCHMARKS.md)
     cold: bool = False
     use_mmap: bool = False  # read records out of a memory map (the benchmark's "mmap" engine)
+    rotating_kv: bool = False  # past `context` tokens the KV cache rotates (max_kv_size)
 
 
 def open_model(bundle: Bundle, compute_dtype: str | None = None,
@@ -142,7 +145,9 @@ def open_model(bundle: Bundle, compute_dtype: str | None = None,
                          options.cold, options.use_mmap)
     model = build_flash_model(arch, bundle.config, spec, engine)
     if budget is not None:  # mlx-lm's make_prompt_cache asks the model first
-        model.make_cache = partial(kv_caches, len(arch.layers(model)), options.context)
+        # (a model's make_cache overrides make_prompt_cache's max_kv_size: `rotating_kv` is it)
+        model.make_cache = partial(kv_caches, len(arch.layers(model)), options.context,
+                                   options.rotating_kv)
     weights = bundle.load_resident()
     weights = {k: v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) else v
                for k, v in weights.items()}
@@ -170,6 +175,7 @@ def load(
     context: int = 2048,
     threads: int = 8,
     cold: bool = False,
+    rotating_kv: bool = False,
 ) -> tuple[nn.Module, TokenizerWrapper]:
     """Load a flash bundle as `(model, tokenizer)` for mlx-lm's generate / stream_generate.
 
@@ -180,7 +186,9 @@ def load(
     checks every file's sha256 before use. `sparsity` picks the selection mode: one calibrated
     in the bundle (`python -m mlx_flash.calibrate`), "off", or None for the bundle's default.
     `memory_budget` (bytes, or "150MB") bounds resident weights, selection data, KV cache for
-    `context` tokens and the per-layer neuron caches, which keep the neurons of the last
+    `context` tokens (a budgeted model's `make_cache` allocates it at once; past `context` it
+    rotates with `rotating_kv`, as mlx-lm's max_kv_size does, else it grows past the budget)
+    and the per-layer neuron caches, which keep the neurons of the last
     `window` tokens (BudgetError when it cannot be met; without a budget the caches may hold
     every neuron, and selection "off" caches nothing: the naive engine). `threads` read in
     parallel; `cold` bypasses the OS page cache. The model's `flash` attribute is its
@@ -197,7 +205,7 @@ def load(
                                eos_token_ids=bundle.config.get("eos_token_id"))
     runtime = rss_bytes()
     model = open_model(bundle, compute_dtype, sparsity, EngineOptions(
-        memory_budget, window, context, threads, cold))
+        memory_budget, window, context, threads, cold, rotating_kv=rotating_kv))
     model.flash.runtime_rss = runtime
     return model, tokenizer
 
