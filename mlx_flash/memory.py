@@ -19,6 +19,7 @@ from typing import Any
 import mlx.core as mx
 
 from .bundle import Bundle
+from .neuron_cache import NeuronCache
 
 UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20,
          "gib": 2**30}
@@ -163,10 +164,11 @@ def plan_memory(bundle: Bundle, compute_itemsize: int, selection_bytes: int,
     # Python-side bookkeeping: four staging slices plus 16 MiB (measured: docs/BENCHMARKS.md)
     work = 4 * staging + 16 * 2**20
     plan = MemoryPlan(budget, resident, selection_bytes, staging, kv, context, work=work)
-    row_bytes = {}
-    for family, parts in cache_keys:
-        fam = bundle.families[family]
-        row_bytes[(family, parts)] = fam.tensor_bytes(parts)
+    # a cache's rows, and its index arrays: a fixed part per neuron, a part per row
+    row_bytes = {key: bundle.families[key[0]].tensor_bytes(key[1]) + NeuronCache.index_bytes(0, 1)
+                 for key in cache_keys}
+    fixed = n_layers * sum(NeuronCache.index_bytes(bundle.families[f].count, 0)
+                           for f, _ in cache_keys)
     full = n_layers * sum(bundle.families[f].count * row_bytes[(f, p)] for f, p in cache_keys)
     if budget is None:
         fraction = 1.0 if default_full else 0.0
@@ -175,11 +177,14 @@ def plan_memory(bundle: Bundle, compute_itemsize: int, selection_bytes: int,
             raise BudgetError(f"memory budget {format_bytes(budget)} is below the minimum "
                               f"{format_bytes(plan.minimum)} for this model: "
                               + plan.describe().rsplit(" + neuron caches", 1)[0])
-        fraction = min(1.0, (budget - plan.minimum) / full) if full else 0.0
+        fraction = min(1.0, max(0, budget - plan.minimum - fixed) / full) if full else 0.0
     for key in cache_keys:
-        rows = int(fraction * bundle.families[key[0]].count)
-        if rows < MIN_CACHE_FRACTION * bundle.families[key[0]].count:
+        count = bundle.families[key[0]].count
+        rows = int(fraction * count)
+        if rows < MIN_CACHE_FRACTION * count:
             rows = 0
         plan.capacity[key] = rows
-        plan.cache_bytes += n_layers * rows * row_bytes[key]
+        if rows:
+            plan.cache_bytes += n_layers * (rows * row_bytes[key]
+                                            + NeuronCache.index_bytes(count, 0))
     return plan

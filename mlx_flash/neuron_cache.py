@@ -141,6 +141,12 @@ class NeuronCache:
         self.size = 0  # slots 0..size-1 are occupied
         self.stats = CacheStats()
 
+    @staticmethod
+    def index_bytes(count: int, capacity: int) -> int:
+        """Memory of the index arrays above (int64): slot_of and last_used per neuron,
+        neuron_at per slot. With many layers it counts (82 layers of 16384 neurons: 22 MB)."""
+        return 8 * (2 * count + capacity)
+
     def evict(self, neurons: np.ndarray) -> None:
         """Remove resident `neurons`: rows after the new end move into the freed slots."""
         if len(neurons) == 0:
