@@ -78,6 +78,19 @@ ROWS = """
   }
 """
 
+# The end of both pass-2 bodies: the slices' sums added in a fixed order, column j written.
+SLICES_TOTAL = """
+  partial[ty][tx] = acc;
+  __syncthreads();
+  if (ty == 0 && j < d) {
+    float total = 0.0f;
+    for (int p = 0; p < SPLIT; ++p) {
+      total += partial[p][tx];
+    }
+    y[j] = total;
+  }
+"""
+
 # Pass 2. Block (GROUP, SPLIT): x is the output column, y the slice of neurons.
 ACCUMULATE = """
   __shared__ float partial[SPLIT][FLASH_GROUP];
@@ -92,16 +105,7 @@ ACCUMULATE = """
       acc += h[i] * static_cast<float>(rows[static_cast<size_t>(slots[i]) * d + j]);
     }
   }
-  partial[ty][tx] = acc;
-  __syncthreads();
-  if (ty == 0 && j < d) {
-    float total = 0.0f;
-    for (int p = 0; p < SPLIT; ++p) {
-      total += partial[p][tx];
-    }
-    y[j] = total;
-  }
-"""
+""" + SLICES_TOTAL
 
 # Pass 1 on quantized rows: a lane takes whole packed words (32 / BITS values, all in one
 # group, as BITS divides 32 and GROUP_SIZE is a multiple of 32), so per word it needs one
@@ -161,16 +165,7 @@ QACCUMULATE = """
       acc += h[i] * (static_cast<float>(scales[g]) * q + static_cast<float>(biases[g]));
     }
   }
-  partial[ty][tx] = acc;
-  __syncthreads();
-  if (ty == 0 && j < d) {
-    float total = 0.0f;
-    for (int p = 0; p < SPLIT; ++p) {
-      total += partial[p][tx];
-    }
-    y[j] = total;
-  }
-"""
+""" + SLICES_TOTAL
 
 BODIES = {"rows": ROWS, "accumulate": ACCUMULATE, "qrows": QROWS, "qaccumulate": QACCUMULATE}
 # 32 slices: 1024-thread blocks, so a few hundred columns still fill many warps.

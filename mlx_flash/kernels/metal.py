@@ -76,6 +76,19 @@ ROWS = """
   }
 """
 
+# The end of both pass-2 bodies: the slices' sums added in a fixed order, column j written.
+SLICES_TOTAL = """
+  partial[ty][tx] = acc;
+  metal::threadgroup_barrier(metal::mem_flags::mem_threadgroup);
+  if (ty == 0 && j < d) {
+    float total = 0.0f;
+    for (uint p = 0; p < SPLIT; ++p) {
+      total += partial[p][tx];
+    }
+    y[j] = total;
+  }
+"""
+
 # Pass 2. Threadgroup (GROUP, SPLIT): x is the output column, y the slice of neurons.
 ACCUMULATE = """
   threadgroup float partial[SPLIT][FLASH_GROUP];
@@ -91,16 +104,7 @@ ACCUMULATE = """
       acc += h[i] * float(r);
     }
   }
-  partial[ty][tx] = acc;
-  metal::threadgroup_barrier(metal::mem_flags::mem_threadgroup);
-  if (ty == 0 && j < d) {
-    float total = 0.0f;
-    for (uint p = 0; p < SPLIT; ++p) {
-      total += partial[p][tx];
-    }
-    y[j] = total;
-  }
-"""
+""" + SLICES_TOTAL
 
 # Pass 1 on quantized rows (see cuda.py's QROWS): a lane takes whole packed words, all of
 # whose values share a group's scale and bias.
@@ -162,16 +166,7 @@ QACCUMULATE = """
       acc += h[i] * (float(s) * q + float(b));
     }
   }
-  partial[ty][tx] = acc;
-  metal::threadgroup_barrier(metal::mem_flags::mem_threadgroup);
-  if (ty == 0 && j < d) {
-    float total = 0.0f;
-    for (uint p = 0; p < SPLIT; ++p) {
-      total += partial[p][tx];
-    }
-    y[j] = total;
-  }
-"""
+""" + SLICES_TOTAL
 
 BODIES = {"rows": ROWS, "accumulate": ACCUMULATE, "qrows": QROWS, "qaccumulate": QACCUMULATE}
 # 8 slices: 256-thread threadgroups, a common size on Apple GPUs (not tuned: no Mac here).
