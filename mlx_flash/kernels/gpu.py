@@ -61,6 +61,12 @@ SIGNATURES = {"rows": (["x", "slots", "first", "second", "bias", "params"], ["h"
 QUANTIZED_BITS = (2, 4, 8)
 
 
+def quantized_template(q: tuple[mx.array, mx.array, mx.array], bits: int,
+                       group_size: int) -> list[tuple[str, Any]]:
+    """The quantized passes' template: T is the scales' (and biases') dtype."""
+    return [("T", q[1].dtype), ("BITS", bits), ("GROUP_SIZE", group_size)]
+
+
 class TwoPass:
     """Both passes for one backend. `make` is `mx.fast.metal_kernel` or
     `mx.fast.cuda_kernel`; `split` is pass 2's number of slices (its threadgroup has
@@ -122,19 +128,15 @@ class TwoPass:
                        slots: mx.array, bits: int, group_size: int,
                        in_use: int | None = None) -> mx.array:
         """Pass 1 on quantized rows (`bits` in QUANTIZED_BITS): `[k]` float32."""
-        w, scales, biases = q
-        template = [("T", scales.dtype), ("BITS", bits), ("GROUP_SIZE", group_size)]
-        return self.per_row("qrows", [x.astype(mx.float32), slots, w, scales, biases],
-                            template, slots.shape[0])
+        return self.per_row("qrows", [x.astype(mx.float32), slots, *q],
+                            quantized_template(q, bits, group_size), slots.shape[0])
 
     def gather_qaccumulate(self, h: mx.array, q: tuple[mx.array, mx.array, mx.array],
                            slots: mx.array, bits: int, group_size: int,
                            in_use: int | None = None) -> mx.array:
         """Pass 2 on quantized rows: `[d]` float32."""
-        w, scales, biases = q
-        template = [("T", scales.dtype), ("BITS", bits), ("GROUP_SIZE", group_size)]
-        return self.per_column("qaccumulate", [h.astype(mx.float32), slots, w, scales, biases],
-                               template, w.shape[1] * 32 // bits)
+        return self.per_column("qaccumulate", [h.astype(mx.float32), slots, *q],
+                               quantized_template(q, bits, group_size), q[0].shape[1] * 32 // bits)
 
     def sparse_ffn(self, x: mx.array, parts: dict[str, mx.array], slots: mx.array, kind: str,
                    activation: str, threshold: float, in_use: int | None = None) -> mx.array:
