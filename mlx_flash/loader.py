@@ -144,7 +144,7 @@ def open_model(bundle: Bundle, compute_dtype: str | None = None,
     engine = FlashEngine(bundle, spec, mode, dtype, plan, options.window, options.threads,
                          options.cold, options.use_mmap)
     model = build_flash_model(arch, bundle.config, spec, engine)
-    if budget is not None:  # mlx-lm's make_prompt_cache asks the model first
+    if budget is not None or options.rotating_kv:  # make_prompt_cache asks the model first
         # (a model's make_cache overrides make_prompt_cache's max_kv_size: `rotating_kv` is it)
         model.make_cache = partial(kv_caches, len(arch.layers(model)), options.context,
                                    options.rotating_kv)
@@ -187,7 +187,8 @@ def load(
     in the bundle (`python -m mlx_flash.calibrate`), "off", or None for the bundle's default.
     `memory_budget` (bytes, or "150MB") bounds resident weights, selection data, KV cache for
     `context` tokens (a budgeted model's `make_cache` allocates it at once; past `context` it
-    rotates with `rotating_kv`, as mlx-lm's max_kv_size does, else it grows past the budget)
+    rotates with `rotating_kv`, as mlx-lm's max_kv_size does, with or without a budget; else
+    it grows past the budget)
     and the per-layer neuron caches, which keep the neurons of the last
     `window` tokens (BudgetError when it cannot be met; without a budget the caches may hold
     every neuron, and selection "off" caches nothing: the naive engine). `threads` read in

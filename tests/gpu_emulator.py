@@ -10,10 +10,14 @@ it (inputs as `const T*` with `<name>_shape`, template arguments as `using T = .
     after another; Metal launches only the threads inside the grid (its last threadgroups may
     be partial), CUDA whole blocks;
   * `threadgroup` / `__shared__` variables are function statics (one threadgroup at a time);
-  * `threadgroup_barrier` / `__syncthreads` wait for the threadgroup's live threads;
+  * `threadgroup_barrier` / `__syncthreads` wait for the threadgroup's threads;
   * `simd_sum` and `__shfl_xor_sync` exchange values between the 32 threads of a SIMD group
-    through memory; one reached while a lane of the group has exited makes the launch raise
-    (on a GPU that is undefined), so a kernel whose lanes diverge around a reduction fails.
+    through memory;
+  * a reduction or barrier reached while a thread it waits for has exited makes the launch
+    raise (on a GPU that is undefined), so a kernel whose threads diverge around one fails.
+
+Not caught: reads past an input (they see neighbouring memory) and threadgroup arrays read
+before they are written (they hold the previous threadgroup's values).
 
 What this checks: the bodies' arithmetic, indexing, packing, reductions and guards, run
 against the reference. What it cannot: the Metal or CUDA compilers, their type rules and
@@ -93,6 +97,8 @@ struct Group {  // one threadgroup's shared state
   std::vector<std::unique_ptr<std::barrier<>>> simd;
   std::vector<std::atomic<int>> live;  // live lanes per SIMD group
   std::vector<unsigned> members;       // lanes launched per SIMD group
+  std::atomic<int> alive{0};           // threads of the threadgroup not yet exited
+  int launched = 0;
   float lanes[1024 * 4];
   explicit Group(size_t n_simd) : simd(n_simd), live(n_simd), members(n_simd, 0) {}
 };
@@ -100,7 +106,7 @@ struct Group {  // one threadgroup's shared state
 thread_local dim3_ tid, bid, bdim, gpos;
 thread_local unsigned linear = 0;
 thread_local Group* group = nullptr;
-std::atomic<bool> diverged{false};  // a SIMD reduction ran with lanes missing
+std::atomic<bool> diverged{false};  // a SIMD reduction or barrier ran with threads exited
 
 float exchange(float v, unsigned lane_from, bool sum_all) {
   const unsigned s = linear / SIMD;
@@ -120,7 +126,12 @@ float exchange(float v, unsigned lane_from, bool sum_all) {
   return r;
 }
 
-void barrier() { group->all->arrive_and_wait(); }
+void barrier() {
+  group->all->arrive_and_wait();
+  // a thread that exited instead of arriving was counted out: on a GPU that is undefined
+  if (group->alive.load() != group->launched) diverged = true;
+  group->all->arrive_and_wait();  // none leaves before all have checked
+}
 
 int launch(const unsigned* grid, const unsigned* tg, bool whole_groups, void (*body)(void*),
            void* context) {
@@ -140,6 +151,8 @@ int launch(const unsigned* grid, const unsigned* tg, bool whole_groups, void (*b
         }
         Group shared((size + SIMD - 1) / SIMD);
         shared.all = std::make_unique<std::barrier<>>(threads.size());
+        shared.launched = int(threads.size());
+        shared.alive = int(threads.size());
         for (auto& t : threads) shared.members[(t.x + tg[0] * (t.y + tg[1] * t.z)) / SIMD]++;
         for (size_t s = 0; s < shared.simd.size(); ++s) {
           shared.simd[s] = std::make_unique<std::barrier<>>(std::max(1u, shared.members[s]));
@@ -157,6 +170,7 @@ int launch(const unsigned* grid, const unsigned* tg, bool whole_groups, void (*b
             body(context);
             // an exited thread no longer holds up barriers, as on a GPU
             shared.live[linear / SIMD]--;
+            shared.alive--;
             shared.simd[linear / SIMD]->arrive_and_drop();
             shared.all->arrive_and_drop();
           });
@@ -233,7 +247,7 @@ class Emulator:
             out_ptrs = (ctypes.c_void_p * len(outputs))(*(o.ctypes.data for o in outputs))
             dims = (ctypes.c_uint * 6)(*grid, *threadgroup)
             if self.library(code).run(pointers, shape_ptrs, out_ptrs, dims):
-                raise RuntimeError(f"{name}: a SIMD reduction ran with lanes of its group exited")
+                raise RuntimeError(f"{name}: a SIMD reduction or barrier ran with threads exited")
             return [mx.array(o) for o in outputs]
 
         return kernel

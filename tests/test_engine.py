@@ -153,10 +153,11 @@ def test_budget(relu_bundle):
     assert again == tokens
     assert {c.keys.shape[2] for c in cache} == {64}
     # with rotating_kv (mlx-lm's max_kv_size), the same bound, rotating past it
-    model, _ = mlx_flash.load(relu_bundle, memory_budget=budget, context=16, rotating_kv=True)
-    cache = make_prompt_cache(model)
-    list(generate_step(mx.array([40, 41]), model, max_tokens=24, prompt_cache=cache))
-    assert {(type(c).__name__, c.keys.shape[2]) for c in cache} == {("RotatingKVCache", 16)}
+    for limit in (budget, None):  # rotating_kv bounds the KV cache with or without a budget
+        model, _ = mlx_flash.load(relu_bundle, memory_budget=limit, context=16, rotating_kv=True)
+        cache = make_prompt_cache(model)
+        list(generate_step(mx.array([40, 41]), model, max_tokens=24, prompt_cache=cache))
+        assert {(type(c).__name__, c.keys.shape[2]) for c in cache} == {("RotatingKVCache", 16)}
 
 
 def test_parse_size():

@@ -272,14 +272,15 @@ def quantized_rows(d: int, c: int, bits: int, group_size: int, dtype: str,
     return (packed, scales, biases), values
 
 
-def assert_quantized_matches_numpy(implementation, bits: int, group_size: int,
-                                   dtype: str) -> None:
-    """`implementation`'s gather_qmatvec and gather_qaccumulate against NumPy."""
-    d, c = 2 * group_size, 20
+def assert_quantized_matches_numpy(implementation, bits: int, group_size: int, dtype: str,
+                                   d: int | None = None, c: int = 20) -> None:
+    """`implementation`'s gather_qmatvec and gather_qaccumulate against NumPy (d: two groups
+    unless given)."""
+    d = d or 2 * group_size
     q, values = quantized_rows(d, c, bits, group_size, dtype, seed=bits + group_size)
     rng = np.random.default_rng(bits)
     x = mx.array(rng.standard_normal(d).astype(np.float32))
-    for k in (1, 17, c):
+    for k in sorted({1, 17, c}):
         slots = pick(c, k, seed=k)
         s = np.array(slots)
         rows = values[s]
@@ -350,12 +351,15 @@ def test_emulated_gpu_kernels_match_reference(emulated, name, dtype):
 @pytest.mark.parametrize("name", GPU)
 def test_emulated_quantized_kernels_match_numpy(emulated, name, bits, group_size, dtype):
     assert_quantized_matches_numpy(emulated(name, GPU[name].BODIES), bits, group_size, dtype)
+    if bits == 4:  # lanes taking several words each (144 words), k past CUDA's 32 slices
+        assert_quantized_matches_numpy(emulated(name, GPU[name].BODIES), bits, group_size,
+                                       dtype, d=1152, c=70)
 
 
 @pytest.mark.parametrize("name", GPU)
 def test_emulator_catches_broken_kernels(emulated, name):
     """The emulation can fail: a body reading the wrong bits gives wrong numbers, and one whose
-    lanes leave before a SIMD reduction is refused."""
+    threads leave before a SIMD reduction or a threadgroup barrier is refused."""
     bodies = GPU[name].BODIES
     wrong_bits = emulated(name, dict(bodies, qrows=bodies["qrows"].replace(
         "(e * BITS)", "(e * BITS + 1)")))
@@ -364,8 +368,15 @@ def test_emulator_catches_broken_kernels(emulated, name):
     diverging = emulated(name, dict(bodies, rows=bodies["rows"].replace(
         "if (row >= k) {", "if (row >= k || lane >= 16) {")))
     x, parts = make(64, 8, mx.float32, seed=3)
-    with pytest.raises(RuntimeError, match="SIMD reduction"):
+    with pytest.raises(RuntimeError, match="SIMD reduction or barrier"):
         diverging.gather_matvec(x, parts["up"], pick(8, 5, seed=3))
+    early = "  if (j >= d) {\n    return;\n  }\n"  # threads leaving before the barrier
+    body = bodies["accumulate"]
+    at = body.index("  float acc = 0.0f;")
+    leaving = emulated(name, dict(bodies, accumulate=body[:at] + early + body[at:]))
+    _, narrow = make(40, 8, mx.float32, seed=4)  # 40 columns: 24 threads of 64 leave
+    with pytest.raises(RuntimeError, match="SIMD reduction or barrier"):
+        leaving.gather_accumulate(mx.ones((5,)), narrow["up"], pick(8, 5, seed=3))
 
 
 @pytest.mark.parametrize("kind,activation", VARIANTS)
