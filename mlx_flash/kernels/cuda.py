@@ -41,16 +41,31 @@ __device__ inline float flash_activate(float v, float threshold) {
 }
 """
 
-# Pass 1. Block (GROUP, ROWS_PER_GROUP): x is the lane, y the selected neuron, so the GROUP
-# lanes of a neuron are one warp.
-ROWS = """
+# The start of both pass-1 bodies: lane and selected neuron; a SIMD group past the k
+# neurons leaves whole, so no reduction is left half-done.
+NEURON_START = """
   const int lane = threadIdx.x;
   const int row = blockIdx.y * blockDim.y + threadIdx.y;
   const int k = slots_shape[0];
   const int d = x_shape[0];
   if (row >= k) {
-    return;  // the whole warp leaves together: no shuffle is left half-done
+    return;
   }
+"""
+
+# The start of both pass-2 bodies: threadgroup memory for the slices' sums, the thread's
+# column j and slice ty.
+SLICES_START = """
+  __shared__ float partial[SPLIT][FLASH_GROUP];
+  const int tx = threadIdx.x;
+  const int ty = threadIdx.y;
+  const int j = blockIdx.x * FLASH_GROUP + tx;
+  const int k = slots_shape[0];
+"""
+
+# Pass 1. Block (GROUP, ROWS_PER_GROUP): x is the lane, y the selected neuron, so the GROUP
+# lanes of a neuron are one warp.
+ROWS = NEURON_START + """
   const size_t base = static_cast<size_t>(slots[row]) * d;
   const T* a = first + base;
   const T* b = second + base;
@@ -92,12 +107,7 @@ SLICES_TOTAL = """
 """
 
 # Pass 2. Block (GROUP, SPLIT): x is the output column, y the slice of neurons.
-ACCUMULATE = """
-  __shared__ float partial[SPLIT][FLASH_GROUP];
-  const int tx = threadIdx.x;
-  const int ty = threadIdx.y;
-  const int j = blockIdx.x * FLASH_GROUP + tx;
-  const int k = slots_shape[0];
+ACCUMULATE = SLICES_START + """
   const int d = rows_shape[1];
   float acc = 0.0f;
   if (j < d) {
@@ -110,14 +120,7 @@ ACCUMULATE = """
 # Pass 1 on quantized rows: a lane takes whole packed words (32 / BITS values, all in one
 # group, as BITS divides 32 and GROUP_SIZE is a multiple of 32), so per word it needs one
 # scale and bias: x·(s q + b) = s (x·q) + b (sum of x).
-QROWS = """
-  const int lane = threadIdx.x;
-  const int row = blockIdx.y * blockDim.y + threadIdx.y;
-  const int k = slots_shape[0];
-  const int d = x_shape[0];
-  if (row >= k) {
-    return;
-  }
+QROWS = NEURON_START + """
   constexpr int PER_WORD = 32 / BITS;
   constexpr uint32_t MASK = (1u << BITS) - 1u;
   const int words = d / PER_WORD;
@@ -144,12 +147,7 @@ QROWS = """
 
 # Pass 2 on quantized rows: as ACCUMULATE, each element dequantized where it is loaded
 # (neighbouring threads read the same word).
-QACCUMULATE = """
-  __shared__ float partial[SPLIT][FLASH_GROUP];
-  const int tx = threadIdx.x;
-  const int ty = threadIdx.y;
-  const int j = blockIdx.x * FLASH_GROUP + tx;
-  const int k = slots_shape[0];
+QACCUMULATE = SLICES_START + """
   constexpr int PER_WORD = 32 / BITS;
   constexpr uint32_t MASK = (1u << BITS) - 1u;
   const int words = w_shape[1];

@@ -37,16 +37,31 @@ inline float flash_activate(float v, float threshold) {
 }
 """
 
-# Pass 1. Threadgroup (GROUP, ROWS_PER_GROUP): x is the lane, y the selected neuron, so the
-# GROUP lanes of a neuron are one simdgroup (Apple GPUs' simdgroups are 32 wide).
-ROWS = """
+# The start of both pass-1 bodies: lane and selected neuron; a SIMD group past the k
+# neurons leaves whole, so no reduction is left half-done.
+NEURON_START = """
   const uint lane = thread_position_in_threadgroup.x;
   const uint row = thread_position_in_grid.y;
   const uint k = slots_shape[0];
   const uint d = x_shape[0];
   if (row >= k) {
-    return;  // the whole simdgroup leaves together: no reduction is left half-done
+    return;
   }
+"""
+
+# The start of both pass-2 bodies: threadgroup memory for the slices' sums, the thread's
+# column j and slice ty.
+SLICES_START = """
+  threadgroup float partial[SPLIT][FLASH_GROUP];
+  const uint tx = thread_position_in_threadgroup.x;
+  const uint ty = thread_position_in_threadgroup.y;
+  const uint j = thread_position_in_grid.x;
+  const uint k = slots_shape[0];
+"""
+
+# Pass 1. Threadgroup (GROUP, ROWS_PER_GROUP): x is the lane, y the selected neuron, so the
+# GROUP lanes of a neuron are one simdgroup (Apple GPUs' simdgroups are 32 wide).
+ROWS = NEURON_START + """
   const size_t base = size_t(slots[row]) * d;
   float dot_first = 0.0f;
   float dot_second = 0.0f;
@@ -90,12 +105,7 @@ SLICES_TOTAL = """
 """
 
 # Pass 2. Threadgroup (GROUP, SPLIT): x is the output column, y the slice of neurons.
-ACCUMULATE = """
-  threadgroup float partial[SPLIT][FLASH_GROUP];
-  const uint tx = thread_position_in_threadgroup.x;
-  const uint ty = thread_position_in_threadgroup.y;
-  const uint j = thread_position_in_grid.x;
-  const uint k = slots_shape[0];
+ACCUMULATE = SLICES_START + """
   const uint d = rows_shape[1];
   float acc = 0.0f;
   if (j < d) {
@@ -108,14 +118,7 @@ ACCUMULATE = """
 
 # Pass 1 on quantized rows (see cuda.py's QROWS): a lane takes whole packed words, all of
 # whose values share a group's scale and bias.
-QROWS = """
-  const uint lane = thread_position_in_threadgroup.x;
-  const uint row = thread_position_in_grid.y;
-  const uint k = slots_shape[0];
-  const uint d = x_shape[0];
-  if (row >= k) {
-    return;
-  }
+QROWS = NEURON_START + """
   constexpr uint PER_WORD = 32 / BITS;
   constexpr uint MASK = (1u << BITS) - 1u;
   const uint words = d / PER_WORD;
@@ -143,12 +146,7 @@ QROWS = """
 """
 
 # Pass 2 on quantized rows: as ACCUMULATE, each element dequantized where it is loaded.
-QACCUMULATE = """
-  threadgroup float partial[SPLIT][FLASH_GROUP];
-  const uint tx = thread_position_in_threadgroup.x;
-  const uint ty = thread_position_in_threadgroup.y;
-  const uint j = thread_position_in_grid.x;
-  const uint k = slots_shape[0];
+QACCUMULATE = SLICES_START + """
   constexpr uint PER_WORD = 32 / BITS;
   constexpr uint MASK = (1u << BITS) - 1u;
   const uint words = w_shape[1];
