@@ -147,18 +147,23 @@ class FlashEngine:
         if len(spill) > staging.capacity:
             raise RuntimeError(f"a token needs {len(spill)} more {family} records than its cache "
                                "holds, more than the staging matrix takes: raise the budget")
-        reader.read_records(fam, layer, load, slots, cache.matrix, parts)
+        try:
+            reader.read_records(fam, layer, load, slots, cache.matrix, parts)
+        except BaseException:
+            cache.evict(load)  # rows whose bytes did not all arrive are not resident
+            raise
         cached = ids[cache.slot_of[ids] >= 0]
-        rows = Rows(cached, cache.matrix.parts, cache.slot_of[cached], cache.size,
-                    self.compute_dtype, fam.quantization)
+        rows = Rows(cached, cache.matrix.parts, cache.slot_of[cached], self.compute_dtype,
+                    fam.quantization)
         if len(spill) == 0:
             return rows
-        # no room for all: what was read past the cache and what is in it, gathered together
+        # no room for all: what is in the cache and what was read past it, joined in neuron
+        # order (the order every product takes them in)
         past = self._read_staging(layer, family, parts, spill)
         joined = {p: mx.concatenate([rows.raw(p), past.raw(p)]) for p in fam.expand(parts)}
-        k = len(cached) + len(spill)
-        return Rows(np.concatenate([cached, spill]), joined, self._slots[:k], k,
-                    self.compute_dtype, fam.quantization)
+        both = np.concatenate([cached, spill])
+        order = np.argsort(both, kind="stable")
+        return Rows(both[order], joined, order, self.compute_dtype, fam.quantization)
 
     def _read_staging(self, layer: int, family: str, parts: Sequence[str], ids: np.ndarray
                       ) -> Rows:
@@ -168,12 +173,12 @@ class FlashEngine:
         fam, staging = self.families[family], self.matrices[family]
         reader = self.readers[fam.file]
         if staging.capacity < fam.count or len(ids) == 0:
-            slots, in_use = self._slots[:len(ids)], len(ids)
+            slots = self._slots[:len(ids)]
             reader.read_records(fam, layer, ids, slots, staging, parts)
         else:
-            slots, in_use = ids, int(ids[-1]) + 1
+            slots = ids
             reader.read_records(fam, layer, ids, slots, staging, parts, into_free_rows=True)
-        return Rows(ids, staging.parts, slots, in_use, self.compute_dtype, fam.quantization)
+        return Rows(ids, staging.parts, slots, self.compute_dtype, fam.quantization)
 
     def __call__(self, layer: int, x: mx.array, down_bias: mx.array | None) -> mx.array:
         mx.eval(x)

@@ -136,7 +136,7 @@ def open_model(bundle: Bundle, compute_dtype: str | None = None,
     selection = loaded_bytes(bundle.path / info["file"], itemsize) if info.get("file") else 0
     budget = None if options.memory_budget is None else parse_size(options.memory_budget)
     plan = plan_memory(bundle, itemsize, selection, mode.cache_keys, budget, options.context,
-                       default_full=mode.name != "off" and options.window > 0)
+                       default_full=mode.name != "off", caches=options.window > 0)
     if budget is not None:
         # freed buffers MLX keeps for reuse count in the process's memory: within the plan
         mx.set_cache_limit(plan.work // 4)

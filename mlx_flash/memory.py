@@ -144,10 +144,11 @@ def loaded_bytes(path: Path, compute_itemsize: int) -> int:
 
 def plan_memory(bundle: Bundle, compute_itemsize: int, selection_bytes: int,
                 cache_keys: list[tuple[str, tuple[str, ...]]], budget: int | None,
-                context: int, default_full: bool) -> MemoryPlan:
+                context: int, default_full: bool, caches: bool = True) -> MemoryPlan:
     """Size the neuron caches. Without a budget each cache may hold every neuron
     (`default_full`, the window bounding what it holds) or nothing; with one, all caches get
-    the same fraction of their neurons, as much as the budget leaves."""
+    the same fraction of their neurons, as much as the budget leaves. `caches` False (a
+    window of 0 tokens): no cache at all, whatever the budget leaves."""
     config = bundle.config
     n_layers = int(config["num_hidden_layers"])
     resident = loaded_bytes(bundle.resident_path, compute_itemsize)
@@ -178,6 +179,8 @@ def plan_memory(bundle: Bundle, compute_itemsize: int, selection_bytes: int,
                               f"{format_bytes(plan.minimum)} for this model: "
                               + plan.describe().rsplit(" + neuron caches", 1)[0])
         fraction = min(1.0, max(0, budget - plan.minimum - fixed) / full) if full else 0.0
+    if not caches:
+        fraction = 0.0
     for key in cache_keys:
         count = bundle.families[key[0]].count
         rows = int(fraction * count)

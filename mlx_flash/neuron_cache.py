@@ -132,6 +132,8 @@ class NeuronCache:
     """
 
     def __init__(self, family: RecordFamily, parts: Sequence[str], capacity: int, window: int):
+        if window < 1:  # a window of 0 tokens would evict what the token being admitted needs
+            raise ValueError(f"a neuron cache keeps the last window >= 1 tokens, not {window}")
         self.matrix = NeuronMatrix(family, capacity, parts)
         self.parts = tuple(parts)
         self.capacity, self.window = capacity, window

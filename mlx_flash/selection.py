@@ -42,16 +42,16 @@ from .bundle import Bundle, Quantization, RecordFamily, quantized_parts
 @dataclass
 class Rows:
     """Records a mode fetched, where they lie: neuron `ids[r]` is row `slots[r]` of
-    `matrices[part]` (a cache, or the staging matrix), whose first `in_use` rows hold
-    weights (of neurons fetched, or others'; the kernels may multiply them all and keep the
-    fetched ones' results). Batches multiply gathered rows (`rows[part]`); a single token
-    goes through the kernels, which read the rows where they lie. A tensor in
-    `quantization` lies in three matrices: packed (its own name), `.scales` and `.biases`."""
+    `matrices[part]` (a cache, or the staging matrix). `ids` are sorted, and every product
+    takes the rows in that order, wherever they lie: a token's output depends on the weights
+    it selected, never on the slots a cache gave them. Batches multiply gathered rows
+    (`rows[part]`); a single token goes through the kernels, which read the rows where they
+    lie. A tensor in `quantization` lies in three matrices: packed (its own name), `.scales`
+    and `.biases`."""
 
     ids: np.ndarray
     matrices: dict[str, mx.array]
     slots: np.ndarray
-    in_use: int
     dtype: mx.Dtype
     quantization: dict[str, Quantization] = field(default_factory=dict)
 
@@ -116,10 +116,10 @@ def project(x: mx.array, rows: Rows, part: str) -> mx.array:
         if x.shape[0] > 1:
             return rows.quantized_product(x, part, transpose=True)
         return kernels.gather_qmatvec(x[0], rows.matrices_of(part), rows.slot_array, q.bits,
-                                      q.group_size, rows.in_use)[None].astype(x.dtype)
+                                      q.group_size)[None].astype(x.dtype)
     if x.shape[0] == 1:
-        return kernels.gather_matvec(x[0], rows.matrices[part], rows.slot_array,
-                                     rows.in_use)[None].astype(x.dtype)
+        return kernels.gather_matvec(x[0], rows.matrices[part], rows.slot_array)[None].astype(
+            x.dtype)
     return x @ rows[part].T
 
 
@@ -130,10 +130,10 @@ def combine(h: mx.array, rows: Rows, part: str) -> mx.array:
         if h.shape[0] > 1:
             return rows.quantized_product(h, part, transpose=False)
         return kernels.gather_qaccumulate(h[0], rows.matrices_of(part), rows.slot_array,
-                                          q.bits, q.group_size, rows.in_use)[None].astype(h.dtype)
+                                          q.bits, q.group_size)[None].astype(h.dtype)
     if h.shape[0] == 1:
-        return kernels.gather_accumulate(h[0], rows.matrices[part], rows.slot_array,
-                                         rows.in_use)[None].astype(h.dtype)
+        return kernels.gather_accumulate(h[0], rows.matrices[part], rows.slot_array)[None].astype(
+            h.dtype)
     return h @ rows[part]
 
 
@@ -255,7 +255,7 @@ class Predictor(Mode):
         if x.shape[0] == 1 and not rows.quantization:  # the fused kernel: all fetched are used
             s = self.spec
             y = kernels.sparse_ffn(x[0], rows.matrices, rows.slot_array, s.kind, s.activation,
-                                   s.threshold, rows.in_use)
+                                   s.threshold)
             return y[None].astype(x.dtype), reads
         h = mx.where(sel[:, mx.array(rows.ids)], hidden(self.spec, x, rows), 0)
         return combine(h, rows, "down"), reads

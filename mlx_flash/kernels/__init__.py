@@ -78,27 +78,25 @@ def _implementation(rows: mx.array):
 # no rows) segfaults when NumPy reads it (seen on an H200), where fresh zeros do not.
 
 
-# `in_use`: how many leading rows of the matrices hold neurons (a cache's fill). The reference
-# path then multiplies all of them instead of gathering when most are selected (measured
-# crossover, reference.WINDOW_CROSSOVER); the GPU kernels never gather, so they ignore it.
+# Each implementation's arithmetic depends on the selected rows' values and their order in
+# `slots`, never on where they lie: the engine passes them in neuron order, so a token's output
+# does not depend on which cache slot or staging row holds a neuron.
 
 
-def gather_matvec(x: mx.array, rows: mx.array, slots: mx.array,
-                  in_use: int | None = None) -> mx.array:
+def gather_matvec(x: mx.array, rows: mx.array, slots: mx.array) -> mx.array:
     """`[k]` float32: `out[i] = sum_j x[j] * rows[slots[i], j]` (x `[d]`, rows `[C, d]`)."""
     implementation = _implementation(rows)
     if slots.size == 0:
         return mx.zeros((0,), dtype=mx.float32)
-    return implementation.gather_matvec(x, rows, slots, in_use)
+    return implementation.gather_matvec(x, rows, slots)
 
 
-def gather_accumulate(h: mx.array, rows: mx.array, slots: mx.array,
-                      in_use: int | None = None) -> mx.array:
+def gather_accumulate(h: mx.array, rows: mx.array, slots: mx.array) -> mx.array:
     """`[d]` float32: `out[j] = sum_i h[i] * rows[slots[i], j]` (h `[k]`, rows `[C, d]`)."""
     implementation = _implementation(rows)
     if slots.size == 0:
         return mx.zeros((rows.shape[1],), dtype=mx.float32)
-    return implementation.gather_accumulate(h, rows, slots, in_use)
+    return implementation.gather_accumulate(h, rows, slots)
 
 
 # Quantized rows: the GPU passes dequantize each element where they load it (2, 4 or 8 bits);
@@ -112,26 +110,26 @@ def _quantized_implementation(q: tuple[mx.array, mx.array, mx.array], bits: int)
 
 
 def gather_qmatvec(x: mx.array, q: tuple[mx.array, mx.array, mx.array], slots: mx.array,
-                   bits: int, group_size: int, in_use: int | None = None) -> mx.array:
+                   bits: int, group_size: int) -> mx.array:
     """`[k]` float32: like `gather_matvec`, the rows quantized: `q` = (packed uint32 `[C,
     d·bits/32]`, scales, biases `[C, d/group_size]`), x `[d]` in the compute dtype."""
     implementation = _quantized_implementation(q, bits)
     if slots.size == 0:
         return mx.zeros((0,), dtype=mx.float32)
-    return implementation.gather_qmatvec(x, q, slots, bits, group_size, in_use)
+    return implementation.gather_qmatvec(x, q, slots, bits, group_size)
 
 
 def gather_qaccumulate(h: mx.array, q: tuple[mx.array, mx.array, mx.array], slots: mx.array,
-                       bits: int, group_size: int, in_use: int | None = None) -> mx.array:
+                       bits: int, group_size: int) -> mx.array:
     """`[d]` float32: like `gather_accumulate`, the rows quantized (see `gather_qmatvec`)."""
     implementation = _quantized_implementation(q, bits)
     if slots.size == 0:
         return mx.zeros((q[0].shape[1] * 32 // bits,), dtype=mx.float32)
-    return implementation.gather_qaccumulate(h, q, slots, bits, group_size, in_use)
+    return implementation.gather_qaccumulate(h, q, slots, bits, group_size)
 
 
 def sparse_ffn(x: mx.array, parts: dict[str, mx.array], slots: mx.array, kind: str,
-               activation: str, threshold: float = 0.0, in_use: int | None = None) -> mx.array:
+               activation: str, threshold: float = 0.0) -> mx.array:
     """`[d]` float32: the FFN of one token `x` `[d]` over the neurons at `slots`.
 
     kind "glu" (parts gate, up, down): h_i = act(gate_i·x) * up_i·x, with relu(up_i·x) for
@@ -152,7 +150,7 @@ def sparse_ffn(x: mx.array, parts: dict[str, mx.array], slots: mx.array, kind: s
     implementation = _implementation(parts["down"])
     if slots.size == 0:
         return mx.zeros((parts["down"].shape[1],), dtype=mx.float32)
-    return implementation.sparse_ffn(x, parts, slots, kind, activation, threshold, in_use)
+    return implementation.sparse_ffn(x, parts, slots, kind, activation, threshold)
 
 
 __all__ = ["BACKENDS", "available", "backend", "gather_accumulate", "gather_matvec",

@@ -114,32 +114,28 @@ class TwoPass:
                     ("ACT", ACTIVATION_CODES[activation])]
         return self.per_row("rows", inputs, template, slots.shape[0])
 
-    def gather_matvec(self, x: mx.array, rows: mx.array, slots: mx.array,
-                      in_use: int | None = None) -> mx.array:
+    def gather_matvec(self, x: mx.array, rows: mx.array, slots: mx.array) -> mx.array:
         return self.hidden(x, rows, rows, rows, slots, "dot", "relu", 0.0)
 
-    def gather_accumulate(self, h: mx.array, rows: mx.array, slots: mx.array,
-                          in_use: int | None = None) -> mx.array:
+    def gather_accumulate(self, h: mx.array, rows: mx.array, slots: mx.array) -> mx.array:
         """Pass 2: `[d]` float32."""
         return self.per_column("accumulate", [h.astype(mx.float32), slots, rows],
                                [("T", rows.dtype)], rows.shape[1])
 
     def gather_qmatvec(self, x: mx.array, q: tuple[mx.array, mx.array, mx.array],
-                       slots: mx.array, bits: int, group_size: int,
-                       in_use: int | None = None) -> mx.array:
+                       slots: mx.array, bits: int, group_size: int) -> mx.array:
         """Pass 1 on quantized rows (`bits` in QUANTIZED_BITS): `[k]` float32."""
         return self.per_row("qrows", [x.astype(mx.float32), slots, *q],
                             quantized_template(q, bits, group_size), slots.shape[0])
 
     def gather_qaccumulate(self, h: mx.array, q: tuple[mx.array, mx.array, mx.array],
-                           slots: mx.array, bits: int, group_size: int,
-                           in_use: int | None = None) -> mx.array:
+                           slots: mx.array, bits: int, group_size: int) -> mx.array:
         """Pass 2 on quantized rows: `[d]` float32."""
         return self.per_column("qaccumulate", [h.astype(mx.float32), slots, *q],
                                quantized_template(q, bits, group_size), q[0].shape[1] * 32 // bits)
 
     def sparse_ffn(self, x: mx.array, parts: dict[str, mx.array], slots: mx.array, kind: str,
-                   activation: str, threshold: float, in_use: int | None = None) -> mx.array:
+                   activation: str, threshold: float) -> mx.array:
         if kind == "mlp":
             up = parts["up"]
             h = self.hidden(x, up, up, parts["up_bias"], slots, kind, activation, threshold)
