@@ -377,26 +377,3 @@ def test_emulator_catches_broken_kernels(emulated, name):
     _, narrow = make(40, 8, mx.float32, seed=4)  # 40 columns: 24 threads of 64 leave
     with pytest.raises(RuntimeError, match="SIMD reduction or barrier"):
         leaving.gather_accumulate(mx.ones((5,)), narrow["up"], pick(8, 5, seed=3))
-
-
-@pytest.mark.parametrize("kind,activation", VARIANTS)
-@pytest.mark.parametrize("name", ["bfloat16", "float32"])
-def test_reference_window_path(name, kind, activation):
-    """With most of the rows in use selected, the reference multiplies the whole window
-    instead of gathering; it must compute the same thing (only the first `in_use` rows hold
-    neurons: the rest are garbage it must not read)."""
-    d, c, in_use = 64, 64, 40
-    x, parts = make(d, c, DTYPES[name], 7)
-    slots = pick(in_use, 36, 8)  # 90% of the rows in use
-    assert reference.use_window(slots, in_use)
-    np_parts = {p: as_np(v) for p, v in parts.items()}
-    pre = np_parts["gate"][np.array(slots)] @ as_np(x)
-    threshold = safe_threshold(pre)
-    expected, scale = numpy_ffn(as_np(x), np_parts, np.array(slots), kind, activation, threshold)
-    garbage = {p: mx.concatenate([v[:in_use], mx.full(v[in_use:].shape, float("nan"),
-                                                      dtype=v.dtype)]) for p, v in parts.items()}
-    got = kernels.sparse_ffn(x, garbage, slots, kind, activation, threshold, in_use=in_use)
-    check(got, expected, scale, DTYPES[name])
-    rows = kernels.gather_matvec(x, garbage["up"], slots, in_use=in_use)
-    up = np_parts["up"][np.array(slots)]
-    check(rows, up @ as_np(x), np.abs(up) @ np.abs(as_np(x)), DTYPES[name])

@@ -1,4 +1,4 @@
-"""When is gathering the selected neurons worth it? Gathered vs whole-window FFN compute.
+"""What does gathering the selected neurons cost? Gathered vs whole-window FFN compute.
 
     python tools/kernel_bench.py [--repeats N] [--json OUT]
 
@@ -9,7 +9,12 @@ For one decode token and a window of C neurons of which a fraction is selected, 
             up and down, then matmuls on those k rows (SwiGLU; dot products in the rows'
             dtype, weighted sums in float32)
   window    the same FFN over all C rows, the selected results picked (h of the others zero):
-            no gather, C/k times the arithmetic (`reference`, its crossover forced)
+            no gather, C/k times the arithmetic (`window_ffn` below)
+
+The engine used to take the window from 80% of a cache's rows selected on; it no longer does,
+because the window's weighted sum adds the rows in the order the cache holds them, so a
+token's output would depend on the budget (mlx_flash.kernels.reference). This measures what
+that exactness costs.
 
 for d = 576, C = 1536 (the default SmolLM2 model's FFN) and d = 4096, C = 4096, in bfloat16,
 float16 and float32, at 1% to 100% of C selected. It prints a Markdown table (ms and the ratio
@@ -52,11 +57,21 @@ def median_ms(fn: Callable[[], mx.array], repeats: int, warmup: int = 2) -> floa
     return 1e3 * statistics.median(times)
 
 
+def window_ffn(x: mx.array, parts: dict[str, mx.array], slots: mx.array) -> mx.array:
+    """The SwiGLU FFN over `slots` computed over every row: dot products with all of them,
+    h scattered over the rows (zeros elsewhere), a weighted sum of all rows in float32."""
+    h = mx.zeros((parts["down"].shape[0],), dtype=mx.float32)
+    pre = reference.gather_matvec(x, parts["gate"], mx.arange(h.shape[0]))
+    up = reference.gather_matvec(x, parts["up"], mx.arange(h.shape[0]))
+    h[slots] = (reference.activate(pre, "silu", 0.0) * up)[slots]
+    return h @ parts["down"].astype(mx.float32)
+
+
 def ffn(path: str, x: mx.array, parts: dict[str, mx.array], slots: mx.array) -> mx.array:
-    """The reference SwiGLU FFN over `slots`, forced down one path ("gathered" or "window")
-    by moving its crossover out of the way."""
-    reference.WINDOW_CROSSOVER = 0.0 if path == "window" else float("inf")
-    return reference.sparse_ffn(x, parts, slots, "glu", "silu", 0.0, in_use=parts["down"].shape[0])
+    """The SwiGLU FFN over `slots`, "gathered" (the engine's) or "window"."""
+    if path == "window":
+        return window_ffn(x, parts, slots)
+    return reference.sparse_ffn(x, parts, slots, "glu", "silu", 0.0)
 
 
 def crossover(fractions: list[float], ratios: list[float]) -> float | None:
