@@ -81,3 +81,45 @@ def relu_bundle(tmp_path_factory) -> Path:
     convert(DATA / "relu-opt", out, dtype="float32", progress=False)
     calibrate(out, DATA / "wikitext-2-valid-slice.txt", tokens=8192, progress=False)
     return out
+
+
+@pytest.fixture(scope="session")
+def calibrated(tiny_bundle, tmp_path_factory) -> dict[str, Path]:
+    """One copy of the tiny bundle per selection mode, calibrated on the first 2048 tokens
+    (the bundle itself for "off")."""
+    import shutil
+
+    from numpy_ffn import MODES
+
+    from mlx_flash.calibrate import calibrate
+
+    out = {"off": tiny_bundle}
+    for mode in MODES:
+        path = tmp_path_factory.mktemp(mode) / "bundle"
+        shutil.copytree(tiny_bundle, path)
+        calibrate(path, DATA / "wikitext-2-valid-slice.txt", mode=mode, tokens=2048, epochs=3,
+                  progress=False)
+        out[mode] = path
+    return out
+
+
+@pytest.fixture(scope="session")
+def quantized_tiny(tiny_llama, tmp_path_factory) -> dict[str, Path]:
+    """The tiny float llama converted with --quantize (4-bit, groups of 32), calibrated for
+    each mode that quantized records support."""
+    import shutil
+
+    from mlx_flash.bundle import Quantization
+    from mlx_flash.calibrate import calibrate
+    from mlx_flash.convert import convert
+
+    root = tmp_path_factory.mktemp("quantized")
+    convert(tiny_llama[0], root / "bundle", dtype="float32", quantize=Quantization(4, 32),
+            progress=False)
+    out = {"off": root / "bundle"}
+    for mode in ("predictor", "gate", "hybrid"):
+        out[mode] = root / mode
+        shutil.copytree(root / "bundle", out[mode])
+        calibrate(out[mode], DATA / "wikitext-2-valid-slice.txt", mode=mode, tokens=1024,
+                  epochs=2, progress=False)
+    return out

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from mlx_lm import generate, load
 from mlx_lm.sample_utils import make_sampler
-from test_selection import brute_force
+from numpy_ffn import brute_force, dequantized
 from tiny_models import write_llama_gguf
 
 import mlx_flash
@@ -86,38 +86,6 @@ def test_kept_quantization_matches_mlx_lm_on_the_same_weights(q4_tiny):
     ids = mx.array([tokenizer.encode("hello flash world")])
     a, b = reference(ids).astype(mx.float32), model(ids).astype(mx.float32)
     np.testing.assert_allclose(np.array(b), np.array(a), atol=2e-2, rtol=2e-2)
-
-
-@pytest.fixture(scope="module")
-def quantized_tiny(tiny_bundle, tiny_llama, tmp_path_factory):
-    """The tiny float llama converted with --quantize (4-bit, groups of 32), calibrated for
-    each mode that quantized records support."""
-    root = tmp_path_factory.mktemp("quantized")
-    convert(tiny_llama[0], root / "bundle", dtype="float32", quantize=Quantization(4, 32),
-            progress=False)
-    out = {"off": root / "bundle"}
-    for mode in ("predictor", "gate", "hybrid"):
-        out[mode] = root / mode
-        shutil.copytree(root / "bundle", out[mode])
-        calibrate(out[mode], DATA / "wikitext-2-valid-slice.txt", mode=mode, tokens=1024,
-                  epochs=2, progress=False)
-    return out
-
-
-def dequantized(weights: dict[str, np.ndarray], q: Quantization) -> dict[str, np.ndarray]:
-    """The tiny llama's FFN weights as 4-bit quantized records hold them, in float64: gate and
-    up rows quantized as they are, down quantized along d (by its columns)."""
-    def round_trip(w: np.ndarray) -> np.ndarray:
-        packed = mx.quantize(mx.array(w), group_size=q.group_size, bits=q.bits)
-        return np.array(mx.dequantize(*packed, group_size=q.group_size, bits=q.bits))
-
-    out = dict(weights)
-    for name, w in weights.items():
-        if name.endswith(("gate_proj.weight", "up_proj.weight")):
-            out[name] = round_trip(w)
-        elif name.endswith("down_proj.weight"):
-            out[name] = round_trip(w.T).T
-    return out
 
 
 @pytest.mark.parametrize("mode", ["off", "predictor", "gate", "hybrid"])

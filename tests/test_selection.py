@@ -10,6 +10,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 import pytest
+from numpy_ffn import MODES, brute_force, silu
 
 import mlx_flash
 from mlx_flash.bundle import Bundle
@@ -17,59 +18,6 @@ from mlx_flash.calibrate import calibrate, collect_inputs, text_tokens
 from mlx_flash.evaluate import evaluate
 
 DATA = Path(__file__).parent / "data" / "wikitext-2-valid-slice.txt"
-MODES = ("predictor", "gate", "hybrid", "teal")
-
-
-@pytest.fixture(scope="module")
-def calibrated(tiny_bundle, tmp_path_factory):
-    """One copy of the tiny bundle per mode, calibrated on the first 2048 tokens."""
-    out = {}
-    for mode in MODES:
-        path = tmp_path_factory.mktemp(mode) / "bundle"
-        shutil.copytree(tiny_bundle, path)
-        calibrate(path, DATA, mode=mode, tokens=2048, epochs=3, progress=False)
-        out[mode] = path
-    return out
-
-
-def silu(v):
-    return v / (1 + np.exp(-v))
-
-
-def brute_force(mode: str, bundle: Bundle, weights, layer: int, x: np.ndarray) -> np.ndarray:
-    """The mode's FFN for each token, in NumPy, from the original weights and the thresholds
-    and predictor stored in the bundle."""
-    p = f"model.layers.{layer}.mlp"
-    G, U, D = (weights[f"{p}.{k}_proj.weight"].astype(np.float64) for k in ("gate", "up", "down"))
-    info = bundle.selection["modes"][mode]
-    t = info["layers"][layer]
-    arrays = mx.load(str(bundle.path / info["file"])) if info.get("file") else {}
-    q = info.get("gate_quantization")
-    if q:  # the resident gate rows, as the mode keeps them
-        G = np.array(mx.dequantize(*(arrays.pop(f"{layer}.gate{k}").astype(
-            mx.float32 if k else mx.uint32) for k in ("", ".scales", ".biases")),
-            group_size=q["group_size"], bits=q["bits"]), dtype=np.float64)
-    stored = {k: np.array(v.astype(mx.float32), dtype=np.float64) for k, v in arrays.items()
-              if k.startswith(f"{layer}.")}
-    x = x.astype(np.float64)
-    out = []
-    for v in x:
-        g, u = G @ v, U @ v
-        if mode == "predictor":
-            logits = stored[f"{layer}.B"] @ (stored[f"{layer}.A"] @ v) + stored[f"{layer}.b"]
-            keep = logits > t["threshold"]
-            h = np.where(keep, silu(g) * u, 0)
-        elif mode == "gate":
-            h = np.where(np.abs(silu(g)) > t["t_gate"], silu(g) * u, 0)
-        elif mode == "hybrid":
-            h = np.where(np.abs(silu(g)) > t["t_gate"], silu(g) * u, 0)
-            h = np.where(np.abs(h) > t["t_h"], h, 0)
-        else:  # teal
-            vs = np.where(np.abs(v) > t["t_x"], v, 0)
-            h = silu(G @ vs) * (U @ vs)
-            h = np.where(np.abs(h) > t["t_h"], h, 0)
-        out.append(D @ h)
-    return np.stack(out)
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -119,7 +67,8 @@ def test_predictor_logits_match_numpy(calibrated):
 def test_calibration_round_trips_through_the_bundle(calibrated):
     """The bundle stays valid (checksums included), records what was calibrated, and loads
     the calibrated mode as its default."""
-    for mode, path in calibrated.items():
+    for mode in MODES:
+        path = calibrated[mode]
         bundle = Bundle.open(path, verify=True)
         sel = bundle.selection
         assert sel["default"] == mode

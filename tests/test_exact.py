@@ -1,0 +1,121 @@
+"""A token's output depends only on the bundle, the selection mode and the compute dtype: never
+on the memory budget, the window, the read threads, cold reads or reading ahead.
+
+Every setting below decodes enough tokens to evict and spill, and its logits must equal the
+unbudgeted run of the same mode bit for bit (the engine multiplies the selected rows in neuron
+order wherever they lie, so the arithmetic is the same); a randomized run also checks every
+layer's FFN output against a NumPy model of the mode.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from mlx_lm.models.cache import make_prompt_cache
+from numpy_ffn import MODES, brute_force
+
+from mlx_flash.bundle import Bundle
+from mlx_flash.loader import EngineOptions, open_model
+
+PROMPT = [5, 40, 77, 100, 9, 33, 61]
+STEPS = 20
+HUGE = 10**12
+
+
+def decode(path, mode: str, options: EngineOptions, steps: int = STEPS,
+           prompt: list[int] = PROMPT) -> tuple[np.ndarray, object]:
+    """Greedy logits of `steps` decode tokens after `prompt`, and the engine."""
+    model = open_model(Bundle.open(path), None, mode, options)
+    cache = make_prompt_cache(model)
+    logits = model(mx.array([prompt]), cache=cache)[:, -1]
+    out = []
+    for _ in range(steps):
+        out.append(np.array(logits.astype(mx.float32)))
+        logits = model(mx.argmax(logits, axis=-1)[:, None], cache=cache)[:, -1]
+    return np.concatenate(out), model.flash
+
+
+def budgets(path, mode: str) -> list[int | None]:
+    """No budget, the minimum, and budgets whose caches hold 1/8, 1/2 and all of a layer."""
+    plan = open_model(Bundle.open(path), None, mode, EngineOptions(HUGE)).flash.plan
+    room = plan.total - plan.minimum
+    return [None, plan.minimum] + [plan.minimum + int(f * room) for f in (0.125, 0.5, 1.0)]
+
+
+CASES = [("float", m) for m in ("off", *MODES)] + [("q4", m) for m in
+                                                   ("off", "predictor", "gate", "hybrid")]
+
+
+@pytest.mark.parametrize("kind,mode", CASES)
+def test_logits_equal_under_every_setting(calibrated, quantized_tiny, kind, mode):
+    path = (calibrated if kind == "float" else quantized_tiny)[mode]
+    expected, _ = decode(path, mode, EngineOptions())
+    evictions = spills = 0
+    for budget in budgets(path, mode):
+        for window in (0, 1, 5):
+            got, engine = decode(path, mode, EngineOptions(budget, window, threads=1))
+            np.testing.assert_array_equal(got, expected, err_msg=f"{budget=} {window=}")
+            stats = engine.cache_stats()
+            evictions, spills = evictions + stats.evictions, spills + stats.spills
+    # the grid exercised the caches' hard paths (dense "off" keeps what fits: it never evicts)
+    assert spills > 0 and (evictions > 0 or mode == "off")
+    smallest_cache = budgets(path, mode)[2]
+    for options in (EngineOptions(smallest_cache, 3, threads=8, cold=True),
+                    EngineOptions(None, 2, threads=8)):
+        got, _ = decode(path, mode, options)
+        np.testing.assert_array_equal(got, expected, err_msg=str(options))
+
+
+def test_relu_predictor_equal_under_every_setting(relu_bundle):
+    expected, _ = decode(relu_bundle, "predictor", EngineOptions())
+    for budget in budgets(relu_bundle, "predictor")[1:]:
+        for window in (0, 1, 5):
+            got, _ = decode(relu_bundle, "predictor", EngineOptions(budget, window, threads=8))
+            np.testing.assert_array_equal(got, expected, err_msg=f"{budget=} {window=}")
+
+
+class Recorder:
+    """Stands for the engine in every FlashFFN: records each decode token's FFN input and
+    output per layer."""
+
+    def __init__(self, engine):
+        self.engine, self.calls = engine, []
+
+    def __call__(self, layer: int, x: mx.array, bias: mx.array | None) -> mx.array:
+        y = self.engine(layer, x, bias)
+        if x.shape[1] == 1:
+            self.calls.append((layer, np.array(x[0]), np.array(y[0])))
+        return y
+
+
+def test_random_settings_against_numpy(calibrated, tiny_llama):
+    """Seeded random settings (mode, budget, window, threads, prompt): each decode token's FFN
+    output at every layer equals the NumPy model of its mode on the same input, and the
+    logits equal the unbudgeted run's."""
+    weights = tiny_llama[2]
+    rng = np.random.default_rng(12)
+    for _ in range(8):
+        mode = str(rng.choice(["off", *MODES]))
+        path = calibrated[mode]
+        plan = open_model(Bundle.open(path), None, mode, EngineOptions(HUGE)).flash.plan
+        budget = plan.minimum + int(rng.uniform(0, 1.1) * (plan.total - plan.minimum))
+        options = EngineOptions(budget, int(rng.integers(0, 6)), threads=int(rng.choice([1, 8])))
+        prompt = [int(t) for t in rng.integers(3, 250, size=int(rng.integers(2, 9)))]
+        model = open_model(Bundle.open(path), None, mode, options)
+        recorder = Recorder(model.flash)
+        for layer in model.model.layers:
+            layer.mlp.engine = recorder
+        cache = make_prompt_cache(model)
+        logits = model(mx.array([prompt]), cache=cache)[:, -1]
+        got = []
+        for _ in range(12):
+            got.append(np.array(logits))
+            logits = model(mx.argmax(logits, axis=-1)[:, None], cache=cache)[:, -1]
+        expected, _ = decode(path, mode, EngineOptions(), steps=12, prompt=prompt)
+        np.testing.assert_array_equal(np.concatenate(got), expected, err_msg=str(options))
+        bundle = Bundle.open(path)
+        for layer, x, y in recorder.calls:
+            np.testing.assert_allclose(y, brute_force(mode, bundle, weights, layer, x),
+                                       atol=2e-4, rtol=1e-3, err_msg=f"{mode} {options}")
+        assert len(recorder.calls) == 12 * len(model.model.layers)
