@@ -51,7 +51,7 @@ def cached_bundle_path(source: Path, dtype: str) -> Path:
 def resolve_bundle(model: str | os.PathLike | None, dtype: str = "float16",
                    progress: bool = True) -> Path:
     """The bundle for `model`: itself if it is one, else its cached conversion (made now if
-    missing). None means the embedded default model."""
+    missing). None means the embedded default model, calibrated on first use."""
     source = default_model_source() if model is None else Path(model).expanduser()
     if not source.exists():
         raise FileNotFoundError(f"{source} does not exist (mlx_flash does not download models: "
@@ -72,4 +72,11 @@ def resolve_bundle(model: str | os.PathLike | None, dtype: str = "float16",
         except FileExistsError:
             if not is_bundle(out):  # another process converting the same source won the race
                 raise
+    if model is None:
+        from .bundle import Bundle
+
+        if not Bundle.open(out).selection.get("default"):
+            from .calibrate import calibrate_default
+
+            calibrate_default(out, progress)
     return out

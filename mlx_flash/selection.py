@@ -174,15 +174,17 @@ def activate(spec: FFNSpec, gate: mx.array, up: mx.array) -> mx.array:
     return gate_activation(spec, gate) * (nn.relu(up) if spec.activation == "drelu" else up)
 
 
-def hidden(spec: FFNSpec, x: mx.array, p: dict[str, mx.array] | Rows) -> mx.array:
-    """Hidden activations of the neurons whose parts `p` holds (rows = neurons)."""
+def hidden(spec: FFNSpec, x: mx.array, p: dict[str, mx.array] | Rows,
+           matmul: Callable[[Any, Any], mx.array] = mx.matmul) -> mx.array:
+    """Hidden activations of the neurons whose parts `p` holds (rows = neurons). `matmul`
+    takes the products of x with a dict's tensors (calibration passes NumPy's)."""
     if isinstance(p, Rows):
         if spec.kind == "glu":
             return activate(spec, project(x, p, "gate"), project(x, p, "up"))
         return gate_activation(spec, project(x, p, "up") + p["up_bias"].reshape(-1))
     if spec.kind == "glu":
-        return activate(spec, x @ p["gate"].T, x @ p["up"].T)
-    return gate_activation(spec, x @ p["up"].T + p["up_bias"].reshape(-1))
+        return activate(spec, matmul(x, p["gate"].T), matmul(x, p["up"].T))
+    return gate_activation(spec, matmul(x, p["up"].T) + p["up_bias"].reshape(-1))
 
 
 class Mode:
@@ -214,17 +216,20 @@ class Mode:
         """The (record family, parts) this mode fetches, each a cache of its own per layer."""
         return [("neuron", self.all_parts)]
 
+    def dense_part(self, x: mx.array, rows: Rows) -> mx.array:
+        """The FFN's share of the neurons in `rows`, all of them used."""
+        if rows.quantization:  # multiplied quantized, as mlx-lm's quantized model does
+            return combine(hidden(self.spec, x, rows), rows, "down")
+        p = {name: rows[name] for name in self.all_parts}
+        return hidden(self.spec, x, p) @ p["down"]
+
     def __call__(self, layer: int, x: mx.array, fetch: Fetch) -> tuple[mx.array, LayerReads]:
         n = self.spec.intermediate_size
         step = self.rows_per_fetch or n
         y = None
         for start in range(0, n, step):  # the FFN is a sum over neurons: slice by slice
             rows = fetch(layer, "neuron", self.all_parts, np.arange(start, min(n, start + step)))
-            if rows.quantization:  # multiplied quantized, as mlx-lm's quantized model does
-                part = combine(hidden(self.spec, x, rows), rows, "down")
-            else:
-                p = {name: rows[name] for name in self.all_parts}
-                part = hidden(self.spec, x, p) @ p["down"]  # the order of rows does not matter
+            part = self.dense_part(x, rows)
             y = part if y is None else y + part
             if start + step < n:
                 mx.eval(y)  # the next slice is read over this one
