@@ -119,3 +119,43 @@ def test_random_settings_against_numpy(calibrated, tiny_llama):
             np.testing.assert_allclose(y, brute_force(mode, bundle, weights, layer, x),
                                        atol=2e-4, rtol=1e-3, err_msg=f"{mode} {options}")
         assert len(recorder.calls) == 12 * len(model.model.layers)
+
+
+@pytest.fixture(scope="module")
+def default_calibrated():
+    """The embedded default model as its first use makes it: converted (bfloat16) and
+    calibrated for its default mode, in the tests' private cache."""
+    from mlx_flash.paths import resolve_bundle
+
+    return resolve_bundle(None, "bfloat16", progress=False)
+
+
+@pytest.mark.slow
+def test_default_model_equal_under_every_setting(default_calibrated, default_gguf, tmp_path):
+    """On the default model's calibrated bundle, every (budget, window, threads) decodes the
+    unbudgeted run's logits; with selection "off" its greedy tokens are mlx-lm's on the same
+    bfloat16 weights."""
+    from mlx_lm import load as mlx_lm_load
+    from mlx_lm.generate import generate_step
+
+    from mlx_flash.convert import export_mlx_lm
+
+    bundle = Bundle.open(default_calibrated)
+    assert bundle.selection["default"] == "hybrid"
+    reference_model, tokenizer = mlx_lm_load(str(export_mlx_lm(
+        default_gguf, tmp_path / "mlx-lm", dtype="bfloat16", progress=False)))
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "Why is the sky blue?"}],
+                                           add_generation_prompt=True)
+    expected, _ = decode(default_calibrated, "hybrid", EngineOptions(context=256), 16, prompt)
+    for budget in budgets(default_calibrated, "hybrid"):
+        for window in (0, 1, 5):
+            got, _ = decode(default_calibrated, "hybrid",
+                            EngineOptions(budget, window, context=256, threads=8), 16, prompt)
+            np.testing.assert_array_equal(got, expected, err_msg=f"{budget=} {window=}")
+    got, _ = decode(default_calibrated, "hybrid", EngineOptions(budget, 2, 256, 1, cold=True),
+                    16, prompt)
+    np.testing.assert_array_equal(got, expected)
+    off, _ = decode(default_calibrated, "off", EngineOptions(budget, 5, 256), 16, prompt)
+    steps = generate_step(mx.array(prompt), reference_model, max_tokens=16,
+                          sampler=lambda logits: mx.argmax(logits, axis=-1))
+    assert off.argmax(axis=-1).tolist() == [int(token) for token, _ in steps]
