@@ -12,7 +12,6 @@ for predictor modes also recall and precision of the truly active neurons.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import sys
@@ -26,9 +25,13 @@ from tqdm import tqdm
 
 from .bundle import Bundle, BundleError
 from .calibrate import fit_context, layer_weights, text_tokens, true_active, windows
+from .cli import DTYPE_CHOICES, Parser, int_in, interruptible
 from .ffn import FlashEngine
 from .loader import blas_hint
-from .selection import LayerReads, Mode, Oracle, load_mode
+from .selection import MODES, LayerReads, Mode, Oracle, load_mode
+
+# A perplexity over fewer tokens is mostly noise (and over none, a division by zero)
+MIN_TOKENS = 256
 
 
 def perplexity(model: nn.Module, tokens: list[int], ctx: int, desc: str,
@@ -104,6 +107,9 @@ def evaluate(path: str | Path, data: str | Path, tokens: int = 4096, ctx: int = 
     sparse = load_mode(bundle, spec, name, engine.compute_dtype)
     tokenizer = load_tokenizer(bundle.tokenizer_path)
     ids = text_tokens(tokenizer, data)[-(tokens + 1):]
+    if len(ids) - 1 < MIN_TOKENS:
+        raise ValueError(f"evaluation needs at least {MIN_TOKENS} tokens of text to score; "
+                         f"{max(len(ids) - 1, 0)} given ({Path(data).name})")
     ctx = fit_context(bundle.config, ctx)
 
     ppl_dense, _ = run_mode(model, Mode(spec, bundle.families), ids, ctx, False, progress)
@@ -172,17 +178,17 @@ def summary(r: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+@interruptible
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m mlx_flash.evaluate",
-                                description=__doc__.splitlines()[0])
+    p = Parser(prog="python -m mlx_flash evaluate", description=__doc__.splitlines()[0])
     p.add_argument("bundle", help="a flash bundle")
     p.add_argument("--data", required=True, help="evaluation text (its last --tokens tokens)")
-    p.add_argument("--tokens", type=int, default=4096, help="tokens to score (default 4096)")
-    p.add_argument("--ctx", type=int, default=512, help="window length (default 512)")
-    p.add_argument("--mode", default=None,
+    p.add_argument("--tokens", type=int_in(MIN_TOKENS), default=4096,
+                   help=f"tokens to score (default 4096; at least {MIN_TOKENS})")
+    p.add_argument("--ctx", type=int_in(1), default=512, help="window length (default 512)")
+    p.add_argument("--mode", default=None, choices=MODES,
                    help="selection mode to measure (default: the bundle's default)")
-    p.add_argument("--compute-dtype", choices=["float16", "bfloat16", "float32"],
-                   default="float32",
+    p.add_argument("--compute-dtype", choices=DTYPE_CHOICES, default="float32",
                    help="dtype to compute in (default float32: MLX's CPU backend multiplies "
                    "16-bit matrices ~10x slower; the selection is the same in any dtype)")
     p.add_argument("--json", default=None, help="write the full results here")

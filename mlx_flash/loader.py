@@ -201,9 +201,21 @@ def load(
     from .memory import rss_bytes
     from .paths import resolve_bundle
 
-    bundle = Bundle.open(resolve_bundle(path, dtype=dtype or default_dtype()), verify=verify)
-    tokenizer = load_tokenizer(Path(bundle.tokenizer_path), tokenizer_config,
-                               eos_token_ids=bundle.config.get("eos_token_id"))
+    bundle = Bundle.open(resolve_bundle(path, dtype=dtype), verify=verify)
+    # Told nothing, transformers asks on the terminal whether to run a tokenizer's own code
+    # (auto_map): never ask; unless the caller trusts it, refuse such a tokenizer in one line
+    config = {"trust_remote_code": False, **(tokenizer_config or {})}
+    try:
+        tokenizer = load_tokenizer(Path(bundle.tokenizer_path), config,
+                                   eos_token_ids=bundle.config.get("eos_token_id"))
+    except ValueError:
+        settings = Path(bundle.tokenizer_path) / "tokenizer_config.json"
+        if config["trust_remote_code"] or not (settings.is_file()
+                                               and "auto_map" in settings.read_text()):
+            raise
+        raise BundleError(f"{bundle.tokenizer_path}: the tokenizer needs its own Python code "
+                          "(auto_map in tokenizer_config.json), which mlx_flash does not run"
+                          ) from None
     runtime = rss_bytes()
     model = open_model(bundle, compute_dtype, sparsity, EngineOptions(
         memory_budget, window, context, threads, cold, rotating_kv=rotating_kv))

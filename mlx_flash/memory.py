@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 import resource
 import sys
@@ -21,8 +22,11 @@ import mlx.core as mx
 from .bundle import Bundle
 from .neuron_cache import NeuronCache
 
-UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20,
-         "gib": 2**30}
+# As mlx-lm and llama.cpp write sizes: K, M, G, T (with or without B) are powers of 1000,
+# KiB, MiB, GiB, TiB powers of 1024; case does not matter.
+UNITS = {"": 1, "b": 1,
+         **{p + b: 1000 ** (i + 1) for i, p in enumerate("kmgt") for b in ("", "b")},
+         **{p + "ib": 1024 ** (i + 1) for i, p in enumerate("kmgt")}}
 
 
 # Caches smaller than this share of a layer's records are not kept: measured on the default
@@ -37,13 +41,17 @@ class BudgetError(ValueError):
 
 
 def parse_size(text: str | int) -> int:
-    """Bytes from "150MB", "1.5GiB", "2e8" or an int (units: B, KB, MB, GB, KiB, MiB, GiB)."""
+    """Bytes from "250MB", "8G", "1.5GiB", "2e8" or an int (units: `UNITS`)."""
     if isinstance(text, int):
         return text
-    m = re.fullmatch(r"\s*([0-9.eE+]+)\s*([a-zA-Z]*)\s*", text)
-    if not m or m.group(2).lower() not in UNITS:
-        raise ValueError(f"not a size: {text!r} (try 150MB or 1.5GiB)")
-    return int(float(m.group(1)) * UNITS[m.group(2).lower()])
+    m = re.fullmatch(r"\s*([0-9.]+(?:[eE][+-]?[0-9]+)?)\s*([a-zA-Z]*)\s*", text)
+    try:
+        value = float(m.group(1)) * UNITS[m.group(2).lower()] if m else math.nan
+    except (ValueError, KeyError):
+        value = math.nan
+    if not math.isfinite(value):
+        raise ValueError(f"not a size: {text!r} (try 250MB, 8G or 1.5GiB)")
+    return int(value)
 
 
 def format_bytes(n: float) -> str:

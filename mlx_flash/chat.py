@@ -1,0 +1,118 @@
+"""Chat with a model in the terminal, as `mlx_lm.chat` does, its FFN weights read from flash.
+
+    python -m mlx_flash chat [--model BUNDLE_OR_MODEL] [--memory-budget 250MB] [--max-tokens 256]
+
+Type a message and press Enter: `q` quits (so does Ctrl-D), `r` starts a new conversation,
+`h` shows this help. The conversation stays in mlx-lm's prompt cache, so each turn processes
+only the new message. Under each answer, on stderr: the process's memory against the budget,
+MB read from flash per token, the share of the neurons a token needed that the sliding window
+already held (hit rate), and tokens per second: the paper's method at work.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+import mlx.core as mx
+
+from .cli import (
+    Parser,
+    add_engine_arguments,
+    add_model_argument,
+    add_sampling_arguments,
+    interruptible,
+    load_errors,
+    load_options,
+    make_sampler,
+)
+from .memory import format_bytes, rss_bytes
+
+DEFAULT_MAX_TOKENS = 256  # mlx_lm.chat's
+HELP = "commands: q quits (so does Ctrl-D), r starts a new conversation, h shows this help"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = Parser(prog="python -m mlx_flash chat",
+               description="Chat with a model whose FFN weights are read from flash.")
+    add_model_argument(p)
+    add_sampling_arguments(p, DEFAULT_MAX_TOKENS)
+    p.add_argument("--system-prompt", default=None,
+                   help="system prompt, at the start of each conversation")
+    add_engine_arguments(p)
+    return p
+
+
+def turn_summary(engine: Any, before: Any, response: Any, budget: int | None) -> str:
+    """One answer's cost: memory against the budget, flash bytes per token, the window's hit
+    rate over this answer (`before`: the engine's cache stats when it started), speed."""
+    after = engine.cache_stats()
+    needed = sum(getattr(after, k) - getattr(before, k) for k in ("hits", "loads", "spills"))
+    hits = (after.hits - before.hits) / needed if needed else 0.0
+    rss = rss_bytes()
+    budget_text = f"budget {format_bytes(budget)}" if budget else "no budget"
+    return (f"[memory {format_bytes(rss)} (model {format_bytes(rss - engine.runtime_rss)}; "
+            f"{budget_text}) | flash {engine.stats.decode.bytes_per_token / 1e6:.2f} MB/token | "
+            f"window hit rate {hits:.0%} | "
+            f"{response.generation_tps if response else 0:.1f} tokens/s]")
+
+
+@interruptible
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from mlx_lm import stream_generate
+    from mlx_lm.models.cache import make_prompt_cache
+
+    from . import load
+
+    if args.seed is not None:
+        mx.random.seed(args.seed)
+    try:
+        model, tokenizer = load(args.model, **load_options(args))
+    except load_errors() as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    if not tokenizer.has_chat_template:
+        print("error: this model's tokenizer has no chat template (python -m mlx_flash "
+              "generate --no-chat takes raw text)", file=sys.stderr)
+        return 1
+    engine = model.flash
+    print(f"[mlx_flash] selection {engine.mode.name}; {HELP}", file=sys.stderr)
+    history = make_prompt_cache(model, args.max_kv_size)
+    new_conversation = True
+    while True:
+        try:
+            message = input(">> ")
+        except EOFError:
+            print()
+            return 0
+        if message == "q":
+            return 0
+        if message == "r":
+            history = make_prompt_cache(model, args.max_kv_size)
+            new_conversation = True
+            continue
+        if message == "h":
+            print(HELP, file=sys.stderr)
+            continue
+        if not message.strip():
+            continue
+        messages = [{"role": "user", "content": message}]
+        if new_conversation and args.system_prompt is not None:
+            messages.insert(0, {"role": "system", "content": args.system_prompt})
+        new_conversation = False
+        prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        engine.stats.reset()
+        before = engine.cache_stats()
+        response = None
+        for response in stream_generate(model, tokenizer, prompt, max_tokens=args.max_tokens,
+                                        sampler=make_sampler(args), prompt_cache=history,
+                                        prefill_step_size=args.prefill_step_size):
+            print(response.text, end="", flush=True)
+        print()
+        print(turn_summary(engine, before, response, args.memory_budget), file=sys.stderr)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

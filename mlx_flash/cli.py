@@ -1,0 +1,204 @@
+"""What the command lines share: argument types whose errors say what is wrong, the flash
+engine's options (generate, chat and server take the same), and a clean end on Ctrl-C."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import functools
+import math
+import signal
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from .memory import parse_size
+
+# More read threads than this only add contention: tools/flash_profile.py flattens beyond 8,
+# and 100000 threads made a run crawl for minutes (issue 13).
+MAX_THREADS = 64
+DTYPE_CHOICES = ["float16", "bfloat16", "float32"]
+SPARSITY_CHOICES = ["auto", "off", "predictor", "gate", "hybrid", "teal"]
+PREFILL_STEP_SIZE = 2048  # mlx_lm.generate's default
+INTERRUPTED = 130  # the shell's code for a process ended by SIGINT
+
+
+class Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one line (argparse prints the whole usage first,
+    which for our many flags buries the message), and that takes no abbreviations (argparse
+    read `generate --mode hybrid` as `--model hybrid`)."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, allow_abbrev=False, **kwargs)
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def size(text: str) -> int:
+    """argparse type for sizes ("250MB", "8G", "1.5GiB"). argparse replaces a type's
+    ValueError with "invalid size value"; ArgumentTypeError keeps the parser's message."""
+    try:
+        value = parse_size(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive size")
+    return value
+
+
+def int_in(low: int, high: int | None = None) -> Callable[[str], int]:
+    """argparse type: an integer in [low, high]."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < low or (high is not None and value > high):
+            bound = f"at least {low}" if high is None else f"between {low} and {high}"
+            raise argparse.ArgumentTypeError(f"must be {bound}, not {value}")
+        return value
+
+    parse.__name__ = "integer"
+    return parse
+
+
+def float_in(low: float, high: float = math.inf, low_open: bool = False
+             ) -> Callable[[str], float]:
+    """argparse type: a finite float in [low, high], or in (low, high] with `low_open`."""
+    if high == math.inf:
+        bound = f"greater than {low}" if low_open else f"at least {low}"
+    else:
+        bound = f"in {'(' if low_open else '['}{low}, {high}]"
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        too_low = value <= low if low_open else value < low
+        if not math.isfinite(value) or too_low or value > high:
+            raise argparse.ArgumentTypeError(f"must be {bound}, not {text}")
+        return value
+
+    parse.__name__ = "number"
+    return parse
+
+
+def add_model_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None,
+                   help="a flash bundle, or a GGUF file / HF or mlx-lm model folder to convert "
+                   "into the cache first (default: the embedded SmolLM2-135M-Instruct)")
+
+
+def add_engine_arguments(p: argparse.ArgumentParser) -> None:
+    """The flash engine's options, as `load` takes them (see `load_options`)."""
+    g = p.add_argument_group("flash engine")
+    g.add_argument("--sparsity", default="auto", choices=SPARSITY_CHOICES,
+                   help="which FFN weights each token reads: a selection mode calibrated in the "
+                   "bundle (python -m mlx_flash calibrate), 'off' for all of them, 'auto' for "
+                   "the bundle's default (all of them if none is calibrated)")
+    g.add_argument("--memory-budget", type=size, default=None,
+                   help="memory for the model (resident weights, selection data, KV cache, "
+                   "neuron caches), e.g. 250MB or 8G; the neuron caches get what the rest "
+                   "leaves. Too small: an error saying the minimum")
+    g.add_argument("--window", type=int_in(0), default=5,
+                   help="tokens whose neurons stay cached (the paper's sliding window; 0: no "
+                   "cache)")
+    g.add_argument("--max-kv-size", type=int_in(1), default=None,
+                   help="bound the KV cache to this many tokens (rotating, as mlx_lm does); "
+                   "the budget reserves it (default: reserves 2048 tokens, unbounded)")
+    g.add_argument("--threads", type=int_in(1, MAX_THREADS), default=8,
+                   help="parallel flash reads (default 8: what tools/flash_profile.py found "
+                   f"best; at most {MAX_THREADS})")
+    g.add_argument("--cold", action="store_true",
+                   help="bypass the OS page cache, so every read reaches the storage (for "
+                   "honest I/O figures)")
+    g.add_argument("--dtype", choices=DTYPE_CHOICES, default=None,
+                   help="dtype for converting a non-bundle --model (default: float16 where "
+                   "Metal runs, else bfloat16, the faster on MLX's CPU backend)")
+    g.add_argument("--compute-dtype", choices=DTYPE_CHOICES, default=None,
+                   help="dtype to compute in (default: the bundle's)")
+    g.add_argument("--verify", action="store_true",
+                   help="check every bundle file's sha256 before loading")
+
+
+def add_sampling_arguments(p: argparse.ArgumentParser, max_tokens: int) -> None:
+    """mlx_lm.generate's sampling flags, with their ranges checked."""
+    p.add_argument("--max-tokens", "-m", type=int_in(1), default=max_tokens,
+                   help=f"maximum number of tokens to generate (default: {max_tokens})")
+    p.add_argument("--temp", type=float_in(0), default=0.0,
+                   help="sampling temperature (0: greedy)")
+    p.add_argument("--top-p", type=float_in(0, 1, low_open=True), default=1.0,
+                   help="sampling top-p, in (0, 1] (1: off)")
+    p.add_argument("--top-k", type=int_in(0), default=0, help="sampling top-k (0: off)")
+    p.add_argument("--min-p", type=float_in(0, 1), default=0.0,
+                   help="sampling min-p, in [0, 1] (0: off)")
+    p.add_argument("--seed", type=int_in(0, 2**64 - 1), default=None, help="PRNG seed")
+    p.add_argument("--prefill-step-size", type=int_in(1), default=PREFILL_STEP_SIZE,
+                   help="prompt tokens processed at a time; fewer lower prefill's peak memory "
+                   f"(default: {PREFILL_STEP_SIZE}, as mlx_lm)")
+
+
+def make_sampler(args: argparse.Namespace) -> Callable:
+    """mlx-lm's sampler for the flags of `add_sampling_arguments`."""
+    from mlx_lm.sample_utils import make_sampler
+
+    return make_sampler(args.temp, args.top_p, args.min_p, top_k=args.top_k)
+
+
+def load_options(args: argparse.Namespace) -> dict[str, Any]:
+    """`mlx_flash.load`'s keyword arguments from the options of `add_engine_arguments`."""
+    return {"dtype": args.dtype, "compute_dtype": args.compute_dtype, "verify": args.verify,
+            "sparsity": None if args.sparsity == "auto" else args.sparsity,
+            "memory_budget": args.memory_budget, "window": args.window,
+            "context": args.max_kv_size or 2048, "threads": args.threads, "cold": args.cold,
+            "rotating_kv": args.max_kv_size is not None}
+
+
+def vocab_size(model: Any) -> int:
+    """Rows of a flash model's logits: a token id at or past it indexes past MLX's arrays
+    (which crashes, not raises)."""
+    return int(model.flash.bundle.config["vocab_size"])
+
+
+def add_eos_tokens(tokenizer: Any, tokens: Sequence[str], vocab: int) -> None:
+    """mlx_lm.generate's --extra-eos-token: token ids or tokens that also end generation.
+    Unknown ones are an error (the tokenizer would map a misspelt token to its unknown
+    token's id and stop on that)."""
+    known = tokenizer.get_vocab()
+    for token in tokens:
+        ok = 0 <= int(token) < vocab if token.isdigit() else token in known
+        if not ok:
+            raise ValueError(f"{token!r} is not a token of this model")
+        tokenizer.add_eos_token(token)
+
+
+def load_errors() -> tuple[type[BaseException], ...]:
+    """What loading a model raises for a bad model or option: one line for the user, no
+    traceback (imported when called: these modules pull in MLX and transformers)."""
+    from .arch import UnsupportedModel
+    from .bundle import BundleError
+    from .convert import ConversionError
+    from .sources import SourceError
+
+    return (OSError, BundleError, SourceError, UnsupportedModel, ConversionError, ValueError)
+
+
+def interruptible(main: Callable[..., int | None]) -> Callable[..., int | None]:
+    """Ctrl-C ends the command with a newline and exit code 130, no traceback. Only the main
+    thread gets KeyboardInterrupt, so the reader threads stop with the interpreter. A second
+    Ctrl-C while the interpreter shuts down kills it outright (the default action) instead of
+    printing a traceback from its shutdown."""
+
+    @functools.wraps(main)
+    def wrapper(*args: Any, **kwargs: Any) -> int | None:
+        try:
+            return main(*args, **kwargs)
+        except KeyboardInterrupt:
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
+            with contextlib.suppress(OSError):  # stdout may be a closed pipe
+                print(flush=True)  # the streamed text ends on a line of its own
+            return INTERRUPTED
+
+    return wrapper
