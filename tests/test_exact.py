@@ -15,8 +15,8 @@ import pytest
 from mlx_lm.models.cache import make_prompt_cache
 from numpy_ffn import MODES, brute_force
 
-from mlx_flash.bundle import Bundle
-from mlx_flash.loader import EngineOptions, open_model
+from mlx_flash.bundle import DTYPES, Bundle
+from mlx_flash.loader import EngineOptions, compute_dtype_for, open_model
 
 PROMPT = [5, 40, 77, 100, 9, 33, 61]
 STEPS = 20
@@ -123,39 +123,39 @@ def test_random_settings_against_numpy(calibrated, tiny_llama):
 
 @pytest.fixture(scope="module")
 def default_calibrated():
-    """The embedded default model as its first use makes it: converted (bfloat16) and
-    calibrated for its default mode, in the tests' private cache."""
+    """The embedded default model as its first use makes it: converted (its Q4_1 blocks kept)
+    and calibrated for its default mode, in the tests' private cache."""
     from mlx_flash.paths import resolve_bundle
 
-    return resolve_bundle(None, "bfloat16", progress=False)
+    return resolve_bundle(None, progress=False)
 
 
 @pytest.mark.slow
 def test_default_model_equal_under_every_setting(default_calibrated, default_gguf, tmp_path):
     """On the default model's calibrated bundle, every (budget, window, threads) decodes the
     unbudgeted run's logits; with selection "off" its greedy tokens are mlx-lm's on the same
-    bfloat16 weights."""
+    quantized weights (computed in float32, as the bundle is on MLX's CPU backend)."""
     from mlx_lm import load as mlx_lm_load
     from mlx_lm.generate import generate_step
 
     from mlx_flash.convert import export_mlx_lm
 
     bundle = Bundle.open(default_calibrated)
-    assert bundle.selection["default"] == "hybrid"
+    assert bundle.selection["default"] == "hybrid" and bundle.families["neuron"].quantization
     reference_model, tokenizer = mlx_lm_load(str(export_mlx_lm(
-        default_gguf, tmp_path / "mlx-lm", dtype="bfloat16", progress=False)))
+        default_gguf, tmp_path / "mlx-lm", dtype=None, keep_quantization=True, progress=False)))
+    reference_model.set_dtype(DTYPES[compute_dtype_for(bundle)])
     prompt = tokenizer.apply_chat_template([{"role": "user", "content": "Why is the sky blue?"}],
                                            add_generation_prompt=True)
     expected, _ = decode(default_calibrated, "hybrid", EngineOptions(context=256), 16, prompt)
-    for budget in budgets(default_calibrated, "hybrid"):
-        for window in (0, 1, 5):
-            got, _ = decode(default_calibrated, "hybrid",
-                            EngineOptions(budget, window, context=256, threads=8), 16, prompt)
-            np.testing.assert_array_equal(got, expected, err_msg=f"{budget=} {window=}")
-    got, _ = decode(default_calibrated, "hybrid", EngineOptions(budget, 2, 256, 1, cold=True),
-                    16, prompt)
-    np.testing.assert_array_equal(got, expected)
-    off, _ = decode(default_calibrated, "off", EngineOptions(budget, 5, 256), 16, prompt)
+    none, minimum, eighth, half, full = budgets(default_calibrated, "hybrid")
+    for options in (EngineOptions(none, 0, 256), EngineOptions(none, 1, 256),
+                    *(EngineOptions(minimum, window, 256) for window in (0, 1, 5)),
+                    EngineOptions(eighth, 5, 256), EngineOptions(half, 5, 256),
+                    EngineOptions(full, 1, 256), EngineOptions(half, 2, 256, 1, cold=True)):
+        got, _ = decode(default_calibrated, "hybrid", options, 16, prompt)
+        np.testing.assert_array_equal(got, expected, err_msg=str(options))
+    off, _ = decode(default_calibrated, "off", EngineOptions(half, 5, 256), 16, prompt)
     steps = generate_step(mx.array(prompt), reference_model, max_tokens=16,
                           sampler=lambda logits: mx.argmax(logits, axis=-1))
     assert off.argmax(axis=-1).tolist() == [int(token) for token, _ in steps]
