@@ -201,7 +201,7 @@ def load(
     from .memory import rss_bytes
     from .paths import resolve_bundle
 
-    bundle = Bundle.open(resolve_bundle(path, dtype=dtype), verify=verify)
+    bundle = Bundle.open(resolve_bundle(path, dtype=dtype or default_dtype()), verify=verify)
     # Told nothing, transformers asks on the terminal whether to run a tokenizer's own code
     # (auto_map): never ask; unless the caller trusts it, refuse such a tokenizer in one line
     config = {"trust_remote_code": False, **(tokenizer_config or {})}
