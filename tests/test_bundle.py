@@ -97,7 +97,48 @@ def damage_inconsistent_layout(path: Path) -> None:
     rewrite_manifest(path, lambda m: m["ffn"]["families"]["neuron"].update(count=7))
 
 
+def neuron(m: dict) -> dict:
+    return m["ffn"]["families"]["neuron"]
+
+
+def rewrite_resident(path: Path, edit) -> None:
+    """Replace resident.safetensors by `edit(its bytes)`, the manifest sealed to match (a
+    damaged file that every size check passes)."""
+    resident = path / "resident.safetensors"
+    resident.write_bytes(edit(resident.read_bytes()))
+    rewrite_manifest(path, lambda m: m["files"]["resident.safetensors"].update(
+        bytes=resident.stat().st_size))
+
+
+def damage_part_offset(path: Path) -> None:
+    rewrite_manifest(path, lambda m: neuron(m)["parts"][1].update(
+        offset=neuron(m)["parts"][1]["offset"] + 2))
+
+
+# Manifests sealed anew (as a tool or a hostile hand would) whose damage only the checks of
+# each entry's type and range find: each was a traceback (issue 13).
+SEALED_DAMAGES = {
+    "families a list": (lambda m: m["ffn"].update(families=[]), "families must be a JSON dict"),
+    "files a list": (lambda m: m.update(files=[]), "files must be a JSON dict"),
+    "alignment 0": (lambda m: m["ffn"].update(alignment=0), "alignment must be an integer"),
+    "zero heads": (lambda m: m["config"].update(num_attention_heads=0), "num_attention_heads"),
+    "count Infinity": (lambda m: neuron(m).update(count=float("inf")), "count must be"),
+    "negative segment": (lambda m: neuron(m)["segments"][0].__setitem__(0, -4096),
+                         "segment offset must be"),
+    "selection a list": (lambda m: m.update(selection=[]), "selection must be a JSON dict"),
+}
+
+
 DAMAGES = {
+    **{name: (lambda path, edit=edit: rewrite_manifest(path, edit), message)
+       for name, (edit, message) in SEALED_DAMAGES.items()},
+    "deeply nested manifest": (lambda path: (path / "manifest.json").write_text(
+        "[" * 100_000 + "]" * 100_000), "not valid JSON"),
+    "part offset off its item size": (damage_part_offset, "off its item size"),
+    "resident header claims 8 GB": (lambda path: rewrite_resident(
+        path, lambda b: (8 << 30).to_bytes(8, "little") + b[8:]), "header claims"),
+    "resident offsets past the end": (lambda path: rewrite_resident(path, lambda b: b[:-64]),
+                                      "runs past the end"),
     "truncated ffn": (damage_truncated_ffn, "truncated"),
     "altered manifest": (damage_altered_manifest, "altered"),
     "wrong version": (damage_wrong_version, "version"),
@@ -116,7 +157,8 @@ def test_damaged_bundle_is_a_clear_error(bundle_copy, damage):
         mlx_flash.load(bundle_copy)
 
 
-@pytest.mark.parametrize("damage", ["truncated ffn", "wrong version"])
+@pytest.mark.parametrize("damage", ["truncated ffn", "wrong version", "families a list",
+                                    "resident header claims 8 GB"])
 def test_damaged_bundle_cli_prints_one_line(bundle_copy, damage):
     DAMAGES[damage][0](bundle_copy)
     r = subprocess.run([sys.executable, "-m", "mlx_flash.generate", "--model", str(bundle_copy),

@@ -9,6 +9,7 @@ An architecture adapter answers four questions for the converter and the loader:
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -25,8 +26,62 @@ from ..bundle import (
 )
 
 
-class UnsupportedModel(Exception):
-    """The model's architecture or configuration is not one we can run."""
+class UnsupportedModel(ValueError):
+    """The model's architecture or configuration is not one we can run (a ValueError: the
+    command lines report it as one)."""
+
+
+# Sizes past any real model (the largest have d = 16384, n = 53248, 126 layers, 256k tokens,
+# 128 heads): a config beyond them is damaged or hostile, and is refused before anything is
+# sized by it (one claiming 10^9 layers had a conversion killed at 23 GB).
+LIMITS = {"hidden_size": 1 << 17, "intermediate_size": 1 << 20, "ffn_dim": 1 << 20,
+          "num_hidden_layers": 1 << 10, "num_attention_heads": 1 << 12,
+          "num_key_value_heads": 1 << 12, "head_dim": 1 << 12, "vocab_size": 1 << 22,
+          "max_position_embeddings": 1 << 30, "word_embed_proj_dim": 1 << 17}
+REQUIRED = ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
+POSITIVE_FLOATS = ("rms_norm_eps", "layer_norm_eps", "rope_theta")  # finite and > 0
+FINITE_FLOATS = ("hidden_act_param",)
+
+
+def check_config(config: Any, required: tuple[str, ...] = ()) -> None:
+    """Refuse a model config that is not a JSON object of sane values: the sizes (REQUIRED,
+    `required` and any other of LIMITS given) positive integers within LIMITS, the heads
+    dividing the hidden size and the KV heads the heads, floats finite (epsilons and RoPE's
+    base positive), the BOS and EOS ids tokens of the vocabulary. UnsupportedModel says why."""
+    if not isinstance(config, dict):
+        raise UnsupportedModel(f"the model config is a JSON {type(config).__name__}, not an "
+                               "object")
+    for key, high in LIMITS.items():
+        value = config.get(key)
+        if value is None and key not in REQUIRED + required:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= high:
+            raise UnsupportedModel(f"config {key} must be an integer from 1 to {high}, not "
+                                   f"{value!r:.40}")
+    for key in POSITIVE_FLOATS + FINITE_FLOATS:
+        value = config.get(key)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)) \
+                or not math.isfinite(value) or (key in POSITIVE_FLOATS and value <= 0):
+            kind = "a positive number" if key in POSITIVE_FLOATS else "a finite number"
+            raise UnsupportedModel(f"config {key} must be {kind}, not {value!r:.40}")
+    heads = config["num_attention_heads"]
+    if config.get("head_dim") is None and config["hidden_size"] % heads:
+        raise UnsupportedModel(f"config hidden_size {config['hidden_size']} is not a multiple "
+                               f"of num_attention_heads {heads}")
+    if heads % (config.get("num_key_value_heads") or heads):
+        raise UnsupportedModel(f"config num_attention_heads {heads} is not a multiple of "
+                               f"num_key_value_heads {config['num_key_value_heads']}")
+    for key in ("bos_token_id", "eos_token_id"):
+        ids = config.get(key)
+        for i in ids if isinstance(ids, list) else [] if ids is None else [ids]:
+            if isinstance(i, bool) or not isinstance(i, int) \
+                    or not 0 <= i < config["vocab_size"]:
+                raise UnsupportedModel(f"config {key} {i!r:.40} is not a token of the "
+                                       f"{config['vocab_size']}-token vocabulary")
+    if not isinstance(config.get("rope_scaling") or {}, dict):
+        raise UnsupportedModel("config rope_scaling must be a JSON object")
 
 
 @dataclass(frozen=True)
@@ -150,6 +205,7 @@ def pack_records(parts: tuple[RecordPart, ...], record_bytes: int,
 class Architecture(Protocol):
     name: str
     model_types: tuple[str, ...]
+    required: tuple[str, ...]  # config sizes it needs besides REQUIRED
 
     def ffn_spec(self, config: dict[str, Any]) -> FFNSpec: ...
 
@@ -167,12 +223,16 @@ class Architecture(Protocol):
 
 
 def get_architecture(config: dict[str, Any]) -> Architecture:
-    """The adapter for `config["model_type"]`, after checking the config is one we support."""
+    """The adapter for `config["model_type"]`, after checking the config is one we support
+    (`check_config`, then the adapter's own checks)."""
     from . import llama, opt
 
+    if not isinstance(config, dict):
+        check_config(config)
     model_type = config.get("model_type")
     for arch in (llama.ARCH, opt.ARCH):
-        if model_type in arch.model_types:
+        if isinstance(model_type, str) and model_type in arch.model_types:
+            check_config(config, arch.required)
             arch.ffn_spec(config)  # raises UnsupportedModel on configs we cannot run
             return arch
     supported = sorted(t for a in (llama.ARCH, opt.ARCH) for t in a.model_types)

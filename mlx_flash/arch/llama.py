@@ -16,6 +16,7 @@ ACTIVATIONS = ("silu", "relu", "fatrelu", "drelu")
 class LlamaFamily:
     name = "llama"
     model_types = ("llama", "mistral", "qwen2")
+    required = ("intermediate_size",)
 
     def ffn_spec(self, config: dict[str, Any]) -> FFNSpec:
         act = config.get("hidden_act", "silu")

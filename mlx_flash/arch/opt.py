@@ -154,6 +154,7 @@ class Model(nn.Module):
 class OPTArchitecture:
     name = "opt"
     model_types = ("opt",)
+    required = ("ffn_dim",)
 
     def ffn_spec(self, config: dict[str, Any]) -> FFNSpec:
         act = config.get("activation_function", "relu")
