@@ -50,6 +50,7 @@ from .bundle import (
     layout_parts,
     quantized_parts,
 )
+from .cli import Parser, int_in, interruptible
 from .ffn import FlashEngine
 from .loader import blas_hint
 from .selection import MODE_CLASSES, MODES, LayerReads, Mode, Rows, gate_activation, hidden
@@ -57,6 +58,9 @@ from .selection import MODE_CLASSES, MODES, LayerReads, Mode, Rows, gate_activat
 DEFAULT_TARGETS = {"predictor": "0.99", "gate": "0.8", "hybrid": "0.8,0.5", "teal": "0.8,0.6"}
 GATE_GROUP = 64  # group size of gate rows quantized for gate / hybrid
 DEFAULT_TOKENS = {"predictor": 16384, "gate": 4096, "hybrid": 4096, "teal": 4096}
+# Fewer tokens give thresholds (quantiles per layer) and predictors fitted to noise: 4 tokens
+# calibrated without a word and replaced the bundle's default mode (issue 12)
+MIN_TOKENS = 256
 
 
 def default_mode(spec: FFNSpec) -> str:
@@ -282,6 +286,9 @@ def calibrate(path: str | Path, data: str | Path, mode: str | None = None,
     rank = rank or default_rank(spec)
     tokenizer = load_tokenizer(bundle.tokenizer_path)
     ids = text_tokens(tokenizer, data)[: tokens or DEFAULT_TOKENS[mode]]
+    if len(ids) < MIN_TOKENS:  # before anything is written: the bundle stays as it was
+        raise ValueError(f"calibration needs at least {MIN_TOKENS} tokens of text; "
+                         f"{len(ids)} given ({Path(data).name})")
     started = time.time()
     ctx = fit_context(bundle.config, ctx)
     X = collect_inputs(model, ids, ctx, progress)
@@ -407,9 +414,10 @@ def _fit_predictor(spec: FFNSpec, x: mx.array, w: dict[str, mx.array], recall: f
     return entry, A, B, b
 
 
+@interruptible
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(
-        prog="python -m mlx_flash.calibrate",
+    p = Parser(
+        prog="python -m mlx_flash calibrate",
         description="Calibrate which FFN weights each token needs (selection mode) on text, "
         "and store it in the bundle.", epilog=__doc__.split("Modes and --target:")[1],
         formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -417,14 +425,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", required=True, help="calibration text file (UTF-8)")
     p.add_argument("--mode", choices=[m for m in MODES if m != "off"], default=None,
                    help="selection mode (default: predictor for ReLU FFNs, hybrid for SiLU)")
-    p.add_argument("--tokens", type=int, default=None,
+    p.add_argument("--tokens", type=int_in(MIN_TOKENS), default=None,
                    help="calibration tokens, from the start of the text (default: 16384 for "
-                   "predictor, 4096 otherwise)")
+                   f"predictor, 4096 otherwise; at least {MIN_TOKENS})")
     p.add_argument("--target", default=None, help="operating point (see below)")
-    p.add_argument("--rank", type=int, default=None,
+    p.add_argument("--rank", type=int_in(1), default=None,
                    help="predictor rank (default: hidden size / 8, within 32..128)")
-    p.add_argument("--epochs", type=int, default=8, help="predictor training epochs")
-    p.add_argument("--ctx", type=int, default=512,
+    p.add_argument("--epochs", type=int_in(1), default=8, help="predictor training epochs")
+    p.add_argument("--ctx", type=int_in(2), default=512,
                    help="tokens per forward window (default 512; at most the model's positions)")
     p.add_argument("--gate-bits", type=int, default=8, choices=[4, 8, 16],
                    help="gate and hybrid keep the gate rows in memory quantized to this many "
