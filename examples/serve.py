@@ -2,7 +2,7 @@
 
     python examples/serve.py [--model BUNDLE_OR_MODEL] [--port PORT]
 
-Starts `python -m mlx_flash.server` (mlx-lm's server; the model loads through mlx_flash), waits
+Starts `python -m mlx_flash server` (mlx-lm's server; the model loads through mlx_flash), waits
 until it answers, sends one chat completion request with the standard library, prints the
 reply and stops the server. Any OpenAI client pointed at http://127.0.0.1:PORT/v1 works alike.
 """
@@ -26,7 +26,7 @@ if port == 0:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-command = [sys.executable, "-m", "mlx_flash.server", "--host", "127.0.0.1", "--port", str(port)]
+command = [sys.executable, "-m", "mlx_flash", "server", "--port", str(port)]  # on 127.0.0.1
 if args.model:
     command += ["--model", args.model]
 server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

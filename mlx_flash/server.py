@@ -1,59 +1,342 @@
 """mlx-lm's OpenAI-compatible HTTP server, serving flash bundles.
 
-    python -m mlx_flash.server [--model BUNDLE_OR_SRC] [--port 8080] [any mlx_lm.server flag]
+    python -m mlx_flash server [--model BUNDLE_OR_SRC] [--memory-budget 250MB] [--port 8080]
+                               [any other mlx_lm.server flag]
 
-Everything is mlx-lm's server; only model loading differs: `FlashModelProvider` loads through
-`mlx_flash.load`, so the FFN weights stay on flash. Without --model it serves the embedded
-default model.
+mlx-lm's server with the flash engine's options, loading through `mlx_flash.load`, and hardened
+against what a request can ask for (issue 13): a request's `model` names one of the models the
+server serves (the one it was started with, and the bundles in its cache, by folder name) and
+never reaches the filesystem; token ids in `logit_bias`, `top_k` and the prompt are checked
+against the vocabulary (an index past it crashes MLX); prompts longer than the model's context
+are refused; the work of a client that has gone away stops between prefill chunks and tokens.
+Without --model it serves the embedded default model. Binds 127.0.0.1 unless told otherwise.
 """
 
 from __future__ import annotations
 
+import argparse
 import gc
-import os
+import json
+import logging
+import math
+import select
+import socket
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from queue import Queue
+from typing import Any
 
 import mlx.core as mx
 from mlx_lm import server as mlx_server
 
+from .cli import (
+    Parser,
+    add_engine_arguments,
+    add_model_argument,
+    interruptible,
+    load_errors,
+    load_options,
+    vocab_size,
+)
+
+DEFAULT_HOST = "127.0.0.1"
+# Fixed, whatever was asked: the answer must not tell whether some path exists.
+UNKNOWN_MODEL = "model not found (GET /v1/models lists the models this server serves)"
+# mlx-lm's name for the model the server was started with (a request without `model`).
+DEFAULT_MODEL_KEY = "default_model"
+
+
+class RequestRefused(ValueError):
+    """A request this server does not serve, with the HTTP status to answer it."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+class ClientGone(Exception):
+    """The client closed its connection: the work for its request stops."""
+
+
+def client_gone(sock: socket.socket) -> bool:
+    """Whether the peer has closed `sock` (end of stream, or reset), reading none of its data."""
+    try:
+        if not select.select([sock], [], [], 0)[0]:
+            return False  # nothing to read: still there, waiting
+        return sock.recv(1, socket.MSG_PEEK) == b""
+    except ConnectionError:
+        return True
+    except (OSError, ValueError):  # not a socket we can poll: assume it is still there
+        return False
+
+
+class WatchedQueue:
+    """The queue a request's results go to, as the generation thread sees it: putting the
+    prompt's progress (between prefill chunks) or a token raises ClientGone once the client
+    has gone, which ends mlx-lm's generation for it; anything else passes through."""
+
+    def __init__(self, queue: Queue, client: socket.socket):
+        self.queue, self.client = queue, client
+
+    def put(self, item: Any) -> None:
+        if isinstance(item, (tuple, mlx_server.Response)) and client_gone(self.client):
+            raise ClientGone("the client closed its connection")
+        self.queue.put(item)
+
+
+@dataclass
+class ClientRequest(mlx_server.CompletionRequest):
+    """mlx-lm's request, with the connection of the client waiting for it."""
+
+    client: socket.socket | None = None
+
+
+def short_id(path: Path) -> str:
+    """A model's id in /v1/models and in requests: its bundle folder's name."""
+    return path.name
+
 
 class FlashModelProvider(mlx_server.ModelProvider):
-    """mlx-lm's ModelProvider, loading models with `mlx_flash.load`."""
+    """mlx-lm's ModelProvider, loading with `mlx_flash.load` and the engine's options. It
+    serves the model it was started with (by its short id, the --model text, or mlx-lm's
+    "default_model") and the bundles in mlx_flash's cache (by short id), nothing else."""
 
-    def __init__(self, cli_args):
-        if cli_args.model is None:
-            from .loader import default_dtype
-            from .paths import resolve_bundle
-
-            cli_args.model = str(resolve_bundle(None, default_dtype()))
+    def __init__(self, cli_args: argparse.Namespace):
         super().__init__(cli_args)
+        self.source = cli_args.model  # None: the embedded default model
+        self.started: Path | None = None  # its bundle, once loaded
+        self.aliases: set[str] = set()
+        self.context: int | None = None  # the loaded model's, for the prompt's bound
 
-    def _load(self, model_path, adapter_path=None, draft_model_path=None):
-        if adapter_path is not None or draft_model_path is not None:
-            raise ValueError("mlx_flash.server does not support adapters or draft models")
+    def load_default(self) -> None:
+        if self.started is not None:  # mlx-lm's generation loop asks again once started
+            return
+        # as generate does: a --model that is not a bundle is converted into the cache first
+        self._load(self.source)
+        self.started = self.model.flash.bundle.path
+        self.aliases = {DEFAULT_MODEL_KEY, short_id(self.started)} | (
+            {self.source} if self.source else set())
+
+    def model_ids(self) -> list[str]:
+        """The served models' ids, the started model's first."""
+        first = short_id(self.started)
+        return [first, *sorted(set(self.cached()) - {first})]
+
+    def cached(self) -> dict[str, Path]:
+        from .paths import home, is_bundle
+
+        folder = home() / "bundles"
+        if not folder.is_dir():
+            return {}
+        return {short_id(p): p for p in folder.iterdir() if p.is_dir() and is_bundle(p)}
+
+    def resolve(self, name: str) -> Path:
+        """The bundle a request's `model` names. The name is looked up among the served
+        models' names, never opened as a path."""
+        if name in self.aliases:
+            return self.started
+        path = self.cached().get(name)
+        if path is None:
+            raise RequestRefused(404, UNKNOWN_MODEL)
+        return path
+
+    def load(self, model_path: str, adapter_path: str | None = None,
+             draft_model_path: str | None = None) -> tuple[Any, Any]:
+        # mlx-lm passes the request's `model`, `adapters` and `draft_model` here
+        if adapter_path is not None or draft_model_path not in (None, DEFAULT_MODEL_KEY):
+            raise RequestRefused(400, "mlx_flash.server serves no adapters or draft models")
+        path = str(self.resolve(model_path))
+        if self.model_key != (path, None, None):
+            self._load(path)
+        return self.model, self.tokenizer
+
+    def _load(self, model_path: str | None, adapter_path: str | None = None,
+              draft_model_path: str | None = None) -> None:
         from . import load
 
+        args = self.cli_args
         self.reset()
         gc.collect()
         mx.clear_cache()
-        model, tokenizer = load(model_path, tokenizer_config=self._tokenizer_config)
-        if self.cli_args.use_default_chat_template and tokenizer.chat_template is None:
+        model, tokenizer = load(model_path, tokenizer_config=self._tokenizer_config,
+                                **load_options(args))
+        if args.use_default_chat_template and tokenizer.chat_template is None:
             tokenizer.chat_template = tokenizer.default_chat_template
-        self.model_key = (model_path, None, None)
+        self.model_key = (str(model.flash.bundle.path), None, None)
         self.model, self.tokenizer = model, tokenizer
+        self.context = args.max_kv_size or model.flash.bundle.config.get(
+            "max_position_embeddings")
         self.processor = None
         self.draft_model = None
         # The flash engine serves one sequence at a time from its neuron matrix.
         self.is_batchable = False
 
 
-def main() -> None:
-    from huggingface_hub.constants import HF_HUB_CACHE
+def check_generation(provider: FlashModelProvider, prompt: list[int],
+                     args: mlx_server.GenerationArguments) -> None:
+    """Refuse (400) what would index past the loaded model's arrays or run past its context:
+    token ids at or past the vocabulary (in logit_bias, the prompt) and top_k beyond it."""
+    vocab = vocab_size(provider.model)
+    for token, bias in (args.logits.logit_bias or {}).items():
+        if not 0 <= token < vocab:
+            raise RequestRefused(400, f"logit_bias: token id {token} is not in the vocabulary "
+                                 f"(0 to {vocab - 1})")
+        if not math.isfinite(bias):
+            raise RequestRefused(400, f"logit_bias: the bias of token {token} is not finite")
+    if args.sampling.top_k >= vocab:
+        raise RequestRefused(400, f"top_k must be below the vocabulary's {vocab} tokens "
+                             "(0 turns it off)")
+    if args.top_logprobs >= vocab:
+        raise RequestRefused(400, f"top_logprobs must be below the vocabulary's {vocab} tokens")
+    if prompt and not 0 <= min(prompt) <= max(prompt) < vocab:
+        raise RequestRefused(400, "the prompt has token ids outside the model's vocabulary")
+    if provider.context and len(prompt) > provider.context:
+        raise RequestRefused(400, f"the prompt has {len(prompt)} tokens, more than this "
+                             f"model's context of {provider.context}")
 
-    # mlx-lm's /v1/models scans the Hugging Face cache and fails when that folder is missing
-    os.makedirs(HF_HUB_CACHE, exist_ok=True)
-    mlx_server.ModelProvider = FlashModelProvider  # mlx-lm's main() builds its provider by name
-    mlx_server.main()
+
+class FlashResponseGenerator(mlx_server.ResponseGenerator):
+    """mlx-lm's generation thread, checking each request against the loaded model and
+    stopping the work of clients that have gone."""
+
+    model_provider: FlashModelProvider
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        self.startup_error: BaseException | None = None
+        super().__init__(*args, **kwargs)
+
+    def _run_generate(self) -> None:
+        # the started model loads here, in the generation thread (MLX streams are per
+        # thread); an error is kept for main() to report in one line
+        try:
+            self.model_provider.load_default()
+        except Exception as e:
+            if not isinstance(e, load_errors()):
+                logging.exception("loading the model failed")
+            self.startup_error = e
+            self._generation_failed = True
+            return
+        super()._run_generate()
+
+    def _tokenize(self, tokenizer: Any, request: Any, args: Any) -> Any:
+        tokenized = super()._tokenize(tokenizer, request, args)
+        check_generation(self.model_provider, tokenized[0], args)
+        return tokenized
+
+    def _serve_single(self, request: tuple, stream: Any) -> None:
+        rqueue, completion, args = request
+        client = getattr(completion, "client", None)
+        if client is not None:
+            rqueue = WatchedQueue(rqueue, client)
+        super()._serve_single((rqueue, completion, args), stream)
+
+
+class FlashAPIHandler(mlx_server.APIHandler):
+    """mlx-lm's request handler; /v1/models lists the served models by short id."""
+
+    response_generator: FlashResponseGenerator
+
+    def _set_completion_headers(self, status_code: int = 200) -> None:
+        # mlx-lm answers 404 to any error raised while a request is queued (it calls this in
+        # its `except` block); a request refused here carries its own status
+        error = sys.exc_info()[1]
+        if isinstance(error, RequestRefused):
+            status_code = error.status
+        super()._set_completion_headers(status_code)
+
+    def validate_model_parameters(self) -> None:
+        super().validate_model_parameters()
+        if self.seed is not None and not 0 <= self.seed < 2**64:
+            raise ValueError("seed must be between 0 and 2**64 - 1")
+        if self.path == "/v1/completions" and not isinstance(self.body.get("prompt"), str):
+            raise ValueError("prompt must be a string")
+
+    def _with_client(self, make: Callable[[], mlx_server.CompletionRequest]
+                     ) -> ClientRequest:
+        base = make()
+        return ClientRequest(**vars(base), client=self.connection)
+
+    def handle_chat_completions(self) -> ClientRequest:
+        return self._with_client(super().handle_chat_completions)
+
+    def handle_text_completions(self) -> ClientRequest:
+        return self._with_client(super().handle_text_completions)
+
+    def handle_completion(self, request: Any, stop_words: list[str]) -> None:
+        try:
+            super().handle_completion(request, stop_words)
+        except ClientGone:
+            logging.info("client went away: its request stopped")
+
+    def handle_models_request(self) -> None:
+        provider = self.response_generator.model_provider
+        wanted = self.path.split("/", 3)[3] if self.path.count("/") >= 3 else None
+        models = [{"id": name, "object": "model", "created": self.created}
+                  for name in provider.model_ids() if wanted in (None, "", name)]
+        body = json.dumps({"object": "list", "data": models}).encode()
+        self._set_completion_headers(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+        self.wfile.flush()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    # (Parser takes no abbreviations: a prefix of one of mlx-lm's flags goes on to mlx-lm)
+    p = Parser(prog="python -m mlx_flash server",
+               description="Serve a model over HTTP with mlx-lm's OpenAI-compatible server "
+               "(/v1/chat/completions, /v1/completions, /v1/models), its FFN weights read from "
+               "flash.",
+               epilog="Every other mlx_lm.server flag (--port, --temp, --max-tokens, "
+               "--prefill-step-size, --log-level, ...) is passed on to it: see "
+               "python -m mlx_lm server --help.")
+    add_model_argument(p)
+    p.add_argument("--host", default=DEFAULT_HOST,
+                   help=f"address to listen on (default {DEFAULT_HOST}: this machine only)")
+    add_engine_arguments(p)
+    return p
+
+
+@interruptible
+def main(argv: list[str] | None = None) -> int:
+    args, rest = build_parser().parse_known_args(argv)
+    errors: list[BaseException] = []
+
+    def make_provider(mlx_args: argparse.Namespace) -> FlashModelProvider:
+        for name, value in vars(args).items():
+            setattr(mlx_args, name, value)
+        return FlashModelProvider(mlx_args)
+
+    def run(host: str, port: int, provider: FlashModelProvider) -> None:
+        generator = FlashResponseGenerator(provider, mlx_server.LRUPromptCache(
+            provider.cli_args.prompt_cache_size))
+        try:
+            while provider.model is None and generator.generation_available():
+                time.sleep(0.05)  # serve once the model is loaded, or say why it is not
+        except KeyboardInterrupt:
+            generator.stop_and_join()  # its thread would keep the process alive
+            raise
+        if not generator.generation_available():
+            errors.append(generator.startup_error or RuntimeError("the model did not load"))
+            return
+        mlx_server._run_http_server(host, port, generator, handler_class=FlashAPIHandler)
+
+    # mlx-lm's main() parses its own flags, then calls ModelProvider(args) and run() by name
+    saved = mlx_server.ModelProvider, mlx_server.run, sys.argv
+    mlx_server.ModelProvider, mlx_server.run = make_provider, run
+    sys.argv = ["mlx_flash server", "--host", args.host, *rest]
+    try:
+        mlx_server.main()
+    finally:
+        mlx_server.ModelProvider, mlx_server.run, sys.argv = saved
+    if errors:
+        print(f"error: {errors[0]}", file=sys.stderr)
+        return 1
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

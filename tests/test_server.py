@@ -1,0 +1,212 @@
+"""The HTTP server (mlx-lm's, loading through mlx_flash), as a client on 127.0.0.1 uses it and
+as a hostile one tries it (issue 13): it serves only its own models, never opens what a request
+names, refuses token ids past the vocabulary and prompts past the context, and stops the work
+of a client that has gone."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from mlx_flash.server import UNKNOWN_MODEL, ClientGone, WatchedQueue
+
+ROOT = Path(__file__).parent.parent
+CONTEXT = 200  # the served tiny model's --max-kv-size: its prompts' bound
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start(*args: str) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "mlx_flash", "server", "--port", str(port),
+                             *args], cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 90
+    while time.time() < deadline:
+        try:
+            urllib.request.urlopen(f"{base}/health", timeout=1)
+            return proc, base
+        except OSError:
+            if proc.poll() is not None:
+                raise AssertionError(f"the server exited: {proc.stderr.read()}") from None
+            time.sleep(0.2)
+    proc.kill()
+    raise AssertionError("the server did not start within 90 s")
+
+
+@pytest.fixture(scope="module")
+def server(tiny_bundle):
+    """The tiny model served with the engine's options, on 127.0.0.1 (the default host)."""
+    proc, base = start("--model", str(tiny_bundle), "--max-kv-size", str(CONTEXT),
+                       "--window", "2", "--threads", "2", "--sparsity", "off")
+    yield base
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+def post(base: str, body: dict, path: str = "/v1/chat/completions",
+         timeout: float = 60) -> tuple[int, dict]:
+    request = urllib.request.Request(base + path, data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as r:
+            return r.status, json.load(r)
+    except urllib.error.HTTPError as e:
+        return e.code, json.load(e)
+
+
+def chat(content: str = "the theme", **fields) -> dict:
+    return {"messages": [{"role": "user", "content": content}], "max_tokens": 4, **fields}
+
+
+def assert_answers(base: str) -> None:
+    status, reply = post(base, chat())
+    assert status == 200 and reply["usage"]["completion_tokens"] >= 1, reply
+
+
+def test_models_lists_short_ids(server, tiny_bundle):
+    with urllib.request.urlopen(f"{server}/v1/models", timeout=10) as r:
+        ids = [m["id"] for m in json.load(r)["data"]]
+    assert ids[0] == tiny_bundle.name and not any("/" in i for i in ids)
+    status, reply = post(server, chat(model=tiny_bundle.name))
+    assert status == 200, reply
+
+
+def test_out_of_vocabulary_logit_bias_is_400_and_server_keeps_answering(server):
+    """A logit_bias on token 999999999 segfaulted MLX inside mlx_lm.server."""
+    for bias in ({"999999999": 5}, {"-1": 5}, {"264": 1}):
+        status, reply = post(server, chat(logit_bias=bias))
+        assert status == 400 and "logit_bias" in reply["error"], reply
+    assert_answers(server)
+
+
+@pytest.mark.parametrize("fields, path", [
+    ({"top_k": 100000}, "/v1/chat/completions"),
+    ({"top_k": 264}, "/v1/chat/completions"),
+    ({"seed": -1}, "/v1/chat/completions"),
+    ({"prompt": [1, 2, 999999]}, "/v1/completions"),
+])
+def test_fields_reaching_an_index_are_checked(server, fields, path):
+    body = chat(**fields) if path.endswith("chat/completions") else {"max_tokens": 2, **fields}
+    status, reply = post(server, body, path)
+    assert status == 400, reply
+    assert_answers(server)
+
+
+def test_model_field_never_reaches_the_filesystem(server, tiny_llama):
+    """"/etc/shadow" answered 404 with its first bytes; a model folder was converted and
+    served to everyone. Any name but the served ones: the same 404, nothing loaded."""
+    from mlx_flash.paths import home
+
+    cache = home() / "bundles"
+    before = sorted(cache.iterdir()) if cache.exists() else []
+    for name in ("/etc/shadow", "/etc", "/no/such/file", str(tiny_llama[0]), "../bundle"):
+        status, reply = post(server, chat(model=name))
+        assert (status, reply) == (404, {"error": UNKNOWN_MODEL}), name
+    status, reply = post(server, chat(adapters=str(tiny_llama[0])))
+    assert status == 400
+    assert (sorted(cache.iterdir()) if cache.exists() else []) == before
+    assert_answers(server)
+
+
+def test_prompt_longer_than_the_context_is_400(server):
+    status, reply = post(server, {"prompt": "the " * (CONTEXT + 10), "max_tokens": 2},
+                         "/v1/completions")
+    assert status == 400 and f"context of {CONTEXT}" in reply["error"], reply
+    assert_answers(server)
+
+
+def test_abandoned_request_stops(server):
+    """A client that sent a long request and left: its work stops, so the next client is
+    answered at once (it waited for the whole abandoned generation)."""
+    port = int(server.rsplit(":", 1)[1])
+    body = json.dumps({"prompt": "the", "max_tokens": 10**6,
+                       "logit_bias": {"2": -1000}}).encode()  # never its end-of-text token
+    with socket.create_connection(("127.0.0.1", port)) as s:
+        s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: "
+                  b"application/json\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+        time.sleep(1.0)  # generating
+    started = time.time()
+    status, reply = post(server, chat(), timeout=30)
+    assert status == 200, reply
+    assert time.time() - started < 15
+
+
+def test_watched_queue_stops_between_prefill_chunks_and_tokens():
+    """Prefill progress and tokens raise once the client has closed; the rest passes."""
+    from queue import Queue
+
+    from mlx_lm.server import Response
+
+    ours, theirs = socket.socketpair()
+    queue: Queue = Queue()
+    watched = WatchedQueue(queue, ours)
+    watched.put((1, 10))
+    theirs.sendall(b"more of the request")  # data waiting is not a closed connection
+    watched.put(Response("a", 1, 0.0, None, ()))
+    ours.recv(100)  # the server read the request
+    theirs.close()
+    for item in ((2, 10), Response("b", 2, 0.0, None, ())):
+        with pytest.raises(ClientGone):
+            watched.put(item)
+    error = ValueError("x")
+    watched.put(error)
+    watched.put(None)
+    assert [queue.get() for _ in range(4)][2:] == [error, None]
+    ours.close()
+
+
+def test_engine_options_reach_load(tiny_bundle, monkeypatch):
+    import mlx_flash
+    from mlx_flash.server import DEFAULT_HOST, FlashModelProvider, build_parser
+
+    args, rest = build_parser().parse_known_args([
+        "--model", str(tiny_bundle), "--memory-budget", "8G", "--sparsity", "off",
+        "--window", "3", "--threads", "4", "--cold", "--max-kv-size", "128", "--port", "9"])
+    assert args.host == DEFAULT_HOST == "127.0.0.1" and rest == ["--port", "9"]
+    mlx_args = argparse.Namespace(pipeline=False, adapter_path=None, draft_model=None,
+                                  trust_remote_code=False, chat_template="",
+                                  use_default_chat_template=False, **vars(args))
+    seen = {}
+    real = mlx_flash.load
+
+    def load(path, **kw):
+        seen.update(kw, path=path, calls=seen.get("calls", 0) + 1)
+        return real(path, **kw)
+
+    monkeypatch.setattr(mlx_flash, "load", load)
+    provider = FlashModelProvider(mlx_args)
+    provider.load_default()
+    provider.load_default()
+    provider.load("default_model")
+    provider.load(tiny_bundle.name)
+    assert seen.pop("calls") == 1 and seen["path"] == str(tiny_bundle)
+    assert {k: seen[k] for k in ("memory_budget", "sparsity", "window", "threads", "cold",
+                                 "context", "rotating_kv")} == {
+        "memory_budget": 8 * 10**9, "sparsity": "off", "window": 3, "threads": 4, "cold": True,
+        "context": 128, "rotating_kv": True}
+    assert provider.context == 128
+
+
+def test_startup_error_is_one_line(tiny_bundle):
+    """A budget below the model's minimum: the server says so in one line and exits."""
+    r = subprocess.run([sys.executable, "-m", "mlx_flash", "server", "--model",
+                        str(tiny_bundle), "--memory-budget", "1KB", "--port", str(free_port())],
+                       cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1
+    assert r.stderr.strip().splitlines()[-1].startswith("error: memory budget"), r.stderr
+    assert "Traceback" not in r.stderr
