@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 
 import mlx.core as mx
@@ -97,6 +97,7 @@ class FlashEngine:
                     self.caches[(layer, family, parts)] = NeuronCache(
                         self.families[family], parts, rows, window)
         self._ahead = ThreadPoolExecutor(1, thread_name_prefix="flash-ahead")  # fetch(ahead=)
+        self._pending: list[Future] = []  # reads ahead started in this layer
         self.stats = EngineStats()
         self.dense_prefill = True  # evaluate turns this off to score each token's selection
         self.observer: Observer | None = None  # sees every layer's input and reads (evaluate)
@@ -135,7 +136,9 @@ class FlashEngine:
         if ahead:
             if cache is not None or staging.capacity < fam.count or len(ids) == 0:
                 return None
-            return self._ahead.submit(self._read_staging, layer, family, parts, ids).result
+            future = self._ahead.submit(self._read_staging, layer, family, parts, ids)
+            self._pending.append(future)
+            return future.result
         if cache is None:
             if len(ids) > staging.capacity:
                 raise RuntimeError(f"{len(ids)} {family} records do not fit the staging matrix "
@@ -190,7 +193,11 @@ class FlashEngine:
         if self._decoding and layer == 0:
             self._token += 1
         mode = self.dense if not self._decoding and self.dense_prefill else self.mode
-        y, reads = mode(layer, flat, self.fetch)
+        try:
+            y, reads = mode(layer, flat, self.fetch)
+        finally:  # a read ahead still running when the layer fails would land in later reads
+            wait(self._pending)
+            self._pending.clear()
         y = y.reshape(x.shape)
         if down_bias is not None:
             y = y + down_bias

@@ -16,7 +16,7 @@ import sys
 import threading
 import time
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
 
 import numpy as np
@@ -199,7 +199,11 @@ class FlashReader:
                 if self._pool is None:
                     self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="flash-read")
             chunks = [reads[i::self.threads] for i in range(self.threads)]
-            done = list(self._pool.map(self._read_all, chunks))
+            futures = [self._pool.submit(self._read_all, chunk) for chunk in chunks]
+            # every read ends before any error is raised: the caller may hand the rows of a
+            # failed read to other records, which a read still running would overwrite
+            wait(futures)
+            done = [f.result() for f in futures]
         else:
             done = [self._read_all(reads)]
         with self._lock:

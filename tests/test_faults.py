@@ -1,0 +1,115 @@
+"""Read faults in the middle of a generation never poison later answers.
+
+`os.preadv` is replaced by one that fails once (EIO, or an end of file) at a chosen call, or
+that returns short on every call, at each read site: the neuron caches, the staging matrix
+(prefill, and reads a cache has no room for), and reads ahead in the background. After a fault
+the error surfaces, every row the caches hold equals the file, and the next request on the same
+model answers exactly as a fresh model does.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from mlx_lm.models.cache import make_prompt_cache
+
+from mlx_flash.bundle import Bundle, BundleError
+from mlx_flash.flash_io import FlashReader
+from mlx_flash.loader import EngineOptions, open_model
+from mlx_flash.neuron_cache import NeuronMatrix
+
+PROMPT = [5, 40, 77, 100, 9, 33, 61]
+STEPS = 10
+
+
+def logits_of(model, steps: int = STEPS) -> np.ndarray:
+    cache = make_prompt_cache(model)
+    logits = model(mx.array([PROMPT]), cache=cache)[:, -1]
+    out = []
+    for _ in range(steps):
+        out.append(np.array(logits.astype(mx.float32)))
+        logits = model(mx.argmax(logits, axis=-1)[:, None], cache=cache)[:, -1]
+    return np.concatenate(out)
+
+
+class Faulty:
+    """os.preadv failing at call number `at` ("eio", "eof"), or short on every call."""
+
+    def __init__(self, kind: str, at: int = 0):
+        self.kind, self.at, self.calls, self.real = kind, at, 0, os.preadv
+
+    def __call__(self, fd: int, buffers: list, offset: int) -> int:
+        self.calls += 1
+        if self.kind == "short":  # a legal short read: part of the first buffer, filled
+            first = memoryview(buffers[0]).cast("B")
+            data = os.pread(fd, max(1, len(first) // 2), offset)
+            first[:len(data)] = data
+            return len(data)
+        if self.calls == self.at:
+            if self.kind == "eio":
+                raise OSError(errno.EIO, "Input/output error (injected)")
+            return 0  # the file seems to end here
+        return self.real(fd, buffers, offset)
+
+
+def assert_caches_equal_file(engine) -> int:
+    """Every row the engine's caches hold equals its record in the file; how many rows."""
+    rows = 0
+    for (layer, family, parts), cache in engine.caches.items():
+        fam = engine.families[family]
+        held = cache.neuron_at[:cache.size]
+        order = np.argsort(held)
+        fresh = NeuronMatrix(fam, max(1, len(held)), parts)
+        reader = FlashReader(engine.bundle.path / fam.file, max_gap=0)
+        reader.read_records(fam, layer, held[order], np.arange(len(held)), fresh, parts)
+        reader.close()
+        for name, matrix in cache.matrix._rows.items():
+            np.testing.assert_array_equal(matrix[:cache.size][order], fresh._rows[name][
+                :len(held)], err_msg=f"layer {layer} {family} {name}")
+        rows += len(held)
+    return rows
+
+
+# the site each setting reads through: caches (and staging for what they spill), staging alone
+# (selection off, no budget: every record every token), reads ahead (hybrid without caches)
+SITES = {"cache": ("hybrid", 0.5, 5), "staging": ("off", None, 5), "ahead": ("hybrid", 0.0, 0)}
+
+
+@pytest.mark.parametrize("site", SITES)
+def test_faults_never_poison_later_answers(calibrated, site, monkeypatch):
+    mode, fraction, window = SITES[site]
+    path = calibrated[mode]
+    bundle = Bundle.open(path)
+
+    def options() -> EngineOptions:
+        if fraction is None:
+            return EngineOptions(None, window, 64, threads=8)
+        plan = open_model(bundle, None, mode, EngineOptions(10**12, window, 64)).flash.plan
+        return EngineOptions(plan.minimum + int(fraction * (plan.total - plan.minimum)),
+                             window, 64, threads=8)
+
+    fresh = logits_of(open_model(bundle, None, mode, options()))
+    counting = Faulty("none")
+    monkeypatch.setattr(os, "preadv", counting)
+    model = open_model(bundle, None, mode, options())
+    np.testing.assert_array_equal(logits_of(model), fresh)
+    total = counting.calls
+    if site == "ahead":
+        assert model.flash.caches == {} and model.flash._ahead._threads  # it did read ahead
+    rng = np.random.default_rng(len(site))
+    for kind in ("eio", "eof"):
+        for at in rng.integers(total // 4, total, size=3):  # most of them while decoding
+            monkeypatch.setattr(os, "preadv", Faulty(kind, int(at)))
+            with pytest.raises((OSError, BundleError)):
+                logits_of(model)
+            monkeypatch.setattr(os, "preadv", counting)
+            assert_caches_equal_file(model.flash)
+            np.testing.assert_array_equal(logits_of(model), fresh, err_msg=f"{kind} at {at}")
+    monkeypatch.setattr(os, "preadv", Faulty("short"))
+    np.testing.assert_array_equal(logits_of(model), fresh)
+    held = assert_caches_equal_file(model.flash)
+    assert (held > 0) == (site == "cache")
