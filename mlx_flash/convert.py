@@ -51,6 +51,12 @@ def _plan(source) -> tuple[dict[str, Any], Architecture, dict[str, str]]:
     config = dict(source.config)
     arch = get_architecture(config)
     names = {arch.canonical_name(n): n for n in source.names()}
+    # Each layer has tensors of its own: more layers than tensors is a damaged config, refused
+    # before anything is sized by the number of layers.
+    if config["num_hidden_layers"] > len(names):
+        raise ConversionError(f"{source.path.name}: its config claims "
+                              f"{config['num_hidden_layers']} layers, its weights are "
+                              f"{len(names)} tensors")
     config.setdefault("tie_word_embeddings", "lm_head.weight" not in names)
     arch.ffn_spec(config)  # re-check with the completed config
     return config, arch, names
@@ -113,7 +119,8 @@ def convert(src: str | Path, out: str | Path, dtype: str | None = "float16",
     if missing:
         raise ConversionError(f"{source.path.name} lacks FFN tensors, e.g. {missing[0]}")
     # Every resident tensor must be a parameter of the flash model, and vice versa.
-    resident = {t: n for n in names.keys() - in_ffn
+    # sorted: a source converts to the same bytes in every process (a set's order is not)
+    resident = {t: n for n in sorted(names.keys() - in_ffn)
                 if (t := arch.resident_name(n, config)) is not None}
     if spec.down_bias:
         resident.update({f"{arch.layer_prefix(i)}.mlp.bias": ffn_names[i]["down_bias"]
@@ -137,6 +144,7 @@ def convert(src: str | Path, out: str | Path, dtype: str | None = "float16",
         if tuple(w.shape) != tuple(shape):
             raise ConversionError(f"{name} has shape {tuple(w.shape)}, the model expects "
                                   f"{tuple(shape)}")
+        check_finite(name, w)
         return w
 
     ffn_q = _ffn_quantization(source, spec, {r: names[v] for r, v in ffn_names[0].items()},
@@ -168,6 +176,15 @@ def convert(src: str | Path, out: str | Path, dtype: str | None = "float16",
             bar.update()
         source.save_tokenizer(writer.tokenizer_dir)
         return writer.commit()
+
+
+def check_finite(name: str, w: Weight) -> None:
+    """Refuse a weight holding NaN or infinity (a damaged file would compute garbage); one
+    reduction per tensor, nothing beside reading it."""
+    arrays = (w.scales, w.biases) if isinstance(w, QuantizedTensor) else (w,)
+    if not all(mx.all(mx.isfinite(a)).item() for a in arrays
+               if mx.issubdtype(a.dtype, mx.floating)):
+        raise ConversionError(f"{name} holds NaN or infinite values: the file is damaged")
 
 
 def resident_arrays(target: str, w: Weight, quantized: dict[str, Quantization]
@@ -213,6 +230,7 @@ def export_mlx_lm(src: str | Path, out: str | Path, dtype: str | None = "float16
         if target is None:
             continue
         w = source.get_weight(names[name]) if keep_quantization else source.get(names[name])
+        check_finite(name, w)
         weights.update({k: a.astype(DTYPES[dtype]) if mx.issubdtype(a.dtype, mx.floating) else a
                         for k, a in resident_arrays(target, w, quantized).items()})
     if quantized:

@@ -10,8 +10,11 @@ than one of them beyond what is kept.
 from __future__ import annotations
 
 import glob
-import json
+import math
+import re
 import shutil
+import struct
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +22,7 @@ import mlx.core as mx
 import numpy as np
 
 from .arch import QuantizedTensor, Weight
+from .bundle import check_safetensors, read_json, whole
 
 
 class SourceError(Exception):
@@ -41,6 +45,179 @@ def open_source(path: str | Path) -> GGUFSource | HFSource:
 
 
 # ----------------------------------------------------------------------------- GGUF
+
+# A GGUF header is read here, not by gguf-py's GGUFReader, which takes counts at their word
+# (an array count of 2^32 grew it to 5.8 GB; one case aborted in std::bad_alloc) and makes a
+# NumPy array per metadata element. Every count and length is checked against the bytes left
+# in the file before anything is allocated for it, so a file of N bytes costs O(N) memory;
+# these bounds cap that for large files (real headers: at most ~1.5M array elements, for
+# 256k-token vocabularies with scores, types and merges; names under 64 bytes, GGML_MAX_NAME).
+GGUF_MAX_ELEMENTS = 1 << 23  # metadata array elements, all arrays together
+GGUF_MAX_STRING = 1 << 24  # bytes of one metadata string (chat templates run to ~10 KB)
+GGUF_MAX_NAME = 1 << 10
+GGUF_MAX_DEPTH = 4  # arrays of arrays of ...
+GGUF_MAX_DIMS = 4  # GGML_MAX_DIMS
+GGUF_MAX_ALIGNMENT = 1 << 20
+_GGUF_STRING, _GGUF_ARRAY, _GGUF_BOOL, _GGUF_UINT32 = 8, 9, 7, 4
+# scalar value types: their struct codes (little-endian), which NumPy's dtypes take too
+_GGUF_SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "B", 10: "Q",
+                 11: "q", 12: "d"}
+_STRUCTS = {code: struct.Struct("<" + code) for code in _GGUF_SCALARS.values()}
+
+
+@dataclass(frozen=True)
+class GGUFTensor:
+    """A tensor of a GGUF file: `shape` in GGUF's order (fastest-varying dimension first), its
+    bytes `data` as gguf-py presents them (typed for F16/F32, else uint8 blocks)."""
+
+    name: str
+    tensor_type: Any  # gguf.GGMLQuantizationType
+    shape: tuple[int, ...]
+    offset: int  # from the start of the data section
+    n_bytes: int
+    data: np.ndarray
+
+
+class _GGUFCursor:
+    """Reads a GGUF header from `buf`, refusing whatever would not fit in the bytes left."""
+
+    def __init__(self, buf: np.ndarray, name: str):
+        self.buf, self.name, self.pos, self.elements = buf, name, 0, 0
+
+    def fail(self, what: str) -> SourceError:
+        return SourceError(f"{self.name} is not a sound GGUF file: {what} (byte {self.pos})")
+
+    def take(self, n: int) -> int:
+        """Consume `n` bytes; returns where they start."""
+        if n > len(self.buf) - self.pos:
+            raise self.fail(f"{n} bytes claimed, {len(self.buf) - self.pos} left: the file is "
+                            "truncated or its header damaged")
+        self.pos += n
+        return self.pos - n
+
+    def scalar(self, dtype: str) -> Any:
+        s = _STRUCTS[dtype]
+        return s.unpack_from(self.buf, self.take(s.size))[0]
+
+    def count(self, item_bytes: int, limit: int, what: str) -> int:
+        """A uint64 count of items taking at least `item_bytes` each."""
+        n = self.scalar("Q")
+        if n > limit or n * item_bytes > len(self.buf) - self.pos:
+            raise self.fail(f"{what} claims {n} items, more than the file holds")
+        return n
+
+    def string(self, limit: int = GGUF_MAX_STRING) -> str:
+        n = self.count(1, limit, "a string")
+        start = self.take(n)
+        try:
+            return bytes(self.buf[start:start + n]).decode("utf-8")
+        except UnicodeDecodeError:
+            raise self.fail("a string is not UTF-8") from None
+
+    def value(self, vtype: int, depth: int = 0) -> Any:
+        if vtype in _GGUF_SCALARS:
+            v = self.scalar(_GGUF_SCALARS[vtype])
+            return bool(v) if vtype == _GGUF_BOOL else v
+        if vtype == _GGUF_STRING:
+            return self.string()
+        if vtype != _GGUF_ARRAY or depth >= GGUF_MAX_DEPTH:
+            raise self.fail(f"unknown or too deeply nested value type {vtype}")
+        itype = self.scalar("I")
+        size = _STRUCTS[_GGUF_SCALARS[itype]].size if itype in _GGUF_SCALARS \
+            else {_GGUF_STRING: 8, _GGUF_ARRAY: 12}.get(itype)
+        if size is None:
+            raise self.fail(f"an array of unknown value type {itype}")
+        n = self.count(size, GGUF_MAX_ELEMENTS, "an array")
+        self.elements += n
+        if self.elements > GGUF_MAX_ELEMENTS:
+            raise self.fail(f"its metadata arrays hold over {GGUF_MAX_ELEMENTS} elements")
+        if itype in _GGUF_SCALARS:
+            items = np.frombuffer(self.buf, "<" + _GGUF_SCALARS[itype], n, self.take(n * size))
+            return (items != 0).tolist() if itype == _GGUF_BOOL else items.tolist()
+        return [self.value(itype, depth + 1) for _ in range(n)]
+
+
+def read_gguf(path: Path) -> tuple[dict[str, Any], dict[str, GGUFTensor]]:
+    """The metadata and tensors of the GGUF file at `path`, every size, count and offset
+    checked first: each tensor's bytes fit its type and shape, lie in the data section,
+    aligned, and tensors follow one another as GGUF writers lay them out (each at the next
+    aligned offset after the previous one: a tensor whose type or offset was altered leaves a
+    gap or an overlap). SourceError says what is wrong. Tensor data stays on disk (mapped)."""
+    from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+    from gguf.quants import quant_shape_to_byte_shape
+
+    if path.stat().st_size < 24:
+        raise SourceError(f"{path.name} is too short for a GGUF file")
+    buf = np.memmap(path, mode="r")
+    c = _GGUFCursor(buf, path.name)
+    c.take(4)  # the magic, checked by open_source
+    version = c.scalar("I")
+    if version not in (2, 3):
+        big = version & 0xFFFF == 0  # written for the other byte order
+        raise c.fail("big-endian GGUF files are not supported" if big
+                     else f"GGUF version {version} is not supported (2 and 3 are)")
+    tensor_count, kv_count = c.scalar("Q"), c.scalar("Q")
+    # the smallest key-value entry takes 13 bytes, the smallest tensor entry 32
+    if tensor_count * 32 + kv_count * 13 > len(buf) - c.pos:
+        raise c.fail(f"it claims {tensor_count} tensors and {kv_count} metadata entries, more "
+                     "than the file holds")
+    fields: dict[str, Any] = {}
+    alignment = 32  # GGUF's default
+    for _ in range(kv_count):
+        key = c.string(GGUF_MAX_NAME)
+        vtype = c.scalar("I")
+        if key in fields:
+            raise c.fail(f"metadata key {key!r} appears twice")
+        fields[key] = c.value(vtype)
+        if key == "general.alignment":
+            alignment = fields[key]
+            if vtype != _GGUF_UINT32 or not 0 < alignment <= GGUF_MAX_ALIGNMENT \
+                    or alignment & (alignment - 1):
+                raise c.fail(f"general.alignment {alignment!r} is not a power of two")
+    infos = []
+    for _ in range(tensor_count):
+        name = c.string(GGUF_MAX_NAME)
+        n_dims = c.scalar("I")
+        if not 1 <= n_dims <= GGUF_MAX_DIMS:
+            raise c.fail(f"tensor {name!r} has {n_dims} dimensions")
+        shape = tuple(c.scalar("Q") for _ in range(n_dims))
+        raw_type = c.scalar("I")
+        offset = c.scalar("Q")
+        try:
+            qtype = GGMLQuantizationType(raw_type)
+            block, type_size = GGML_QUANT_SIZES[qtype]
+        except (ValueError, KeyError):
+            raise c.fail(f"tensor {name!r} has an unknown type {raw_type}") from None
+        if qtype.name in ("I8", "I16", "I32", "I64", "F64"):
+            raise c.fail(f"tensor {name!r} is of type {qtype.name}, not a weight type")
+        if min(shape) < 1 or shape[0] % block:
+            raise c.fail(f"tensor {name!r} has a shape {list(shape)} that does not fit its "
+                         f"type {qtype.name} or the file")
+        infos.append((name, qtype, shape, offset, math.prod(shape) // block * type_size))
+    data_start = -(-c.pos // alignment) * alignment
+    expected, previous, tensors = 0, None, {}
+    for name, qtype, shape, offset, n_bytes in sorted(infos, key=lambda t: t[3]):
+        if offset != expected:
+            where = f"{previous!r} before it ends at {expected}" if previous else "the " \
+                "first tensor starts at 0"
+            raise c.fail(f"tensor {name!r} starts at data offset {offset}, but {where}: a "
+                         "tensor's type, shape or offset was altered")
+        if data_start + offset + n_bytes > len(buf):
+            raise c.fail(f"tensor {name!r} ({n_bytes} bytes of {qtype.name}) runs past the end "
+                         "of the file: it is truncated, or the tensor's type or shape altered")
+        if name in tensors:
+            raise c.fail(f"tensor {name!r} appears twice")
+        previous = name
+        expected = -(-(offset + n_bytes) // alignment) * alignment
+        np_shape = tuple(reversed(shape))
+        dtype = {"F32": np.float32, "F16": np.float16}.get(qtype.name)
+        if dtype is None:  # blocks as bytes, as gguf-py gives them
+            dtype, np_shape = np.uint8, quant_shape_to_byte_shape(np_shape, qtype)
+        start = data_start + offset
+        data = buf[start:start + n_bytes].view(dtype).reshape(np_shape)
+        tensors[name] = GGUFTensor(name, qtype, shape, offset, n_bytes, data)
+    return fields, tensors
+
 
 # GGUF tensor names (llama.cpp) -> Hugging Face names, per block and global.
 _GGUF_BLOCK_NAMES = {
@@ -100,65 +277,84 @@ class GGUFSource:
     kind = "gguf"
 
     def __init__(self, path: Path):
-        import gguf
-
         self.path = path
-        try:
-            self.reader = gguf.GGUFReader(str(path))
-        except Exception as e:  # the reader raises assorted errors on damaged files
-            raise SourceError(f"cannot read GGUF file {path}: {e}") from None
-        self.fields = {k: f for k, f in self.reader.fields.items()}
+        self.fields, tensors = read_gguf(path)
         arch = self.meta("general.architecture")
-        if arch not in _GGUF_ARCHITECTURES:
-            raise SourceError(f"unsupported GGUF architecture {arch!r} in {path.name} "
+        if not isinstance(arch, str) or arch not in _GGUF_ARCHITECTURES:
+            raise SourceError(f"unsupported GGUF architecture {arch!r:.40} in {path.name} "
                               f"(supported: {', '.join(sorted(_GGUF_ARCHITECTURES))})")
         self.arch = arch
-        self.tensors = {}
-        for t in self.reader.tensors:
-            self.tensors[self._hf_name(t.name)] = t
+        self.tensors = {self._hf_name(name): t for name, t in tensors.items()}
         self.config = self._config()
 
     def meta(self, key: str, default: Any = None) -> Any:
-        f = self.fields.get(key)
-        return default if f is None else f.contents()
+        return self.fields.get(key, default)
+
+    def _size(self, key: str, default: int | None = None) -> int:
+        """Metadata `key`, which must be a positive integer (how large is for the model's
+        config check to say, `arch.check_config`)."""
+        value = self.meta(key, default)
+        if value is None:
+            raise SourceError(f"{self.path.name} lacks the metadata {key}")
+        return whole(value, f"{self.path.name}: {key}", 1, 1 << 64, error=SourceError)
+
+    def _number(self, key: str, default: float | None = None) -> float:
+        value = self.meta(key, default)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise SourceError(f"{self.path.name}: {key} must be a number, not {value!r:.40}")
+        return float(value)
 
     def _hf_name(self, name: str) -> str:
         if name in _GGUF_GLOBAL_NAMES:
             return _GGUF_GLOBAL_NAMES[name]
         parts = name.split(".", 2)
-        if len(parts) == 3 and parts[0] == "blk" and parts[2] in _GGUF_BLOCK_NAMES:
+        if len(parts) == 3 and parts[0] == "blk" and re.fullmatch(r"0|[1-9][0-9]{0,5}", parts[1]) \
+                and parts[2] in _GGUF_BLOCK_NAMES:
             return f"model.layers.{parts[1]}.{_GGUF_BLOCK_NAMES[parts[2]]}"
-        raise SourceError(f"unsupported tensor {name!r} in {self.path.name}")
+        raise SourceError(f"unsupported tensor {name!r:.80} in {self.path.name}")
 
     def _config(self) -> dict[str, Any]:
         a = self.arch
-        heads = int(self.meta(f"{a}.attention.head_count"))
-        hidden = int(self.meta(f"{a}.embedding_length"))
+        heads = self._size(f"{a}.attention.head_count")
+        hidden = self._size(f"{a}.embedding_length")
+        layers = self._size(f"{a}.block_count")
+        # blocks are counted against the tensors before anything is sized by their number
+        present = {int(n.split(".")[2]) for n in self.tensors if n.startswith("model.layers.")}
+        if layers != len(present) or max(present) != layers - 1:  # (no set of `layers`)
+            raise SourceError(f"{self.path.name}: block_count is {layers}, the tensors are of "
+                              f"{len(present)} blocks")
         tokens = self.meta("tokenizer.ggml.tokens")
+        if tokens is not None and not (isinstance(tokens, list)
+                                       and all(isinstance(t, str) for t in tokens)):
+            raise SourceError(f"{self.path.name}: tokenizer.ggml.tokens is not a list of "
+                              "strings")
         vocab = self.meta(f"{a}.vocab_size") or (len(tokens) if tokens else None)
-        if vocab is None:
-            vocab = int(self.tensors["model.embed_tokens.weight"].shape[-1])
+        embed = self.tensors.get("model.embed_tokens.weight")
+        if vocab is None and embed is not None:
+            vocab = embed.shape[-1]
         if self.meta(f"{a}.rope.scaling.type", "none") not in ("none", None):
             raise SourceError(f"{self.path.name}: RoPE scaling is not supported yet")
         config = {
             "model_type": _GGUF_ARCHITECTURES[a],
             "hidden_size": hidden,
-            "intermediate_size": int(self.meta(f"{a}.feed_forward_length")),
-            "num_hidden_layers": int(self.meta(f"{a}.block_count")),
+            "intermediate_size": self._size(f"{a}.feed_forward_length"),
+            "num_hidden_layers": layers,
             "num_attention_heads": heads,
-            "num_key_value_heads": int(self.meta(f"{a}.attention.head_count_kv", heads)),
-            "head_dim": int(self.meta(f"{a}.attention.key_length", hidden // heads)),
-            "rms_norm_eps": float(self.meta(f"{a}.attention.layer_norm_rms_epsilon")),
-            "rope_theta": float(self.meta(f"{a}.rope.freq_base", 10000.0)),
-            "max_position_embeddings": int(self.meta(f"{a}.context_length", 2048)),
-            "vocab_size": int(vocab),
+            "num_key_value_heads": self._size(f"{a}.attention.head_count_kv", heads),
+            "head_dim": self._size(f"{a}.attention.key_length", max(1, hidden // heads)),
+            "rms_norm_eps": self._number(f"{a}.attention.layer_norm_rms_epsilon"),
+            "rope_theta": self._number(f"{a}.rope.freq_base", 10000.0),
+            "max_position_embeddings": self._size(f"{a}.context_length", 2048),
+            "vocab_size": whole(vocab, f"{self.path.name}: the vocabulary size", 1, 1 << 64,
+                                error=SourceError),
             "hidden_act": "silu",
             "tie_word_embeddings": "lm_head.weight" not in self.tensors,
         }
         for key in ("bos_token_id", "eos_token_id"):
             value = self.meta(f"tokenizer.ggml.{key}")
-            if value is not None:
-                config[key] = int(value)
+            if value is not None:  # a token of the vocabulary: arch.check_config says
+                config[key] = whole(value, f"{self.path.name}: {key}", 0, 1 << 64,
+                                    error=SourceError)
         return config
 
     def names(self) -> list[str]:
@@ -212,14 +408,20 @@ class GGUFSource:
             raise SourceError(f"{self.path.name} carries no tokenizer")
         if tokenizer.get("tokenizer_type") == "llama":
             config.setdefault("add_bos_token", True)
+        tokens = tokenizer["tokens"]
         for name, key in _SPECIAL_TOKENS.items():
             token_id = self.meta(f"tokenizer.ggml.{key}")
-            config[name] = tokenizer["tokens"][int(token_id)] if token_id is not None else None
+            if token_id is not None:
+                token_id = whole(token_id, f"{self.path.name}: {key}", 0, len(tokens) - 1,
+                                 error=SourceError)
+            config[name] = None if token_id is None else tokens[token_id]
         try:
             backend, _ = convert_gguf_tokenizer(self.arch, tokenizer)
-        except Exception as e:
-            raise SourceError(f"cannot rebuild the tokenizer of {self.path.name}: {e}") from None
-        PreTrainedTokenizerFast(tokenizer_object=backend, **config).save_pretrained(str(dest))
+            tokenizer_fast = PreTrainedTokenizerFast(tokenizer_object=backend, **config)
+        except Exception as e:  # transformers raises anything on metadata it did not expect
+            raise SourceError(f"cannot rebuild the tokenizer of {self.path.name}: "
+                              f"{type(e).__name__}: {e}") from None
+        tokenizer_fast.save_pretrained(str(dest))
 
     def describe(self) -> dict[str, Any]:
         return {"kind": self.kind, "name": self.path.name, "bytes": self.path.stat().st_size,
@@ -234,36 +436,53 @@ TOKENIZER_FILES = (
 )
 
 
+def _mlx_lm_quantization(quant: Any, path: Path) -> dict[str, Any]:
+    """An mlx-lm config's "quantization" entry, checked: bits and group size for all, and
+    per module either the same or false (not quantized)."""
+    def check(entry: Any, what: str) -> None:
+        if not isinstance(entry, dict) or type(entry.get("bits")) is not int \
+                or entry["bits"] not in (2, 3, 4, 5, 6, 8) \
+                or type(entry.get("group_size")) is not int \
+                or entry["group_size"] not in (32, 64, 128):
+            raise SourceError(f"{path / 'config.json'}: {what} is no mlx-lm quantization "
+                              "(bits 2-8, group_size 32, 64 or 128)")
+
+    check(quant, "quantization")
+    for key, entry in quant.items():
+        if isinstance(entry, dict):
+            check(entry, f"quantization of {key}")
+    return quant
+
+
 class HFSource:
     kind = "hf"
 
     def __init__(self, path: Path):
         self.path = path
-        try:
-            self.config = json.loads((path / "config.json").read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise SourceError(f"cannot read {path / 'config.json'}: {e}") from None
+        self.config = read_json(path / "config.json", SourceError)
+        if not isinstance(self.config, dict):
+            raise SourceError(f"{path / 'config.json'} is not a JSON object")
         gen = path / "generation_config.json"
         if gen.is_file():
-            try:
-                eos = json.loads(gen.read_text()).get("eos_token_id")
-            except json.JSONDecodeError:
-                eos = None
-            if eos is not None:
-                self.config["eos_token_id"] = eos
+            generation = read_json(gen, SourceError)
+            if not isinstance(generation, dict):
+                raise SourceError(f"{gen} is not a JSON object")
+            if generation.get("eos_token_id") is not None:
+                self.config["eos_token_id"] = generation["eos_token_id"]
         files = sorted(glob.glob(str(path / "*.safetensors")))
         if not files:
             raise SourceError(f"{path} has no *.safetensors weights")
         self._arrays: dict[str, mx.array] = {}
         for f in files:
             try:
+                check_safetensors(Path(f))
                 # mx.load is lazy for safetensors: a tensor is read when it is evaluated.
                 self._arrays.update(mx.load(f))
             except Exception as e:
                 raise SourceError(f"cannot read {f}: {e}") from None
         quant = self.config.pop("quantization", None)
         self.config.pop("quantization_config", None)
-        self._quant = quant  # mlx-lm quantized folders
+        self._quant = quant if quant is None else _mlx_lm_quantization(quant, path)
 
     def names(self) -> list[str]:
         return [n for n in self._arrays
@@ -278,10 +497,14 @@ class HFSource:
             return self.get(name)
         base = name.removesuffix(".weight")
         own = self._quant.get(base.removeprefix("model."), self._quant.get(base))
-        bits = int((own if isinstance(own, dict) else self._quant)["bits"])
+        bits = (own if isinstance(own, dict) else self._quant)["bits"]
         w, scales = self._arrays[name], self._arrays[f"{base}.scales"]
+        columns = w.shape[-1] * 32 // bits
+        if w.ndim != 2 or scales.ndim != 2 or scales.shape[-1] < 1 or columns % scales.shape[-1]:
+            raise SourceError(f"{self.path.name}: {name} {tuple(w.shape)} and its scales "
+                              f"{tuple(scales.shape)} are no {bits}-bit quantization")
         return QuantizedTensor(w, scales, self._arrays[f"{base}.biases"], bits,
-                               w.shape[-1] * 32 // bits // scales.shape[-1])
+                               columns // scales.shape[-1])
 
     def get(self, name: str) -> mx.array:
         w = self.get_weight(name).dequantize() if self._quantized(name) else self._arrays[name]

@@ -217,3 +217,48 @@ def test_cached_conversion_is_reused(tiny_llama):
     assert (first / "manifest.json").stat().st_mtime_ns == mtime
     assert resolve_bundle(first) == first
     assert Path(first).parent.parent.name.startswith("mlx_flash_test_home_")
+
+
+# Damaged model folders (issue 13): each was a traceback or an allocation sized by the damage.
+HF_DAMAGES = {
+    "config a list": ({"config.json": "[1, 2]"}, "not a JSON object"),
+    "config nested deeply": ({"config.json": "[" * 100_000 + "]" * 100_000}, "not valid JSON"),
+    "null size": ({"hidden_size": None}, "hidden_size must be an integer"),
+    "zero size": ({"intermediate_size": 0}, "intermediate_size must be an integer"),
+    "size a string": ({"num_attention_heads": "4"}, "num_attention_heads must be an integer"),
+    "zero heads": ({"num_attention_heads": 0}, "num_attention_heads"),
+    "heads not dividing": ({"num_key_value_heads": 3}, "num_key_value_heads"),
+    "eps NaN": ({"rms_norm_eps": float("nan")}, "rms_norm_eps must be a positive number"),
+    "theta infinite": ({"rope_theta": float("inf")}, "rope_theta must be a positive number"),
+    "eos past the vocabulary": ({"eos_token_id": 2**31 - 1}, "eos_token_id"),
+    "rope_scaling a list": ({"rope_scaling": [1]}, "rope_scaling"),
+    "generation config a list": ({"generation_config.json": "[]"}, "not a JSON object"),
+    "quantization a list": ({"quantization": [4]}, "quantization"),
+    "weights header claims 8 GB": ({"model.safetensors": lambda b: (8 << 30).to_bytes(
+        8, "little") + b[8:]}, "header claims"),
+    "weights past the end": ({"model.safetensors": lambda b: b[:-64]}, "past the end"),
+}
+
+
+@pytest.mark.parametrize("damage", HF_DAMAGES, ids=list(HF_DAMAGES))
+def test_damaged_model_folder_is_a_clear_error(tiny_llama, tmp_path, damage):
+    """A config entry replaced (or a whole file, by text or by an edit of its bytes): an
+    error the command lines report in one line, before anything is written."""
+    from mlx_flash.arch import UnsupportedModel
+    from mlx_flash.convert import ConversionError
+
+    folder = tmp_path / "damaged"
+    shutil.copytree(tiny_llama[0], folder)
+    changes, message = HF_DAMAGES[damage]
+    config = json.loads((folder / "config.json").read_text())
+    for key, value in changes.items():
+        if callable(value):
+            (folder / key).write_bytes(value((folder / key).read_bytes()))
+        elif key.endswith(".json"):
+            (folder / key).write_text(value)
+        else:
+            config[key] = value
+            (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises((SourceError, UnsupportedModel, ConversionError), match=message):
+        convert(folder, tmp_path / "out", progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["damaged"]
