@@ -115,8 +115,9 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
                    help="bypass the OS page cache, so every read reaches the storage (for "
                    "honest I/O figures)")
     g.add_argument("--dtype", choices=DTYPE_CHOICES, default=None,
-                   help="dtype for converting a non-bundle --model (default: float16 where "
-                   "Metal runs, else bfloat16, the faster on MLX's CPU backend)")
+                   help="dtype for converting a non-bundle --model (default: as convert "
+                   "does, a quantized GGUF or mlx-lm folder keeps its quantization; float "
+                   "weights become float16 where Metal runs, else bfloat16)")
     g.add_argument("--compute-dtype", choices=DTYPE_CHOICES, default=None,
                    help="dtype to compute in (default: the bundle's)")
     g.add_argument("--verify", action="store_true",

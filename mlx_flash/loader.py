@@ -179,12 +179,13 @@ def load(
 ) -> tuple[nn.Module, TokenizerWrapper]:
     """Load a flash bundle as `(model, tokenizer)` for mlx-lm's generate / stream_generate.
 
-    `path` is a bundle, or a GGUF file / model folder that is converted (with `dtype`) into the
-    cache on first use (default dtype: `default_dtype()`); None means the embedded default
-    model. `compute_dtype` (default: the bundle's dtype) is what the resident weights and the
-    records are computed in. `verify`
-    checks every file's sha256 before use. `sparsity` picks the selection mode: one calibrated
-    in the bundle (`python -m mlx_flash.calibrate`), "off", or None for the bundle's default.
+    `path` is a bundle, or a GGUF file / model folder that is converted (to `dtype`) into the
+    cache on first use (default: as `convert` does, a quantized source's quantization kept, a
+    float source in `default_dtype()`); None means the embedded default model, calibrated on
+    first use. `compute_dtype` (default: the bundle's dtype) is what the resident weights and
+    the records are computed in. `verify` checks every file's sha256 before use. `sparsity`
+    picks the selection mode: one calibrated in the bundle (`python -m mlx_flash.calibrate`),
+    "off", or None for the bundle's default.
     `memory_budget` (bytes, or "150MB") bounds resident weights, selection data, KV cache for
     `context` tokens (a budgeted model's `make_cache` allocates it at once; past `context` it
     rotates with `rotating_kv`, as mlx-lm's max_kv_size does, with or without a budget; else
@@ -201,7 +202,7 @@ def load(
     from .memory import rss_bytes
     from .paths import resolve_bundle
 
-    bundle = Bundle.open(resolve_bundle(path, dtype=dtype or default_dtype()), verify=verify)
+    bundle = Bundle.open(resolve_bundle(path, dtype=dtype), verify=verify)
     # Told nothing, transformers asks on the terminal whether to run a tokenizer's own code
     # (auto_map): never ask; unless the caller trusts it, refuse such a tokenizer in one line
     config = {"trust_remote_code": False, **(tokenizer_config or {})}

@@ -37,21 +37,24 @@ def is_bundle(path: Path) -> bool:
     return (path / MANIFEST).is_file()
 
 
-def cached_bundle_path(source: Path, dtype: str) -> Path:
-    """The cache folder for `source` converted to `dtype`: a new source file (path, size or
-    mtime) or a new bundle format version gets a new folder."""
+def cached_bundle_path(source: Path, dtype: str | None) -> Path:
+    """The cache folder for `source` converted to `dtype` (None: its own quantization kept):
+    a new source file (path, size or mtime) or a new bundle format version gets a new folder."""
     source = source.resolve()
     stat = source.stat()
-    key = f"{source}|{stat.st_size}|{stat.st_mtime_ns}|{dtype}|v{VERSION}"
+    how = dtype or "kept"
+    key = f"{source}|{stat.st_size}|{stat.st_mtime_ns}|{how}|v{VERSION}"
     digest = hashlib.sha256(key.encode()).hexdigest()[:12]
     stem = source.stem if source.is_file() else source.name
-    return home() / "bundles" / f"{stem}-{dtype}-{digest}"
+    return home() / "bundles" / f"{stem}-{how}-{digest}"
 
 
-def resolve_bundle(model: str | os.PathLike | None, dtype: str = "float16",
+def resolve_bundle(model: str | os.PathLike | None, dtype: str | None = None,
                    progress: bool = True) -> Path:
     """The bundle for `model`: itself if it is one, else its cached conversion (made now if
-    missing). None means the embedded default model, calibrated on first use."""
+    missing) to `dtype`, or by `convert`'s rule when None: a quantized source keeps its
+    quantization, a float one gets the platform's dtype. None means the embedded default
+    model, calibrated on first use."""
     source = default_model_source() if model is None else Path(model).expanduser()
     if not source.exists():
         raise FileNotFoundError(f"{source} does not exist (mlx_flash does not download models: "
@@ -66,10 +69,10 @@ def resolve_bundle(model: str | os.PathLike | None, dtype: str = "float16",
         from .convert import convert
 
         if progress:
-            print(f"mlx_flash: first use of {source.name}: converting it ({dtype}) into {out}",
-                  file=sys.stderr)
+            print(f"mlx_flash: first use of {source.name}: converting it "
+                  f"({dtype or 'its quantization kept'}) into {out}", file=sys.stderr)
         try:
-            convert(source, out, dtype=dtype, progress=progress)
+            convert(source, out, dtype=dtype, progress=progress, keep_quantization=dtype is None)
         except FileExistsError:
             if not is_bundle(out):  # another process converting the same source won the race
                 raise
