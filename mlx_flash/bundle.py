@@ -56,7 +56,7 @@ PART_DTYPES: dict[str, mx.Dtype] = {**DTYPES, "uint32": mx.uint32}
 
 # Bounds on what a manifest may claim, far past any real model, so that a damaged or hostile
 # manifest is refused before anything is sized by it.
-MAX_MANIFEST_BYTES = 64 << 20  # an 82-layer bundle's manifest is ~20 KB
+MAX_MANIFEST_BYTES = 64 << 20  # the default model's manifest: 3.4 KB (30 layers)
 MAX_SIZE = 1 << 48  # bytes, offsets and counts (256 TB)
 MAX_RECORD_BYTES = 1 << 30
 MAX_ALIGNMENT = 1 << 20
@@ -78,7 +78,7 @@ def read_json(path: Path, error: type[Exception], limit: int = MAX_MANIFEST_BYTE
     except OSError as e:
         raise error(f"cannot read {path}: {e.strerror or e}") from None
     if len(data) > limit:
-        raise error(f"{path} is larger than {limit >> 20} MB: not a file we wrote")
+        raise error(f"{path} is larger than {limit >> 20} MB: not a file of ours to read")
     try:
         return json.loads(data)
     except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError are too
