@@ -71,18 +71,19 @@ def print_stats(engine: Any, response: Any, budget: int | None, verbose: bool) -
              f" | generation {response.generation_tokens} tokens @ "
              f"{response.generation_tps:.2f} tok/s"
              f" | flash read {format_bytes(decode.bytes_per_token)}/token"
-             f" (prefill {format_bytes(prefill.bytes)})"
+             f" (prefill {format_bytes(prefill.bytes)}; FFN "
+             f"{format_bytes(engine.bundle.ffn_bytes)}, cache hit rate "
+             f"{engine.cache_stats().hit_rate:.0%})"
              f" | peak RSS {format_bytes(peak)} (runtime {format_bytes(runtime)} + model "
              f"{format_bytes(peak - runtime)}{budget_text})"
              f" | MLX peak {format_bytes(mx.get_peak_memory())}"]
     if verbose and decode.tokens:
         n = decode.tokens
-        cache = engine.cache_stats()
         lines.append(f"[decode] per token: flash I/O {1e3 * decode.io_seconds / n:.1f} ms "
                      f"({decode.bytes / max(decode.io_seconds, 1e-9) / 1e6:.0f} MB/s), cache "
                      f"management {1e3 * decode.mem_seconds / n:.1f} ms, FFN compute "
-                     f"{1e3 * decode.ffn_seconds / n:.1f} ms; cache hit rate "
-                     f"{cache.hit_rate:.1%}; {engine.read_calls} read calls in all")
+                     f"{1e3 * decode.ffn_seconds / n:.1f} ms; {engine.read_calls} read calls "
+                     "in all")
         lines.append(f"[memory] {engine.plan.describe()}")
     print("\n".join(lines), file=sys.stderr)
 
