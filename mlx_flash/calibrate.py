@@ -52,7 +52,7 @@ from .bundle import (
 )
 from .cli import Parser, int_in, interruptible
 from .ffn import FlashEngine
-from .loader import blas_hint
+from .loader import bundle_tokenizer
 from .selection import MODE_CLASSES, MODES, LayerReads, Mode, Rows, gate_activation, hidden
 
 DEFAULT_TARGETS = {"predictor": "0.99", "gate": "0.8", "hybrid": "0.8,0.5", "teal": "0.8,0.6"}
@@ -275,8 +275,6 @@ def calibrate(path: str | Path, data: str | Path, mode: str | None = None,
               gate_bits: int = 8) -> Bundle:
     """Calibrate `mode` (default: by architecture) on `data` and write it into the bundle.
     `gate_bits`: how `gate` and `hybrid` keep the gate rows of float records (16: as stored)."""
-    from mlx_lm.utils import load_tokenizer
-
     from .loader import open_model
 
     bundle = Bundle.open(path)
@@ -292,7 +290,7 @@ def calibrate(path: str | Path, data: str | Path, mode: str | None = None,
     derived = {name: layout_family(name, layout, engine.families["neuron"], spec)
                for name, layout in MODE_CLASSES[mode].LAYOUTS.items()}
     rank = rank or default_rank(spec)
-    tokenizer = load_tokenizer(bundle.tokenizer_path)
+    tokenizer = bundle_tokenizer(bundle)
     ids = text_tokens(tokenizer, data)[: tokens or DEFAULT_TOKENS[mode]]
     if len(ids) < MIN_TOKENS:  # before anything is written: the bundle stays as it was
         raise ValueError(f"calibration needs at least {MIN_TOKENS} tokens of text; "
@@ -448,8 +446,6 @@ def main(argv: list[str] | None = None) -> int:
                    "their own")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     args = p.parse_args(argv)
-    if (hint := blas_hint()) and not args.quiet:
-        print(hint, file=sys.stderr)
     try:
         bundle = calibrate(args.bundle, args.data, args.mode, args.tokens, args.target,
                            args.rank, args.epochs, args.ctx, progress=not args.quiet,

@@ -11,11 +11,9 @@ import signal
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from .loader import MAX_THREADS
 from .memory import parse_size
 
-# More read threads than this only add contention: tools/flash_profile.py flattens beyond 8,
-# and 100000 threads made a run crawl for minutes (issue 13).
-MAX_THREADS = 64
 DTYPE_CHOICES = ["float16", "bfloat16", "float32"]
 SPARSITY_CHOICES = ["auto", "off", "predictor", "gate", "hybrid", "teal"]
 PREFILL_STEP_SIZE = 2048  # mlx_lm.generate's default

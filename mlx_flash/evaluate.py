@@ -27,7 +27,7 @@ from .bundle import Bundle, BundleError
 from .calibrate import fit_context, layer_weights, text_tokens, true_active, windows
 from .cli import DTYPE_CHOICES, Parser, int_in, interruptible
 from .ffn import FlashEngine
-from .loader import blas_hint
+from .loader import blas_hint, bundle_tokenizer
 from .selection import MODES, LayerReads, Mode, Oracle, load_mode
 
 # A perplexity over fewer tokens is mostly noise (and over none, a division by zero)
@@ -95,8 +95,6 @@ def run_mode(model: nn.Module, mode: Mode, tokens: list[int], ctx: int, truth: b
 def evaluate(path: str | Path, data: str | Path, tokens: int = 4096, ctx: int = 512,
              mode: str | None = None, compute_dtype: str | None = "float32",
              progress: bool = True) -> dict[str, Any]:
-    from mlx_lm.utils import load_tokenizer
-
     from .loader import open_model
 
     bundle = Bundle.open(path)
@@ -105,7 +103,7 @@ def evaluate(path: str | Path, data: str | Path, tokens: int = 4096, ctx: int = 
     spec, n_layers = engine.spec, len(engine.families["neuron"].segments)
     name = mode or bundle.selection.get("default") or "off"
     sparse = load_mode(bundle, spec, name, engine.compute_dtype)
-    tokenizer = load_tokenizer(bundle.tokenizer_path)
+    tokenizer = bundle_tokenizer(bundle)
     ids = text_tokens(tokenizer, data)[-(tokens + 1):]
     if len(ids) - 1 < MIN_TOKENS:
         raise ValueError(f"evaluation needs at least {MIN_TOKENS} tokens of text to score; "

@@ -95,6 +95,11 @@ def kv_caches(n_layers: int, context: int, rotating: bool) -> list[KVCache | Rot
     return caches
 
 
+# More read threads than this only add contention: tools/flash_profile.py flattens beyond 8,
+# and 100000 threads made a run crawl for minutes (issue 13).
+MAX_THREADS = 64
+
+
 @dataclass
 class EngineOptions:
     """How the flash engine runs (see `load`)."""
@@ -107,6 +112,14 @@ class EngineOptions:
     use_mmap: bool = False  # read records out of a memory map (the benchmark's "mmap" engine)
     rotating_kv: bool = False  # past `context` tokens the KV cache rotates (max_kv_size)
 
+    def check(self) -> None:
+        """ValueError for settings out of range (the command lines check them too)."""
+        if not 1 <= self.threads <= MAX_THREADS:
+            raise ValueError(f"threads must be 1 to {MAX_THREADS}, not {self.threads}")
+        if self.window < 0 or self.context < 1:
+            raise ValueError(f"window must be >= 0 and context >= 1, not {self.window} and "
+                             f"{self.context}")
+
 
 def open_model(bundle: Bundle, compute_dtype: str | None = None,
                sparsity: str | None = None, options: EngineOptions | None = None) -> nn.Module:
@@ -115,6 +128,7 @@ def open_model(bundle: Bundle, compute_dtype: str | None = None,
     `sparsity`: a selection mode calibrated in the bundle, "off" (every neuron), or None for
     the bundle's default mode (dense when none is calibrated)."""
     options = options or EngineOptions()
+    options.check()
     arch = get_architecture(bundle.config)
     spec = arch.ffn_spec(bundle.config)
     fam = bundle.families.get("neuron")
@@ -162,6 +176,27 @@ def open_model(bundle: Bundle, compute_dtype: str | None = None,
     return model
 
 
+def bundle_tokenizer(bundle: Bundle, tokenizer_config: dict[str, Any] | None = None
+                     ) -> TokenizerWrapper:
+    """The bundle's tokenizer, as mlx-lm loads it. Told nothing, transformers asks on the
+    terminal whether to run a tokenizer's own code (auto_map): never ask; unless the caller
+    trusts it, refuse such a tokenizer in one line."""
+    from mlx_lm.utils import load_tokenizer
+
+    config = {"trust_remote_code": False, **(tokenizer_config or {})}
+    try:
+        return load_tokenizer(Path(bundle.tokenizer_path), config,
+                              eos_token_ids=bundle.config.get("eos_token_id"))
+    except ValueError:
+        settings = Path(bundle.tokenizer_path) / "tokenizer_config.json"
+        if config["trust_remote_code"] or not (settings.is_file()
+                                               and "auto_map" in settings.read_text()):
+            raise
+        raise BundleError(f"{bundle.tokenizer_path}: the tokenizer needs its own Python code "
+                          "(auto_map in tokenizer_config.json), which mlx_flash does not run"
+                          ) from None
+
+
 def load(
     path: str | os.PathLike | None = None,
     *,
@@ -197,26 +232,11 @@ def load(
     FlashEngine, whose `stats` count flash reads and whose `runtime_rss` is the process's
     resident memory just before the model was loaded (the tokenizer already was).
     """
-    from mlx_lm.utils import load_tokenizer
-
     from .memory import rss_bytes
     from .paths import resolve_bundle
 
     bundle = Bundle.open(resolve_bundle(path, dtype=dtype), verify=verify)
-    # Told nothing, transformers asks on the terminal whether to run a tokenizer's own code
-    # (auto_map): never ask; unless the caller trusts it, refuse such a tokenizer in one line
-    config = {"trust_remote_code": False, **(tokenizer_config or {})}
-    try:
-        tokenizer = load_tokenizer(Path(bundle.tokenizer_path), config,
-                                   eos_token_ids=bundle.config.get("eos_token_id"))
-    except ValueError:
-        settings = Path(bundle.tokenizer_path) / "tokenizer_config.json"
-        if config["trust_remote_code"] or not (settings.is_file()
-                                               and "auto_map" in settings.read_text()):
-            raise
-        raise BundleError(f"{bundle.tokenizer_path}: the tokenizer needs its own Python code "
-                          "(auto_map in tokenizer_config.json), which mlx_flash does not run"
-                          ) from None
+    tokenizer = bundle_tokenizer(bundle, tokenizer_config)
     runtime = rss_bytes()
     model = open_model(bundle, compute_dtype, sparsity, EngineOptions(
         memory_budget, window, context, threads, cold, rotating_kv=rotating_kv))

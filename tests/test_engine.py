@@ -166,3 +166,10 @@ def test_parse_size():
     assert parse_size("4096") == 4096
     with pytest.raises(ValueError):
         parse_size("lots")
+
+
+@pytest.mark.parametrize("option", [{"threads": 0}, {"threads": 100_000}, {"window": -1},
+                                    {"context": 0}])
+def test_out_of_range_engine_options_are_refused(tiny_bundle, option):
+    with pytest.raises(ValueError, match=next(iter(option))):
+        mlx_flash.load(tiny_bundle, **option)
