@@ -176,6 +176,7 @@ def tiny_gguf(tmp_path_factory) -> Path:
 GGUF_CASES = {  # field -> value: what the issue found, each a one-line error at once
     "llama.block_count": struct.pack("<I", 2**31 - 1),
     "tokenizer.ggml.tokens#count": struct.pack("<Q", 2**32),
+    "tokenizer.ggml.token_type#count": struct.pack("<Q", 2**32),  # gguf-py: 5.8 GB in 150 s
     "tokenizer.ggml.merges#count": struct.pack("<Q", 2**64 - 1),
     "llama.attention.head_count": struct.pack("<I", 0),
     "llama.embedding_length": struct.pack("<I", 0),
