@@ -22,7 +22,7 @@ import mlx.nn as nn
 import numpy as np
 
 from .arch import FFNSpec
-from .bundle import Bundle, RecordFamily
+from .bundle import Bundle, RecordChecker, RecordFamily
 from .flash_io import FlashReader
 from .memory import MemoryPlan
 from .neuron_cache import CacheStats, NeuronCache, NeuronMatrix
@@ -80,6 +80,7 @@ class FlashEngine:
                                        use_mmap=use_mmap)
                         for f in sorted({fam.file for fam in self.families.values()})}
         self.reader = self.readers[self.families["neuron"].file]
+        self.checker = RecordChecker(bundle)  # each record's CRC32, the first time it is read
         # One staging matrix per record family, shared by all layers: records are read into
         # it, used, and released (their output evaluated) before the next read over them.
         # Prefill streams each layer through it (in slices when it is smaller than a layer),
@@ -152,6 +153,7 @@ class FlashEngine:
                                "holds, more than the staging matrix takes: raise the budget")
         try:
             reader.read_records(fam, layer, load, slots, cache.matrix, parts)
+            self.checker.check(family, layer, load, slots, cache.matrix.rows)
         except BaseException:
             cache.evict(load)  # rows whose bytes did not all arrive are not resident
             raise
@@ -181,6 +183,7 @@ class FlashEngine:
         else:
             slots = ids
             reader.read_records(fam, layer, ids, slots, staging, parts, into_free_rows=True)
+        self.checker.check(family, layer, ids, slots, staging.rows)
         return Rows(ids, staging.parts, slots, self.compute_dtype, fam.quantization)
 
     def __call__(self, layer: int, x: mx.array, down_bias: mx.array | None) -> mx.array:

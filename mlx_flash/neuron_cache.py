@@ -32,22 +32,22 @@ class NeuronMatrix:
         names = family.expand(family.tensors if parts is None else parts)
         self._buffers: dict[str, mx.array] = {}
         self.parts: dict[str, mx.array] = {}  # typed views of the buffers, what compute uses
-        self._rows: dict[str, np.ndarray] = {}  # writable uint8 views of the same memory
+        self.rows: dict[str, np.ndarray] = {}  # writable uint8 views of the same memory
         for name in names:
             p = family.part(name)
             buf = mx.zeros((capacity, p.nbytes), dtype=mx.uint8)
             self._buffers[name] = buf
             self.parts[name] = buf.view(PART_DTYPES[p.dtype])
             mx.eval(buf, self.parts[name])
-            self._rows[name] = np.array(buf, copy=False)
+            self.rows[name] = np.array(buf, copy=False)
         # bytes that are read but not kept (padding, parts not asked for) land here
         self.scratch = memoryview(bytearray(family.record_bytes))
-        self._flat = {name: memoryview(rows).cast("B") for name, rows in self._rows.items()}
+        self._flat = {name: memoryview(rows).cast("B") for name, rows in self.rows.items()}
         self._pieces: dict[tuple[str, ...], list[tuple[int, str | None]]] = {}
 
     @property
     def nbytes(self) -> int:
-        return sum(r.nbytes for r in self._rows.values())
+        return sum(r.nbytes for r in self.rows.values())
 
     def span(self, parts: Sequence[str]) -> tuple[int, int]:
         """Byte range `[start, end)` of a record that covers tensors `parts` (all of them: the
@@ -72,7 +72,7 @@ class NeuronMatrix:
             position = b
         if end > position:
             pieces.append((end - position, None))
-        missing = {name for _, name in pieces if name} - set(self._rows)
+        missing = {name for _, name in pieces if name} - set(self.rows)
         if missing:
             raise ValueError(f"this matrix holds no part {sorted(missing)}")
         return pieces
@@ -99,13 +99,13 @@ class NeuronMatrix:
     def move_rows(self, src: np.ndarray, dst: np.ndarray) -> None:
         """Copy rows `src` onto rows `dst` (disjoint), in every part, in place (a few rows at a
         time: NumPy stages what it gathers, and a large stage would count in memory)."""
-        for rows in self._rows.values():
+        for rows in self.rows.values():
             for i in range(0, len(src), 64):
                 rows[dst[i:i + 64]] = rows[src[i:i + 64]]
 
     def buffer_address(self, part: str) -> int:
         """Address of a part matrix's memory (to check it is never reallocated)."""
-        return self._rows[part].__array_interface__["data"][0]
+        return self.rows[part].__array_interface__["data"][0]
 
 
 @dataclass

@@ -67,8 +67,8 @@ def assert_caches_equal_file(engine) -> int:
         reader = FlashReader(engine.bundle.path / fam.file, max_gap=0)
         reader.read_records(fam, layer, held[order], np.arange(len(held)), fresh, parts)
         reader.close()
-        for name, matrix in cache.matrix._rows.items():
-            np.testing.assert_array_equal(matrix[:cache.size][order], fresh._rows[name][
+        for name, matrix in cache.matrix.rows.items():
+            np.testing.assert_array_equal(matrix[:cache.size][order], fresh.rows[name][
                 :len(held)], err_msg=f"layer {layer} {family} {name}")
         rows += len(held)
     return rows
