@@ -26,6 +26,7 @@ from .cli import (
     load_errors,
     load_options,
     make_sampler,
+    read_errors,
 )
 from .memory import format_bytes, rss_bytes
 
@@ -106,10 +107,16 @@ def main(argv: list[str] | None = None) -> int:
         engine.stats.reset()
         before = engine.cache_stats()
         response = None
-        for response in stream_generate(model, tokenizer, prompt, max_tokens=args.max_tokens,
-                                        sampler=make_sampler(args), prompt_cache=history,
-                                        prefill_step_size=args.prefill_step_size):
-            print(response.text, end="", flush=True)
+        try:
+            for response in stream_generate(model, tokenizer, prompt,
+                                            max_tokens=args.max_tokens,
+                                            sampler=make_sampler(args), prompt_cache=history,
+                                            prefill_step_size=args.prefill_step_size):
+                print(response.text, end="", flush=True)
+        except read_errors() as e:  # a read that failed, a record that fails its checksum
+            print()
+            print(f"error: {e}", file=sys.stderr)
+            return 1
         print()
         print(turn_summary(engine, before, response, args.memory_budget), file=sys.stderr)
 

@@ -184,6 +184,13 @@ def load_errors() -> tuple[type[BaseException], ...]:
     return (OSError, BundleError, SourceError, UnsupportedModel, ConversionError, ValueError)
 
 
+def read_errors() -> tuple[type[Exception], ...]:
+    """What reading the model's records may raise in the middle of a generation."""
+    from .bundle import BundleError
+
+    return (OSError, BundleError)
+
+
 def interruptible(main: Callable[..., int | None]) -> Callable[..., int | None]:
     """Ctrl-C ends the command with a newline and exit code 130, no traceback. Only the main
     thread gets KeyboardInterrupt, so the reader threads stop with the interpreter. A second

@@ -25,6 +25,7 @@ from .cli import (
     load_errors,
     load_options,
     make_sampler,
+    read_errors,
     vocab_size,
 )
 from .memory import format_bytes, peak_rss_bytes
@@ -120,10 +121,15 @@ def main(argv: list[str] | None = None) -> int:
             messages.insert(0, {"role": "system", "content": args.system_prompt})
         prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
     response = None
-    for response in stream_generate(model, tokenizer, prompt, max_tokens=args.max_tokens,
-                                    sampler=make_sampler(args), max_kv_size=args.max_kv_size,
-                                    prefill_step_size=args.prefill_step_size):
-        print(response.text, end="", flush=True)
+    try:
+        for response in stream_generate(model, tokenizer, prompt, max_tokens=args.max_tokens,
+                                        sampler=make_sampler(args), max_kv_size=args.max_kv_size,
+                                        prefill_step_size=args.prefill_step_size):
+            print(response.text, end="", flush=True)
+    except read_errors() as e:  # a read that failed, a record that fails its checksum
+        print()
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     print()
     if response is not None and not args.quiet:
         print_stats(model.flash, response, args.memory_budget, args.verbose)

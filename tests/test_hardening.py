@@ -586,8 +586,6 @@ def test_bundles_without_checksums_are_not_checked(tiny_bundle, tmp_path):
     RecordChecker(bundle).check("neuron", 0, *read_layer(bundle, "neuron", 0))
 
 
-@pytest.mark.xfail(strict=True, reason="FlashEngine does not call RecordChecker.check yet "
-                   "(ffn.py: after each reader.read_records; reported in issue 13)")
 def test_generate_on_altered_records_is_an_error(tiny_bundle, tmp_path):
     path = tmp_path / "b"
     shutil.copytree(tiny_bundle, path)
