@@ -45,16 +45,16 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def turn_summary(engine: Any, before: Any, response: Any, budget: int | None) -> str:
+def turn_summary(engine: Any, before: Any, response: Any) -> str:
     """One answer's cost: memory against the budget, flash bytes per token, the window's hit
     rate over this answer (`before`: the engine's cache stats when it started), speed."""
     after = engine.cache_stats()
     needed = sum(getattr(after, k) - getattr(before, k) for k in ("hits", "loads", "spills"))
     hits = (after.hits - before.hits) / needed if needed else 0.0
     rss = rss_bytes()
-    budget_text = f"budget {format_bytes(budget)}" if budget else "no budget"
     return (f"[memory {format_bytes(rss)} (model {format_bytes(rss - engine.runtime_rss)}; "
-            f"{budget_text}) | flash {engine.stats.decode.bytes_per_token / 1e6:.2f} MB/token | "
+            f"{engine.plan.budget_text()}) | flash "
+            f"{engine.stats.decode.bytes_per_token / 1e6:.2f} MB/token | "
             f"window hit rate {hits:.0%} | "
             f"{response.generation_tps if response else 0:.1f} tokens/s]")
 
@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {e}", file=sys.stderr)
             return 1
         print()
-        print(turn_summary(engine, before, response, args.memory_budget), file=sys.stderr)
+        print(turn_summary(engine, before, response), file=sys.stderr)
 
 
 if __name__ == "__main__":

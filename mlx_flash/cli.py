@@ -32,6 +32,11 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
+def budget(text: str) -> int | str:
+    """argparse type for --memory-budget: a size, "auto" or "off"."""
+    return text if text in ("auto", "off") else size(text)
+
+
 def size(text: str) -> int:
     """argparse type for sizes ("250MB", "8G", "1.5GiB"). argparse replaces a type's
     ValueError with "invalid size value"; ArgumentTypeError keeps the parser's message."""
@@ -96,10 +101,12 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
                    help="which FFN weights each token reads: a selection mode calibrated in the "
                    "bundle (python -m mlx_flash calibrate), 'off' for all of them, 'auto' for "
                    "the bundle's default (all of them if none is calibrated)")
-    g.add_argument("--memory-budget", type=size, default=None,
+    g.add_argument("--memory-budget", type=budget, default="auto",
                    help="memory for the model (resident weights, selection data, KV cache, "
                    "neuron caches), e.g. 250MB or 8G; the neuron caches get what the rest "
-                   "leaves. Too small: an error saying the minimum")
+                   "leaves. Too small: an error saying the minimum. 'auto' (default): the "
+                   "whole model, read once, when it fits in 75%% of the memory available, "
+                   "else that much; 'off': no caches, every token reads what it selects")
     g.add_argument("--window", type=int_in(0), default=5,
                    help="tokens whose neurons stay cached (the paper's sliding window; 0: no "
                    "cache)")

@@ -97,6 +97,13 @@ class FlashEngine:
                 for layer in range(n_layers):
                     self.caches[(layer, family, parts)] = NeuronCache(
                         self.families[family], parts, rows, window)
+        for (layer, family, _), cache in self.caches.items():
+            if cache.complete:  # the model fits: its records are read once, here
+                ids = np.arange(self.families[family].count)
+                load, slots, _ = cache.admit(ids, 0)
+                self.readers[self.families[family].file].read_records(
+                    self.families[family], layer, load, slots, cache.matrix, cache.parts)
+                self.checker.check(family, layer, load, slots, cache.matrix.rows)
         self._ahead = ThreadPoolExecutor(1, thread_name_prefix="flash-ahead")  # fetch(ahead=)
         self._pending: list[Future] = []  # reads ahead started in this layer
         self.stats = EngineStats()
@@ -133,7 +140,9 @@ class FlashEngine:
         in the background and return a function that waits for them; else return None."""
         fam, staging = self.families[family], self.matrices[family]
         reader = self.readers[fam.file]
-        cache = self.caches.get((layer, family, tuple(parts))) if self._decoding else None
+        cache = self.caches.get((layer, family, tuple(parts)))
+        if not (self._decoding or cache is not None and cache.complete):
+            cache = None  # a prompt streams through the staging matrix, past partial caches
         if ahead:
             if cache is not None or staging.capacity < fam.count or len(ids) == 0:
                 return None

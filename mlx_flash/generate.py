@@ -61,12 +61,12 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def print_stats(engine: Any, response: Any, budget: int | None, verbose: bool) -> None:
+def print_stats(engine: Any, response: Any, verbose: bool) -> None:
     """The stats line (and with `verbose` the per-token breakdown and the memory plan), on
     stderr: stdout holds only the generated text."""
     decode, prefill = engine.stats.decode, engine.stats.prefill
     peak, runtime = peak_rss_bytes(), engine.runtime_rss
-    budget_text = "" if budget is None else f", budget {format_bytes(budget)}"
+    budget_text = "" if engine.plan.budget is None else f", {engine.plan.budget_text()}"
     lines = [f"[stats] {engine.mode.name} | prompt {response.prompt_tokens} tokens @ "
              f"{response.prompt_tps:.1f} tok/s"
              f" | generation {response.generation_tokens} tokens @ "
@@ -132,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     print()
     if response is not None and not args.quiet:
-        print_stats(model.flash, response, args.memory_budget, args.verbose)
+        print_stats(model.flash, response, args.verbose)
     return 0
 
 

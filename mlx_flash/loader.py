@@ -17,8 +17,16 @@ from mlx_lm.tokenizer_utils import TokenizerWrapper
 from .arch import Architecture, FFNSpec, get_architecture
 from .bundle import DTYPES, ITEMSIZE, Bundle, BundleError
 from .ffn import FlashEngine, FlashFFN
-from .memory import loaded_bytes, parse_size, plan_memory, return_freed_memory
-from .selection import load_mode
+from .memory import (
+    AUTO_SHARE,
+    MemoryPlan,
+    available_memory,
+    loaded_bytes,
+    parse_size,
+    plan_memory,
+    return_freed_memory,
+)
+from .selection import Mode, load_mode
 
 
 def default_dtype() -> str:
@@ -102,9 +110,9 @@ MAX_THREADS = 64
 
 @dataclass
 class EngineOptions:
-    """How the flash engine runs (see `load`)."""
+    """How the flash engine runs (see `load` and `budget_plan`)."""
 
-    memory_budget: int | str | None = None
+    memory_budget: int | str | None = None  # bytes, "250MB", "auto", "off"; None: no budget
     window: int = 5
     context: int = 2048
     threads: int = 8  # parallel reads: flash_profile flattens beyond 8 (docs/BENCHMARKS.md)
@@ -119,6 +127,29 @@ class EngineOptions:
         if self.window < 0 or self.context < 1:
             raise ValueError(f"window must be >= 0 and context >= 1, not {self.window} and "
                              f"{self.context}")
+
+
+def budget_plan(bundle: Bundle, itemsize: int, selection: int, mode: Mode,
+                options: EngineOptions) -> MemoryPlan:
+    """The memory plan for `options.memory_budget`: a size; "off" (no budget, no caches: every
+    token reads what it selects); None (no budget: sparse modes cache every neuron their window
+    holds); or "auto": the model whole when it fits in AUTO_SHARE of the memory available —
+    every cache complete, read once at load, nothing read per token — else that share of it
+    (at least the model's minimum)."""
+    def plan(budget: int | None, full: bool = mode.name != "off") -> MemoryPlan:
+        return plan_memory(bundle, itemsize, selection, mode.cache_keys, budget,
+                           options.context, default_full=full, caches=options.window > 0
+                           and options.memory_budget != "off")
+
+    if options.memory_budget in (None, "off"):
+        return plan(None)
+    if options.memory_budget != "auto":
+        return plan(parse_size(options.memory_budget))
+    whole = plan(None, full=True)
+    share = int(AUTO_SHARE * available_memory())
+    automatic = plan(max(whole.minimum, min(whole.total, share)))
+    automatic.automatic = True
+    return automatic
 
 
 def open_model(bundle: Bundle, compute_dtype: str | None = None,
@@ -148,9 +179,8 @@ def open_model(bundle: Bundle, compute_dtype: str | None = None,
     info = bundle.selection["modes"].get(mode.name, {})
     itemsize = ITEMSIZE[str(dtype).rsplit(".", 1)[-1]]
     selection = loaded_bytes(bundle.path / info["file"], itemsize) if info.get("file") else 0
-    budget = None if options.memory_budget is None else parse_size(options.memory_budget)
-    plan = plan_memory(bundle, itemsize, selection, mode.cache_keys, budget, options.context,
-                       default_full=mode.name != "off", caches=options.window > 0)
+    plan = budget_plan(bundle, itemsize, selection, mode, options)
+    budget = plan.budget
     if budget is not None:
         # freed buffers MLX keeps for reuse count in the process's memory: within the plan
         mx.set_cache_limit(plan.work // 4)
@@ -205,7 +235,7 @@ def load(
     tokenizer_config: dict[str, Any] | None = None,
     dtype: str | None = None,
     sparsity: str | None = None,
-    memory_budget: int | str | None = None,
+    memory_budget: int | str | None = "auto",
     window: int = 5,
     context: int = 2048,
     threads: int = 8,

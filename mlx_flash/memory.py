@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import math
+import os
 import re
 import resource
 import sys
@@ -62,9 +63,9 @@ def format_bytes(n: float) -> str:
     raise AssertionError
 
 
-def _status_kib(key: str) -> int | None:
+def _status_kib(key: str, path: str = "/proc/self/status") -> int | None:
     try:
-        with open("/proc/self/status") as f:
+        with open(path) as f:
             for line in f:
                 if line.startswith(key):
                     return int(line.split()[1]) * 1024
@@ -89,6 +90,54 @@ def rss_bytes() -> int:
     return now if now is not None else peak_rss_bytes()
 
 
+# Without --memory-budget the model may take this share of the memory available: the rest is
+# left to the OS page cache (which serves the bundle's reads) and to other programs.
+AUTO_SHARE = 0.75
+
+
+def _read_int(path: Path) -> int | None:
+    try:
+        text = path.read_text().split()[0]
+    except (OSError, IndexError):
+        return None
+    return int(text) if text.isdigit() else None
+
+
+def cgroup_room() -> int | None:
+    """Memory this process's cgroup may still take (limit minus usage), if it has a limit:
+    cgroup v2 memory.max / memory.current, or v1 memory.limit_in_bytes / usage_in_bytes."""
+    try:
+        lines = Path("/proc/self/cgroup").read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        _, controllers, rel = line.split(":", 2)
+        if controllers == "":  # v2
+            base, files = Path("/sys/fs/cgroup") / rel.lstrip("/"), ("memory.max",
+                                                                      "memory.current")
+        elif "memory" in controllers.split(","):
+            base, files = Path("/sys/fs/cgroup/memory") / rel.lstrip("/"), (
+                "memory.limit_in_bytes", "memory.usage_in_bytes")
+        else:
+            continue
+        limit, usage = (_read_int(base / f) for f in files)
+        if limit is not None and usage is not None and limit < 2**60:
+            return max(0, limit - usage)
+    return None
+
+
+def available_memory() -> int:
+    """Memory this process can take without pushing others out: Linux's MemAvailable (free
+    memory plus the page cache it can drop), within the process's cgroup limit; elsewhere
+    (macOS has no such figure) half the physical memory."""
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    available = _status_kib("MemAvailable:", "/proc/meminfo")
+    if available is None:
+        return total // 2
+    room = cgroup_room()
+    return available if room is None else min(available, room)
+
+
 def kv_bytes_per_token(config: dict[str, Any], itemsize: int) -> int:
     """Keys and values of one token over all layers."""
     heads = config.get("num_key_value_heads") or config.get("num_attention_heads")
@@ -108,6 +157,7 @@ class MemoryPlan:
     # rows per layer for each cached (family, parts) the mode reads
     capacity: dict[tuple[str, tuple[str, ...]], int] = field(default_factory=dict)
     cache_bytes: int = 0
+    automatic: bool = False  # the budget was chosen from the memory available ("auto")
 
     @property
     def minimum(self) -> int:
@@ -116,6 +166,13 @@ class MemoryPlan:
     @property
     def total(self) -> int:
         return self.minimum + self.cache_bytes
+
+    def budget_text(self) -> str:
+        """"budget 250.0 MB", "budget 250.0 MB auto" (chosen from the memory available) or
+        "no budget"."""
+        if self.budget is None:
+            return "no budget"
+        return f"budget {format_bytes(self.budget)}{' auto' if self.automatic else ''}"
 
     def describe(self) -> str:
         return (f"resident weights {format_bytes(self.resident)} + selection data "

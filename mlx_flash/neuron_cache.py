@@ -125,10 +125,11 @@ class NeuronCache:
     """The neurons (of one record family and parts, for one layer) that the last `window`
     tokens used, held in a NeuronMatrix of `capacity` rows.
 
-    `admit(ids)` for each token: neurons unused for `window` tokens are evicted, the missing
-    ones appended; when they do not fit, the least recently used are evicted sooner (the window
-    shrinks for this layer), and what still does not fit is left out ("spilled") for the
-    caller to read elsewhere.
+    `admit(ids)` for each token: neurons unused for `window` tokens are evicted (unless the
+    cache is `complete`: it holds every neuron, and keeps them), the missing ones appended;
+    when they do not fit, the least recently used are evicted sooner (the window shrinks for
+    this layer), and what still does not fit is left out ("spilled") for the caller to read
+    elsewhere.
     """
 
     def __init__(self, family: RecordFamily, parts: Sequence[str], capacity: int, window: int):
@@ -175,8 +176,9 @@ class NeuronCache:
         present = self.slot_of[ids] >= 0
         self.stats.hits += int(present.sum())
         self.last_used[ids] = t
-        resident = self.neuron_at[:self.size]
-        self.evict(resident[self.last_used[resident] <= t - self.window])
+        if not self.complete:
+            resident = self.neuron_at[:self.size]
+            self.evict(resident[self.last_used[resident] <= t - self.window])
         missing = ids[~present]
         short = len(missing) - (self.capacity - self.size)
         if short > 0:  # shrink the window: the least recently used that this token does not need
@@ -192,6 +194,11 @@ class NeuronCache:
         self.stats.loads += len(load)
         self.stats.spills += len(spill)
         return load, slots, spill
+
+    @property
+    def complete(self) -> bool:
+        """Room for every neuron: nothing needs evicting, ever."""
+        return self.capacity >= len(self.slot_of)
 
     def resident(self) -> dict[int, int]:
         """{neuron id: slot} of what is held (for checks)."""

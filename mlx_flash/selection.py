@@ -59,8 +59,9 @@ class Rows:
         """`[len(ids), length]` rows of matrix `part` as stored."""
         m = self.matrices[part]
         k = len(self.ids)
-        if np.array_equal(self.slots, np.arange(k)):
-            return m[:k]
+        first = int(self.slots[0]) if k else 0
+        if np.array_equal(self.slots, np.arange(first, first + k)):  # as take would, no copy
+            return m[first:first + k]
         return mx.take(m, self.slot_array, axis=0)
 
     def __getitem__(self, part: str) -> mx.array:

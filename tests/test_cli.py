@@ -22,7 +22,8 @@ STATS = re.compile(rf"^\[stats\] \w+ \| prompt \d+ tokens @ [\d.]+ tok/s \| "
                    rf"generation (\d+) tokens @ [\d.]+ tok/s \| "
                    rf"flash read ({SIZE})/token \(prefill {SIZE}; FFN {SIZE}, cache hit rate "
                    rf"\d+%\) \| "
-                   rf"peak RSS {SIZE} \(runtime {SIZE} \+ model {SIZE}(, budget {SIZE})?\) \| "
+                   rf"peak RSS {SIZE} \(runtime {SIZE} \+ model {SIZE}"
+                   rf"(, budget {SIZE}( auto)?)?\) \| "
                    rf"MLX peak {SIZE}$", re.M)
 
 
@@ -33,19 +34,28 @@ def read_per_token(stats: re.Match) -> float:
 
 @pytest.mark.slow
 def test_generate_default_model_streams_and_reports():
-    """No --model: the embedded default is converted (and calibrated) into the cache and used,
-    reading a fraction of its FFN per token, and answers as when it reads the whole FFN."""
+    """No --model: the embedded default is converted (and calibrated) into the cache and used.
+    Without --memory-budget it fits this machine: held in memory, it reads nothing per token
+    after the prompt; within a budget below that, it reads a fraction of its FFN per token;
+    both answer as when it reads the whole FFN (`off`)."""
     prompt = ("--prompt", "What is the capital of France?", "--max-tokens", "12")
-    whole = run("-m", "mlx_flash.generate", *prompt, "--sparsity", "off")
+    whole = run("-m", "mlx_flash.generate", *prompt, "--sparsity", "off",
+                "--memory-budget", "off")
     assert whole.returncode == 0, whole.stderr
     assert "Paris" in whole.stdout
-    r = run("-m", "mlx_flash.generate", *prompt, "--verbose")
+    held = run("-m", "mlx_flash.generate", *prompt)
+    assert held.returncode == 0, held.stderr
+    m = STATS.search(held.stderr)
+    assert m and read_per_token(m) == 0 and " auto)" in held.stderr, held.stderr
+    assert "Paris" in held.stdout
+    r = run("-m", "mlx_flash.generate", *prompt, "--verbose", "--memory-budget", "150MB",
+            "--max-kv-size", "256")
     assert r.returncode == 0, r.stderr
-    assert "Paris" in r.stdout
+    assert "Paris" in r.stdout and r.stdout == held.stdout  # exact under every setting
     m = STATS.search(r.stderr)
     assert m, r.stderr
     assert int(m.group(1)) >= 1 and not r.stderr.split("[stats] ")[1].startswith("off")
-    assert read_per_token(m) < read_per_token(STATS.search(whole.stderr))
+    assert 0 < read_per_token(m) < read_per_token(STATS.search(whole.stderr))
     assert "[decode] per token: flash I/O" in r.stderr
 
 

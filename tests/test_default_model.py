@@ -15,7 +15,7 @@ PROMPT = "The history of the Roman Empire"
 
 @pytest.fixture(scope="module")
 def flash(default_bundle):
-    return mlx_flash.load(default_bundle)
+    return mlx_flash.load(default_bundle, memory_budget="off")
 
 
 @pytest.fixture(scope="module")

@@ -80,25 +80,34 @@ def decode(model, prompt, n):
     return [int(t) for t, _ in generate_step(mx.array(prompt), model, max_tokens=n)]
 
 
+def partial_budget(path, fraction: float) -> int:
+    """A budget whose caches hold `fraction` of each layer's neurons: the window then evicts
+    (caches with room for every neuron keep them all)."""
+    plan = mlx_flash.load(path, memory_budget=10**12)[0].flash.plan
+    return plan.minimum + int(fraction * (plan.total - plan.minimum))
+
+
 def test_window_cache_changes_reads_not_results(relu_bundle):
     """Greedy decoding with the sliding-window cache gives the tokens decoding without it
     gives (the selection decides the math; the cache only where rows come from), and reads
     only what is new to the window."""
     prompt = [ord(c) + 3 for c in "The history of the "]
-    plain, _ = mlx_flash.load(relu_bundle, window=0)
-    cached, _ = mlx_flash.load(relu_bundle, window=4)
+    plain, _ = mlx_flash.load(relu_bundle, memory_budget=None, window=0)
+    cached, _ = mlx_flash.load(relu_bundle, memory_budget=partial_budget(relu_bundle, 0.6),
+                               window=4)
     assert decode(cached, prompt, 40) == decode(plain, prompt, 40)
     a, b = plain.flash.stats.decode, cached.flash.stats.decode
     assert a.needed_bytes == b.needed_bytes
     assert b.bytes < 0.5 * a.bytes  # most of what a token needs, the window already holds
     stats = cached.flash.cache_stats()
-    assert stats.hit_rate > 0.5 and stats.spills == 0
+    assert stats.hit_rate > 0.5 and stats.spills == 0 and stats.evictions > 0
 
 
 def test_neuron_matrices_stay_put_and_memory_does_not_grow(relu_bundle):
     """200 decode tokens: every cache matrix keeps its buffer, and MLX's peak memory grows by
     no more than the KV cache does."""
-    model, _ = mlx_flash.load(relu_bundle, window=5)
+    model, _ = mlx_flash.load(relu_bundle, memory_budget=partial_budget(relu_bundle, 0.6),
+                              window=5)
     engine = model.flash
     addresses = {k: c.matrix.buffer_address(c.parts[0]) for k, c in engine.caches.items()}
     assert addresses
@@ -113,6 +122,7 @@ def test_neuron_matrices_stay_put_and_memory_does_not_grow(relu_bundle):
     kv_growth = 180 * 2 * config["num_hidden_layers"] * config["hidden_size"] * 4
     assert mx.get_peak_memory() - peak <= kv_growth + 256 * 1024
     assert {k: c.matrix.buffer_address(c.parts[0]) for k, c in engine.caches.items()} == addresses
+    assert engine.cache_stats().evictions > 0
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc/self/io is Linux's")
@@ -124,7 +134,7 @@ def test_cold_reads_reach_the_storage(relu_bundle):
         with open("/proc/self/io") as f:
             return next(int(line.split()[1]) for line in f if line.startswith("read_bytes"))
 
-    model, _ = mlx_flash.load(relu_bundle, window=0, cold=True)
+    model, _ = mlx_flash.load(relu_bundle, memory_budget=None, window=0, cold=True)
     prompt = [40, 41, 42, 43]
     for _ in range(2):  # the second pass reads the same records again: still from storage
         counted, before = model.flash.reader.counters.bytes, storage_reads()
