@@ -210,3 +210,65 @@ def test_startup_error_is_one_line(tiny_bundle):
     assert r.returncode == 1
     assert r.stderr.strip().splitlines()[-1].startswith("error: memory budget"), r.stderr
     assert "Traceback" not in r.stderr
+
+
+# os.preadv fails (EIO) while the file named by MLX_FLASH_TEST_FAIL exists: a disk that errs
+# for a while under a running server
+FAULTY_SERVER = """
+import errno, os, sys
+real, flag = os.preadv, os.environ["MLX_FLASH_TEST_FAIL"]
+def preadv(fd, buffers, offset):
+    if os.path.exists(flag):
+        raise OSError(errno.EIO, "Input/output error (injected)")
+    return real(fd, buffers, offset)
+os.preadv = preadv
+from mlx_flash.server import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_server_answers_as_before_after_read_errors(tiny_bundle, tmp_path, monkeypatch):
+    """Read errors in the middle of requests fail those requests; once the disk reads again,
+    the same server answers every request exactly as it did before the errors (partial neuron
+    caches, so requests read records: none of the failed reads stays in them)."""
+    import mlx_flash
+
+    plan = mlx_flash.load(tiny_bundle, memory_budget=10**12, context=CONTEXT)[0].flash.plan
+    budget = plan.minimum + (plan.total - plan.minimum) // 2
+    flag = tmp_path / "fail"
+    monkeypatch.setenv("MLX_FLASH_TEST_FAIL", str(flag))
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-c", FAULTY_SERVER, "--port", str(port),
+                             "--model", str(tiny_bundle), "--memory-budget", str(budget),
+                             "--max-kv-size", str(CONTEXT), "--sparsity", "off"],
+                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 90
+        while True:
+            try:
+                urllib.request.urlopen(f"{base}/health", timeout=1)
+                break
+            except OSError:
+                assert proc.poll() is None and time.time() < deadline, proc.stderr.read()
+                time.sleep(0.2)
+        requests = [chat(text, max_tokens=8, temperature=0.0) for text in
+                    ("the theme", "in the", "a the")]
+        before = [post(base, r) for r in requests]
+        assert all(status == 200 for status, _ in before), before
+        flag.touch()
+        for r in requests:
+            try:
+                status, _ = post(base, r, timeout=30)
+            except (urllib.error.URLError, ConnectionError):
+                status = None  # the connection may end without a status
+            assert status != 200
+        flag.unlink()
+        after = [post(base, r) for r in requests]
+        strip = [[c["message"] for c in reply["choices"]] for _, reply in before]
+        assert [[c["message"] for c in reply["choices"]] for _, reply in after] == strip
+        assert proc.poll() is None
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
