@@ -15,18 +15,15 @@ import argparse
 import sys
 from typing import Any
 
-import mlx.core as mx
-
 from .cli import (
     Parser,
     add_engine_arguments,
     add_model_argument,
     add_sampling_arguments,
     interruptible,
-    load_errors,
-    load_options,
+    load_model,
     make_sampler,
-    read_errors,
+    print_stream,
 )
 from .memory import format_bytes, rss_bytes
 
@@ -65,15 +62,11 @@ def main(argv: list[str] | None = None) -> int:
     from mlx_lm import stream_generate
     from mlx_lm.models.cache import make_prompt_cache
 
-    from . import load
 
-    if args.seed is not None:
-        mx.random.seed(args.seed)
-    try:
-        model, tokenizer = load(args.model, **load_options(args))
-    except load_errors() as e:
-        print(f"error: {e}", file=sys.stderr)
+    loaded = load_model(args)
+    if loaded is None:
         return 1
+    model, tokenizer = loaded
     if not tokenizer.has_chat_template:
         print("error: this model's tokenizer has no chat template (python -m mlx_flash "
               "generate --no-chat takes raw text)", file=sys.stderr)
@@ -106,18 +99,11 @@ def main(argv: list[str] | None = None) -> int:
         prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
         engine.stats.reset()
         before = engine.cache_stats()
-        response = None
-        try:
-            for response in stream_generate(model, tokenizer, prompt,
-                                            max_tokens=args.max_tokens,
-                                            sampler=make_sampler(args), prompt_cache=history,
-                                            prefill_step_size=args.prefill_step_size):
-                print(response.text, end="", flush=True)
-        except read_errors() as e:  # a read that failed, a record that fails its checksum
-            print()
-            print(f"error: {e}", file=sys.stderr)
+        response, ok = print_stream(stream_generate(
+            model, tokenizer, prompt, max_tokens=args.max_tokens, sampler=make_sampler(args),
+            prompt_cache=history, prefill_step_size=args.prefill_step_size))
+        if not ok:
             return 1
-        print()
         print(turn_summary(engine, before, response), file=sys.stderr)
 
 

@@ -8,7 +8,8 @@ import contextlib
 import functools
 import math
 import signal
-from collections.abc import Callable, Sequence
+import sys
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from .loader import MAX_THREADS
@@ -191,11 +192,38 @@ def load_errors() -> tuple[type[BaseException], ...]:
     return (OSError, BundleError, SourceError, UnsupportedModel, ConversionError, ValueError)
 
 
-def read_errors() -> tuple[type[Exception], ...]:
-    """What reading the model's records may raise in the middle of a generation."""
+def load_model(args: argparse.Namespace) -> tuple[Any, Any] | None:
+    """Seed the sampler and load the model the options of `add_engine_arguments` name:
+    (model, tokenizer), or None once the reason it did not load is printed."""
+    import mlx.core as mx
+
+    from . import load
+
+    if args.seed is not None:
+        mx.random.seed(args.seed)
+    try:
+        return load(args.model, **load_options(args))
+    except load_errors() as e:
+        print(f"error: {e}", file=sys.stderr)
+        return None
+
+
+def print_stream(responses: Iterable[Any]) -> tuple[Any, bool]:
+    """Print each of mlx-lm's generation responses' text as it comes, then a newline:
+    (the last response, whether the generation ended well). A failed read or a record that
+    fails its checksum ends it with a one-line error instead of a traceback."""
     from .bundle import BundleError
 
-    return (OSError, BundleError)
+    response = None
+    try:
+        for response in responses:
+            print(response.text, end="", flush=True)
+    except (OSError, BundleError) as e:
+        print()
+        print(f"error: {e}", file=sys.stderr)
+        return response, False
+    print()
+    return response, True
 
 
 def interruptible(main: Callable[..., int | None]) -> Callable[..., int | None]:

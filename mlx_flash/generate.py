@@ -22,10 +22,9 @@ from .cli import (
     add_model_argument,
     add_sampling_arguments,
     interruptible,
-    load_errors,
-    load_options,
+    load_model,
     make_sampler,
-    read_errors,
+    print_stream,
     vocab_size,
 )
 from .memory import format_bytes, peak_rss_bytes
@@ -94,15 +93,11 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from mlx_lm import stream_generate
 
-    from . import load
 
-    if args.seed is not None:
-        mx.random.seed(args.seed)
-    try:
-        model, tokenizer = load(args.model, **load_options(args))
-    except load_errors() as e:
-        print(f"error: {e}", file=sys.stderr)
+    loaded = load_model(args)
+    if loaded is None:
         return 1
+    model, tokenizer = loaded
     try:
         add_eos_tokens(tokenizer, args.extra_eos_token, vocab_size(model))
     except ValueError as e:
@@ -120,17 +115,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.system_prompt is not None:
             messages.insert(0, {"role": "system", "content": args.system_prompt})
         prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-    response = None
-    try:
-        for response in stream_generate(model, tokenizer, prompt, max_tokens=args.max_tokens,
-                                        sampler=make_sampler(args), max_kv_size=args.max_kv_size,
-                                        prefill_step_size=args.prefill_step_size):
-            print(response.text, end="", flush=True)
-    except read_errors() as e:  # a read that failed, a record that fails its checksum
-        print()
-        print(f"error: {e}", file=sys.stderr)
+    response, ok = print_stream(stream_generate(
+        model, tokenizer, prompt, max_tokens=args.max_tokens, sampler=make_sampler(args),
+        max_kv_size=args.max_kv_size, prefill_step_size=args.prefill_step_size))
+    if not ok:
         return 1
-    print()
     if response is not None and not args.quiet:
         print_stats(model.flash, response, args.verbose)
     return 0
