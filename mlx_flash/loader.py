@@ -188,8 +188,11 @@ def open_model(bundle: Bundle, compute_dtype: str | None = None,
     engine = FlashEngine(bundle, spec, mode, dtype, plan, options.window, options.threads,
                          options.cold, options.use_mmap)
     model = build_flash_model(arch, bundle.config, spec, engine)
-    if budget is not None or options.rotating_kv:  # make_prompt_cache asks the model first
-        # (a model's make_cache overrides make_prompt_cache's max_kv_size: `rotating_kv` is it)
+    # A budget the user set holds its KV cache from the start (an automatic one leaves room:
+    # mlx-lm's caches grow as the context does, and a short answer takes little memory).
+    # make_prompt_cache asks the model first (a model's make_cache overrides
+    # make_prompt_cache's max_kv_size: `rotating_kv` is it).
+    if budget is not None and not plan.automatic or options.rotating_kv:
         model.make_cache = partial(kv_caches, len(arch.layers(model)), options.context,
                                    options.rotating_kv)
     weights = bundle.load_resident()
