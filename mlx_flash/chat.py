@@ -62,7 +62,6 @@ def main(argv: list[str] | None = None) -> int:
     from mlx_lm import stream_generate
     from mlx_lm.models.cache import make_prompt_cache
 
-
     loaded = load_model(args)
     if loaded is None:
         return 1

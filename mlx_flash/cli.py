@@ -113,7 +113,8 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
                    "cache)")
     g.add_argument("--max-kv-size", type=int_in(1), default=None,
                    help="bound the KV cache to this many tokens (rotating, as mlx_lm does); "
-                   "the budget reserves it (default: reserves 2048 tokens, unbounded)")
+                   "the budget reserves it (default: reserves 2048 tokens, unbounded; a "
+                   "budget you set allocates them at once)")
     g.add_argument("--threads", type=int_in(1, MAX_THREADS), default=8,
                    help="parallel flash reads (default 8: what tools/flash_profile.py found "
                    f"best; at most {MAX_THREADS})")

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor, wait
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import mlx.core as mx
@@ -23,7 +23,7 @@ import numpy as np
 
 from .arch import FFNSpec
 from .bundle import Bundle, RecordChecker, RecordFamily
-from .flash_io import FlashReader
+from .flash_io import FlashReader, wait_all
 from .memory import MemoryPlan
 from .neuron_cache import CacheStats, NeuronCache, NeuronMatrix
 from .selection import LayerReads, Mode, Rows
@@ -104,6 +104,7 @@ class FlashEngine:
                 self.readers[self.families[family].file].read_records(
                     self.families[family], layer, load, slots, cache.matrix, cache.parts)
                 self.checker.check(family, layer, load, slots, cache.matrix.rows)
+                cache.stats = CacheStats()  # the hit rate counts what tokens needed
         self._ahead = ThreadPoolExecutor(1, thread_name_prefix="flash-ahead")  # fetch(ahead=)
         self._pending: list[Future] = []  # reads ahead started in this layer
         self.stats = EngineStats()
@@ -157,10 +158,11 @@ class FlashEngine:
         t0 = time.perf_counter()
         load, slots, spill = cache.admit(ids, self._token)
         self._mem_seconds += time.perf_counter() - t0
-        if len(spill) > staging.capacity:
-            raise RuntimeError(f"a token needs {len(spill)} more {family} records than its cache "
-                               "holds, more than the staging matrix takes: raise the budget")
         try:
+            if len(spill) > staging.capacity:
+                raise RuntimeError(f"a token needs {len(spill)} more {family} records than its "
+                                   "cache holds, more than the staging matrix takes: raise the "
+                                   "budget")
             reader.read_records(fam, layer, load, slots, cache.matrix, parts)
             self.checker.check(family, layer, load, slots, cache.matrix.rows)
         except BaseException:
@@ -192,7 +194,8 @@ class FlashEngine:
         else:
             slots = ids
             reader.read_records(fam, layer, ids, slots, staging, parts, into_free_rows=True)
-        self.checker.check(family, layer, ids, slots, staging.rows)
+        self.checker.check(family, layer, ids, slots,
+                           {n: staging.rows[n] for n in fam.expand(parts)})  # what was read
         return Rows(ids, staging.parts, slots, self.compute_dtype, fam.quantization)
 
     def __call__(self, layer: int, x: mx.array, down_bias: mx.array | None) -> mx.array:
@@ -208,7 +211,7 @@ class FlashEngine:
         try:
             y, reads = mode(layer, flat, self.fetch)
         finally:  # a read ahead still running when the layer fails would land in later reads
-            wait(self._pending)
+            wait_all(self._pending)
             self._pending.clear()
         y = y.reshape(x.shape)
         if down_bias is not None:

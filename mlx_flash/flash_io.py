@@ -16,7 +16,7 @@ import sys
 import threading
 import time
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor, wait
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 
 import numpy as np
@@ -32,6 +32,22 @@ DEFAULT_MAX_GAP = 16 * 1024
 DEFAULT_MAX_READ = 256 * 1024
 IOV_MAX = min(os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024, 1024)
 PAGE = 4096
+
+
+def wait_all(futures: Sequence[Future]) -> None:
+    """Wait until every future has ended, even through Ctrl-C (raised once they have): the
+    rows a read was writing into must not be handed on while it still writes."""
+    interrupted = None
+    while True:
+        try:
+            wait(futures)
+            break
+        except KeyboardInterrupt as e:
+            interrupted = e
+            for f in futures:
+                f.cancel()  # those not started never will
+    if interrupted is not None:
+        raise interrupted
 
 
 @dataclass
@@ -202,7 +218,7 @@ class FlashReader:
             futures = [self._pool.submit(self._read_all, chunk) for chunk in chunks]
             # every read ends before any error is raised: the caller may hand the rows of a
             # failed read to other records, which a read still running would overwrite
-            wait(futures)
+            wait_all(futures)
             done = [f.result() for f in futures]
         else:
             done = [self._read_all(reads)]

@@ -93,7 +93,6 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from mlx_lm import stream_generate
 
-
     loaded = load_model(args)
     if loaded is None:
         return 1

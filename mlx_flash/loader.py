@@ -132,8 +132,8 @@ class EngineOptions:
 def budget_plan(bundle: Bundle, itemsize: int, selection: int, mode: Mode,
                 options: EngineOptions) -> MemoryPlan:
     """The memory plan for `options.memory_budget`: a size; "off" (no budget, no caches: every
-    token reads what it selects); None (no budget: sparse modes cache every neuron their window
-    holds); or "auto": the model whole when it fits in AUTO_SHARE of the memory available —
+    token reads what it selects); None (no budget: sparse modes hold every neuron, "off"
+    none); or "auto": the model whole when it fits in AUTO_SHARE of the memory available —
     every cache complete, read once at load, nothing read per token — else that share of it
     (at least the model's minimum)."""
     def plan(budget: int | None, full: bool = mode.name != "off") -> MemoryPlan:
@@ -255,12 +255,12 @@ def load(
     picks the selection mode: one calibrated in the bundle (`python -m mlx_flash.calibrate`),
     "off", or None for the bundle's default.
     `memory_budget` (bytes, or "150MB") bounds resident weights, selection data, KV cache for
-    `context` tokens (a budgeted model's `make_cache` allocates it at once; past `context` it
+    `context` tokens (such a model's `make_cache` allocates it at once; past `context` it
     rotates with `rotating_kv`, as mlx-lm's max_kv_size does, with or without a budget; else
-    it grows past the budget)
-    and the per-layer neuron caches, which keep the neurons of the last
-    `window` tokens (BudgetError when it cannot be met; without a budget the caches may hold
-    every neuron, and selection "off" caches nothing: the naive engine). `threads` read in
+    it grows past the budget) and the per-layer neuron caches, which keep the neurons of the
+    last `window` tokens (BudgetError when it cannot be met). "auto" (the default): the model
+    whole when it fits in 75% of the memory available, else that share (`budget_plan`);
+    "off": no caches, every token reads what it selects (the naive engine). `threads` read in
     parallel; `cold` bypasses the OS page cache. The model's `flash` attribute is its
     FlashEngine, whose `stats` count flash reads and whose `runtime_rss` is the process's
     resident memory just before the model was loaded (the tokenizer already was).

@@ -103,27 +103,49 @@ def _read_int(path: Path) -> int | None:
     return int(text) if text.isdigit() else None
 
 
+def _stat(path: Path, key: str) -> int:
+    """A value of a cgroup's memory.stat (0 when absent)."""
+    try:
+        for line in path.read_text().splitlines():
+            name, _, value = line.partition(" ")
+            if name == key and value.isdigit():
+                return int(value)
+    except OSError:
+        pass
+    return 0
+
+
 def cgroup_room() -> int | None:
-    """Memory this process's cgroup may still take (limit minus usage), if it has a limit:
-    cgroup v2 memory.max / memory.current, or v1 memory.limit_in_bytes / usage_in_bytes."""
+    """Memory this process's cgroups — its own and every one above it — may still take: the
+    least, over those with a limit, of the limit minus the usage, the usage without the
+    inactive page cache the kernel drops first. cgroup v2: memory.max, memory.current,
+    inactive_file; v1: memory.limit_in_bytes, memory.usage_in_bytes, total_inactive_file. A
+    container that sees only its own cgroup finds it at the hierarchy's root."""
     try:
         lines = Path("/proc/self/cgroup").read_text().splitlines()
     except OSError:
         return None
+    rooms = []
     for line in lines:
         _, controllers, rel = line.split(":", 2)
-        if controllers == "":  # v2
-            base, files = Path("/sys/fs/cgroup") / rel.lstrip("/"), ("memory.max",
-                                                                      "memory.current")
+        if controllers == "":
+            root, files = Path("/sys/fs/cgroup"), ("memory.max", "memory.current",
+                                                   "inactive_file")
         elif "memory" in controllers.split(","):
-            base, files = Path("/sys/fs/cgroup/memory") / rel.lstrip("/"), (
-                "memory.limit_in_bytes", "memory.usage_in_bytes")
+            root, files = Path("/sys/fs/cgroup/memory"), (
+                "memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file")
         else:
             continue
-        limit, usage = (_read_int(base / f) for f in files)
-        if limit is not None and usage is not None and limit < 2**60:
-            return max(0, limit - usage)
-    return None
+        folder = root / rel.lstrip("/")
+        if not folder.is_dir():
+            folder = root
+        for d in (folder, *folder.parents):
+            limit, usage = _read_int(d / files[0]), _read_int(d / files[1])
+            if limit is not None and usage is not None and limit < 2**60:
+                rooms.append(max(0, limit - usage + _stat(d / "memory.stat", files[2])))
+            if d == root:
+                break
+    return min(rooms) if rooms else None
 
 
 def available_memory() -> int:
@@ -210,8 +232,8 @@ def loaded_bytes(path: Path, compute_itemsize: int) -> int:
 def plan_memory(bundle: Bundle, compute_itemsize: int, selection_bytes: int,
                 cache_keys: list[tuple[str, tuple[str, ...]]], budget: int | None,
                 context: int, default_full: bool, caches: bool = True) -> MemoryPlan:
-    """Size the neuron caches. Without a budget each cache may hold every neuron
-    (`default_full`, the window bounding what it holds) or nothing; with one, all caches get
+    """Size the neuron caches. Without a budget each cache holds every neuron
+    (`default_full`: complete caches, read once at load) or nothing; with one, all caches get
     the same fraction of their neurons, as much as the budget leaves. `caches` False (a
     window of 0 tokens): no cache at all, whatever the budget leaves."""
     config = bundle.config

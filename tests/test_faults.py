@@ -113,3 +113,20 @@ def test_faults_never_poison_later_answers(calibrated, site, monkeypatch):
     np.testing.assert_array_equal(logits_of(model), fresh)
     held = assert_caches_equal_file(model.flash)
     assert (held > 0) == (site == "cache")
+
+
+def test_a_token_past_cache_and_staging_leaves_the_cache_as_the_file(calibrated, monkeypatch):
+    """A token that needs more records than its cache and the staging matrix hold together is
+    an error (raise the budget), and the records its cache admitted for it are not left
+    resident unread."""
+    import mlx_flash.ffn
+
+    bundle = Bundle.open(calibrated["hybrid"])
+    monkeypatch.setattr(mlx_flash.ffn, "STAGING_BYTES", 8 * bundle.families["up"].record_bytes)
+    plan = open_model(bundle, None, "hybrid", EngineOptions(10**12, 5, 64)).flash.plan
+    model = open_model(bundle, None, "hybrid", EngineOptions(
+        plan.minimum + (plan.total - plan.minimum) // 4, 5, 64))
+    assert model.flash.matrices["up"].capacity == 8
+    with pytest.raises(RuntimeError, match="raise the budget"):
+        logits_of(model)
+    assert_caches_equal_file(model.flash)
