@@ -101,7 +101,9 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--sparsity", default="auto", choices=SPARSITY_CHOICES,
                    help="which FFN weights each token reads: a selection mode calibrated in the "
                    "bundle (python -m mlx_flash calibrate), 'off' for all of them, 'auto' for "
-                   "the bundle's default (all of them if none is calibrated)")
+                   "the bundle's default (all of them if none is calibrated, or when the "
+                   "automatic budget holds the model whole: nothing is read then, and a "
+                   "selection would only cost compute)")
     g.add_argument("--memory-budget", type=budget, default="auto",
                    help="memory for the model (resident weights, selection data, KV cache, "
                    "neuron caches), e.g. 250MB or 8G; the neuron caches get what the rest "
@@ -121,6 +123,9 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--cold", action="store_true",
                    help="bypass the OS page cache, so every read reaches the storage (for "
                    "honest I/O figures)")
+    g.add_argument("--lookahead", action=argparse.BooleanOptionalAction, default=True,
+                   help="decoding, read the next layer's likely records while its attention "
+                   "computes (predictor mode; default on)")
     g.add_argument("--dtype", choices=DTYPE_CHOICES, default=None,
                    help="dtype for converting a non-bundle --model (default: as convert "
                    "does, a quantized GGUF or mlx-lm folder keeps its quantization; float "
@@ -161,6 +166,7 @@ def load_options(args: argparse.Namespace) -> dict[str, Any]:
             "sparsity": None if args.sparsity == "auto" else args.sparsity,
             "memory_budget": args.memory_budget, "window": args.window,
             "context": args.max_kv_size or 2048, "threads": args.threads, "cold": args.cold,
+            "lookahead": args.lookahead,
             "rotating_kv": args.max_kv_size is not None}
 
 

@@ -12,6 +12,7 @@ engine; with "off" and a budget, what fits stays cached and the rest is read: it
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -67,7 +68,7 @@ class FlashEngine:
 
     def __init__(self, bundle: Bundle, spec: FFNSpec, mode: Mode, compute_dtype: mx.Dtype,
                  plan: MemoryPlan | None = None, window: int = 5, threads: int = 1,
-                 cold: bool = False, use_mmap: bool = False):
+                 cold: bool = False, use_mmap: bool = False, lookahead: bool = True):
         self.bundle = bundle
         self.spec = spec
         self.mode = mode
@@ -107,6 +108,11 @@ class FlashEngine:
                 cache.stats = CacheStats()  # the hit rate counts what tokens needed
         self._ahead = ThreadPoolExecutor(1, thread_name_prefix="flash-ahead")  # fetch(ahead=)
         self._pending: list[Future] = []  # reads ahead started in this layer
+        # decoding, the next layer's likely records are read into its cache while its
+        # attention computes (modes that can guess them: Mode.upcoming)
+        self.lookahead = lookahead
+        self._lookahead: tuple[int, Future] | None = None
+        self.read_ahead = 0  # records read ahead
         self.stats = EngineStats()
         self.dense_prefill = True  # evaluate turns this off to score each token's selection
         self.observer: Observer | None = None  # sees every layer's input and reads (evaluate)
@@ -198,8 +204,47 @@ class FlashEngine:
                            {n: staging.rows[n] for n in fam.expand(parts)})  # what was read
         return Rows(ids, staging.parts, slots, self.compute_dtype, fam.quantization)
 
+    def _read_upcoming(self, layer: int, ids: np.ndarray) -> None:
+        """Admit records `ids` into `layer`'s cache and read them (in the background: nothing
+        touches that cache until `__call__` for `layer` has waited for this)."""
+        family, parts = self.mode.cache_keys[0]
+        cache = self.caches[(layer, family, parts)]
+        fam = self.families[family]
+        counted = dataclasses.replace(cache.stats)  # the token's own admit counts its hits
+        load, slots, _ = cache.admit(ids, self._token)  # what finds no room is not read
+        cache.stats.hits, cache.stats.spills = counted.hits, counted.spills
+        try:
+            self.readers[fam.file].read_records(fam, layer, load, slots, cache.matrix, parts)
+            self.checker.check(family, layer, load, slots, cache.matrix.rows)
+        except BaseException:
+            cache.evict(load)
+            raise
+        self.read_ahead += len(load)
+
+    def _start_upcoming(self, layer: int, x: mx.array) -> None:
+        key = (layer, *self.mode.cache_keys[0])
+        cache = self.caches.get(key)
+        if cache is None or cache.complete:
+            return
+        ids = self.mode.upcoming(layer, x)
+        if ids is not None and len(ids):
+            self._lookahead = (layer, self._ahead.submit(self._read_upcoming, layer, ids))
+
+    def _await_upcoming(self, layer: int) -> None:
+        """Wait for what was read ahead for `layer` (a failed read ahead left nothing in the
+        cache: the layer reads what it needs itself)."""
+        if self._lookahead is None or self._lookahead[0] != layer:
+            return
+        future = self._lookahead[1]
+        self._lookahead = None
+        wait_all([future])
+        error = future.exception()
+        if error is not None and not isinstance(error, Exception):
+            raise error
+
     def __call__(self, layer: int, x: mx.array, down_bias: mx.array | None) -> mx.array:
-        mx.eval(x)
+        mx.eval(x)  # this layer's attention: what was read ahead for it reads meanwhile
+        self._await_upcoming(layer)
         t0 = time.perf_counter()
         read0, io0 = self._read()
         self._mem_seconds = 0.0
@@ -230,6 +275,8 @@ class FlashEngine:
         phase.ffn_seconds += time.perf_counter() - t0 - (io1 - io0) - self._mem_seconds
         if self.observer is not None:
             self.observer(layer, flat, reads)
+        if self.lookahead and self._decoding and layer + 1 < len(self.families["neuron"].segments):
+            self._start_upcoming(layer + 1, flat)
         return y
 
 

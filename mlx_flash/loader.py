@@ -119,6 +119,7 @@ class EngineOptions:
     cold: bool = False
     use_mmap: bool = False  # read records out of a memory map (the benchmark's "mmap" engine)
     rotating_kv: bool = False  # past `context` tokens the KV cache rotates (max_kv_size)
+    lookahead: bool = True  # read the next layer's likely records while its attention computes
 
     def check(self) -> None:
         """ValueError for settings out of range (the command lines check them too)."""
@@ -149,6 +150,8 @@ def budget_plan(bundle: Bundle, itemsize: int, selection: int, mode: Mode,
     share = int(AUTO_SHARE * available_memory())
     automatic = plan(max(whole.minimum, min(whole.total, share)))
     automatic.automatic = True
+    automatic.whole = bool(automatic.capacity) and all(
+        rows == bundle.families[family].count for (family, _), rows in automatic.capacity.items())
     return automatic
 
 
@@ -180,13 +183,21 @@ def open_model(bundle: Bundle, compute_dtype: str | None = None,
     itemsize = ITEMSIZE[str(dtype).rsplit(".", 1)[-1]]
     selection = loaded_bytes(bundle.path / info["file"], itemsize) if info.get("file") else 0
     plan = budget_plan(bundle, itemsize, selection, mode, options)
+    if sparsity is None and mode.name != "off" and plan.whole:
+        # The model is held whole: a selection would save no reads, only cost compute (the
+        # budget sweep, docs/BENCHMARKS.md) and accuracy. The bundle's default mode is then
+        # the dense FFN, unless there is not room for its records whole too.
+        dense = Mode(spec, bundle.families)
+        dense_plan = budget_plan(bundle, itemsize, 0, dense, options)
+        if dense_plan.whole:
+            mode, plan = dense, dense_plan
     budget = plan.budget
     if budget is not None:
         # freed buffers MLX keeps for reuse count in the process's memory: within the plan
         mx.set_cache_limit(plan.work // 4)
         return_freed_memory()
     engine = FlashEngine(bundle, spec, mode, dtype, plan, options.window, options.threads,
-                         options.cold, options.use_mmap)
+                         options.cold, options.use_mmap, options.lookahead)
     model = build_flash_model(arch, bundle.config, spec, engine)
     # A budget the user set holds its KV cache from the start (an automatic one leaves room:
     # mlx-lm's caches grow as the context does, and a short answer takes little memory).
@@ -244,6 +255,7 @@ def load(
     threads: int = 8,
     cold: bool = False,
     rotating_kv: bool = False,
+    lookahead: bool = True,
 ) -> tuple[nn.Module, TokenizerWrapper]:
     """Load a flash bundle as `(model, tokenizer)` for mlx-lm's generate / stream_generate.
 
@@ -261,9 +273,11 @@ def load(
     last `window` tokens (BudgetError when it cannot be met). "auto" (the default): the model
     whole when it fits in 75% of the memory available, else that share (`budget_plan`);
     "off": no caches, every token reads what it selects (the naive engine). `threads` read in
-    parallel; `cold` bypasses the OS page cache. The model's `flash` attribute is its
-    FlashEngine, whose `stats` count flash reads and whose `runtime_rss` is the process's
-    resident memory just before the model was loaded (the tokenizer already was).
+    parallel; `cold` bypasses the OS page cache; `lookahead` reads the next layer's likely
+    records while its attention computes (modes that can guess them: predictor). The model's
+    `flash` attribute is its FlashEngine, whose `stats` count flash reads and whose
+    `runtime_rss` is the process's resident memory just before the model was loaded (the
+    tokenizer already was).
     """
     from .memory import rss_bytes
     from .paths import resolve_bundle
@@ -272,7 +286,8 @@ def load(
     tokenizer = bundle_tokenizer(bundle, tokenizer_config)
     runtime = rss_bytes()
     model = open_model(bundle, compute_dtype, sparsity, EngineOptions(
-        memory_budget, window, context, threads, cold, rotating_kv=rotating_kv))
+        memory_budget, window, context, threads, cold, rotating_kv=rotating_kv,
+        lookahead=lookahead))
     model.flash.runtime_rss = runtime
     return model, tokenizer
 

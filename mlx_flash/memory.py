@@ -180,6 +180,7 @@ class MemoryPlan:
     capacity: dict[tuple[str, tuple[str, ...]], int] = field(default_factory=dict)
     cache_bytes: int = 0
     automatic: bool = False  # the budget was chosen from the memory available ("auto")
+    whole: bool = False  # ... and it holds the whole model: every cache complete
 
     @property
     def minimum(self) -> int:

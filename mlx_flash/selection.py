@@ -217,6 +217,12 @@ class Mode:
         """The (record family, parts) this mode fetches, each a cache of its own per layer."""
         return [("neuron", self.all_parts)]
 
+    def upcoming(self, layer: int, x: mx.array) -> np.ndarray | None:
+        """The records (of `cache_keys[0]`) that layer `layer` will likely fetch for the decode
+        token whose input to the layer before is `x` (`[1, d]`), to read them while that
+        layer's attention computes; None: no guess."""
+        return None
+
     def dense_part(self, x: mx.array, rows: Rows) -> mx.array:
         """The FFN's share of the neurons in `rows`, all of them used."""
         if rows.quantization:  # multiplied quantized, as mlx-lm's quantized model does
@@ -253,18 +259,33 @@ class Predictor(Mode):
     def __call__(self, layer, x, fetch):
         return self.selected_ffn(layer, x, fetch, self.logits(layer, x) > self.thresholds[layer])
 
+    def upcoming(self, layer, x):
+        # the layer's predictor on the layer before's input: the residual stream changes
+        # little from one layer to the next
+        return union(self.logits(layer, x) > self.thresholds[layer])
+
     def selected_ffn(self, layer: int, x: mx.array, fetch: Fetch,
                      sel: mx.array) -> tuple[mx.array, LayerReads]:
-        """The FFN over each token's selected neurons (`sel`: [T, n]), whole records read."""
-        rows = fetch(layer, "neuron", self.all_parts, union(sel))
-        reads = LayerReads(per_token(sel) * self.neuron.record_bytes, sel)
-        if x.shape[0] == 1 and not rows.quantization:  # the fused kernel: all fetched are used
-            s = self.spec
-            y = kernels.sparse_ffn(x[0], rows.matrices, rows.slot_array, s.kind, s.activation,
-                                   s.threshold)
-            return y[None].astype(x.dtype), reads
-        h = mx.where(sel[:, mx.array(rows.ids)], hidden(self.spec, x, rows), 0)
-        return combine(h, rows, "down"), reads
+        """The FFN over each token's selected neurons (`sel`: [T, n]), whole records read, in
+        slices of `rows_per_fetch` neurons (what a staging matrix holds: without a cache
+        larger selections would not fit). The slices depend on the selection and the bundle
+        alone, so cached or not, a token's sums run in the same order."""
+        ids = union(sel)
+        step = self.rows_per_fetch or max(1, len(ids))
+        y = None
+        for start in range(0, max(1, len(ids)), step):
+            rows = fetch(layer, "neuron", self.all_parts, ids[start:start + step])
+            if x.shape[0] == 1 and not rows.quantization:  # the fused kernel: all are used
+                s = self.spec
+                part = kernels.sparse_ffn(x[0], rows.matrices, rows.slot_array, s.kind,
+                                          s.activation, s.threshold)[None].astype(x.dtype)
+            else:
+                h = mx.where(sel[:, mx.array(rows.ids)], hidden(self.spec, x, rows), 0)
+                part = combine(h, rows, "down")
+            y = part if y is None else y + part
+            if start + step < len(ids):
+                mx.eval(y)  # the next slice may be read over this one
+        return y, LayerReads(per_token(sel) * self.neuron.record_bytes, sel)
 
 
 class Trace(Predictor):
@@ -278,6 +299,10 @@ class Trace(Predictor):
         Mode.__init__(self, spec, families)
         self.sets = sets
         self.steps = [0] * len(sets)
+
+    def upcoming(self, layer, x):
+        sets = self.sets[layer]
+        return sets[self.steps[layer] % len(sets)]  # what it will select, exactly
 
     def __call__(self, layer, x, fetch):
         n, rows = self.spec.intermediate_size, []

@@ -68,11 +68,19 @@ def test_logits_equal_under_every_setting(calibrated, quantized_tiny, kind, mode
 
 
 def test_relu_predictor_equal_under_every_setting(relu_bundle):
+    """The paper's regime, with and without reading the next layer's predicted neurons ahead
+    (which the caches of partial budgets do)."""
     expected, _ = decode(relu_bundle, "predictor", EngineOptions())
+    read_ahead = 0
     for budget in budgets(relu_bundle, "predictor")[1:]:
         for window in (0, 1, 5):
-            got, _ = decode(relu_bundle, "predictor", EngineOptions(budget, window, threads=8))
-            np.testing.assert_array_equal(got, expected, err_msg=f"{budget=} {window=}")
+            for lookahead in (True, False):
+                got, engine = decode(relu_bundle, "predictor", EngineOptions(
+                    budget, window, threads=8, lookahead=lookahead))
+                np.testing.assert_array_equal(got, expected,
+                                              err_msg=f"{budget=} {window=} {lookahead=}")
+                read_ahead += engine.read_ahead
+    assert read_ahead > 0
 
 
 class Recorder:
@@ -159,3 +167,33 @@ def test_default_model_equal_under_every_setting(default_calibrated, default_ggu
     steps = generate_step(mx.array(prompt), reference_model, max_tokens=16,
                           sampler=lambda logits: mx.argmax(logits, axis=-1))
     assert off.argmax(axis=-1).tolist() == [int(token) for token, _ in steps]
+
+
+def test_selections_larger_than_the_staging_matrix(relu_bundle, monkeypatch):
+    """A staging matrix smaller than a token's selection (as on large models, where it holds
+    16 MiB of a layer): the predictor computes in slices of it, with or without caches, and
+    every budget still decodes the same logits (the minimum, without caches, failed)."""
+    import mlx_flash.ffn
+
+    record = Bundle.open(relu_bundle).families["neuron"].record_bytes
+    monkeypatch.setattr(mlx_flash.ffn, "STAGING_BYTES", 24 * record)
+    expected, engine = decode(relu_bundle, "predictor", EngineOptions())
+    assert engine.matrices["neuron"].capacity == 24
+    for budget in budgets(relu_bundle, "predictor")[1:]:
+        got, _ = decode(relu_bundle, "predictor", EngineOptions(budget, 5, threads=8))
+        np.testing.assert_array_equal(got, expected, err_msg=f"{budget=}")
+
+
+def test_auto_budget_holds_the_model_whole_and_computes_it_densely(calibrated):
+    """Without a budget, a model that fits is held whole (complete caches, nothing read per
+    token) and the bundle's default mode is then the dense FFN; a mode named is kept."""
+    model = open_model(Bundle.open(calibrated["hybrid"]), None, None, EngineOptions("auto"))
+    engine = model.flash
+    assert engine.plan.whole and engine.mode.name == "off"
+    assert all(cache.complete for cache in engine.caches.values())
+    logits_auto, held = decode(calibrated["hybrid"], None, EngineOptions("auto"))
+    assert held.stats.prefill.bytes == held.stats.decode.bytes == 0  # read once, at load
+    np.testing.assert_array_equal(logits_auto, decode(calibrated["hybrid"], "off",
+                                                      EngineOptions())[0])
+    named = open_model(Bundle.open(calibrated["hybrid"]), None, "hybrid", EngineOptions("auto"))
+    assert named.flash.mode.name == "hybrid" and named.flash.plan.whole

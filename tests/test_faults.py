@@ -75,8 +75,10 @@ def assert_caches_equal_file(engine) -> int:
 
 
 # the site each setting reads through: caches (and staging for what they spill), staging alone
-# (selection off, no budget: every record every token), reads ahead (hybrid without caches)
-SITES = {"cache": ("hybrid", 0.5, 5), "staging": ("off", None, 5), "ahead": ("hybrid", 0.0, 0)}
+# (selection off, no budget: every record every token), reads ahead (hybrid without caches),
+# the next layer's predicted records read while its attention computes (predictor, caches)
+SITES = {"cache": ("hybrid", 0.5, 5), "staging": ("off", None, 5), "ahead": ("hybrid", 0.0, 0),
+         "lookahead": ("predictor", 0.5, 5)}
 
 
 @pytest.mark.parametrize("site", SITES)
@@ -100,6 +102,8 @@ def test_faults_never_poison_later_answers(calibrated, site, monkeypatch):
     total = counting.calls
     if site == "ahead":
         assert model.flash.caches == {} and model.flash._ahead._threads  # it did read ahead
+    if site == "lookahead":  # the next layer's predicted neurons, read in the background
+        assert model.flash.read_ahead > 0
     rng = np.random.default_rng(len(site))
     for kind in ("eio", "eof"):
         for at in rng.integers(total // 4, total, size=3):  # most of them while decoding
@@ -112,7 +116,7 @@ def test_faults_never_poison_later_answers(calibrated, site, monkeypatch):
     monkeypatch.setattr(os, "preadv", Faulty("short"))
     np.testing.assert_array_equal(logits_of(model), fresh)
     held = assert_caches_equal_file(model.flash)
-    assert (held > 0) == (site == "cache")
+    assert (held > 0) == (site in ("cache", "lookahead"))
 
 
 def test_a_token_past_cache_and_staging_leaves_the_cache_as_the_file(calibrated, monkeypatch):

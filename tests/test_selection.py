@@ -55,7 +55,7 @@ def test_sparse_ffn_equals_brute_force(calibrated, tiny_llama, mode):
 
 def test_predictor_logits_match_numpy(calibrated):
     bundle = Bundle.open(calibrated["predictor"])
-    model, _ = mlx_flash.load(bundle.path)
+    model, _ = mlx_flash.load(bundle.path, sparsity="predictor")
     stored = {k: np.array(v) for k, v in
               mx.load(str(bundle.path / bundle.selection["modes"]["predictor"]["file"])).items()}
     x = np.random.default_rng(0).standard_normal((5, 64)).astype(np.float32)
@@ -74,7 +74,7 @@ def test_calibration_round_trips_through_the_bundle(calibrated):
         assert sel["default"] == mode
         info = sel["modes"][mode]
         assert len(info["layers"]) == 2 and info["calibration"]["tokens"] == 2048
-        model, _ = mlx_flash.load(path)
+        model, _ = mlx_flash.load(path, memory_budget=None)  # no budget: no switch to dense
         assert model.flash.mode.name == mode
     column = Bundle.open(calibrated["teal"]).families["column"]
     assert (column.count, [p.name for p in column.parts]) == (64, ["gate", "up"])
