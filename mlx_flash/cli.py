@@ -102,8 +102,8 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
                    help="which FFN weights each token reads: a selection mode calibrated in the "
                    "bundle (python -m mlx_flash calibrate), 'off' for all of them, 'auto' for "
                    "the bundle's default (all of them if none is calibrated, or when the "
-                   "automatic budget holds the model whole: nothing is read then, and a "
-                   "selection would only cost compute)")
+                   "budget holds the model whole: nothing is read then, and a selection "
+                   "would only cost compute)")
     g.add_argument("--memory-budget", type=budget, default="auto",
                    help="memory for the model (resident weights, selection data, KV cache, "
                    "neuron caches), e.g. 250MB or 8G; the neuron caches get what the rest "

@@ -150,8 +150,6 @@ def budget_plan(bundle: Bundle, itemsize: int, selection: int, mode: Mode,
     share = int(AUTO_SHARE * available_memory())
     automatic = plan(max(whole.minimum, min(whole.total, share)))
     automatic.automatic = True
-    automatic.whole = bool(automatic.capacity) and all(
-        rows == bundle.families[family].count for (family, _), rows in automatic.capacity.items())
     return automatic
 
 
@@ -183,10 +181,11 @@ def open_model(bundle: Bundle, compute_dtype: str | None = None,
     itemsize = ITEMSIZE[str(dtype).rsplit(".", 1)[-1]]
     selection = loaded_bytes(bundle.path / info["file"], itemsize) if info.get("file") else 0
     plan = budget_plan(bundle, itemsize, selection, mode, options)
-    if sparsity is None and mode.name != "off" and plan.whole:
-        # The model is held whole: a selection would save no reads, only cost compute (the
-        # budget sweep, docs/BENCHMARKS.md) and accuracy. The bundle's default mode is then
-        # the dense FFN, unless there is not room for its records whole too.
+    if sparsity is None and mode.name != "off" and plan.whole and options.memory_budget:
+        # The budget holds the model whole: a selection would save no reads, only cost
+        # compute (hybrid: 1.77x mlx-lm's decode time in the budget sweep, docs/BENCHMARKS.md)
+        # and accuracy. The bundle's default mode is then the dense FFN, when the budget
+        # holds its records whole too; a mode named is kept.
         dense = Mode(spec, bundle.families)
         dense_plan = budget_plan(bundle, itemsize, 0, dense, options)
         if dense_plan.whole:

@@ -180,7 +180,7 @@ class MemoryPlan:
     capacity: dict[tuple[str, tuple[str, ...]], int] = field(default_factory=dict)
     cache_bytes: int = 0
     automatic: bool = False  # the budget was chosen from the memory available ("auto")
-    whole: bool = False  # ... and it holds the whole model: every cache complete
+    whole: bool = False  # every cache complete: the model held whole, nothing read per token
 
     @property
     def minimum(self) -> int:
@@ -278,4 +278,6 @@ def plan_memory(bundle: Bundle, compute_itemsize: int, selection_bytes: int,
         if rows:
             plan.cache_bytes += n_layers * (rows * row_bytes[key]
                                             + NeuronCache.index_bytes(count, 0))
+    plan.whole = bool(cache_keys) and all(
+        plan.capacity[key] == bundle.families[key[0]].count for key in cache_keys)
     return plan
