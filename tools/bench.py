@@ -3,6 +3,9 @@
     python tools/bench.py [--runs default,scale] [--quick] [--tokens N] [--json OUT]
                           [--md OUT] [--png OUT]
     python tools/bench.py --big        # by hand: an OPT-shaped model 1.3x this machine's RAM
+    python tools/bench.py --sweep [--quick] [--json OUT] [--md OUT] [--png OUT]
+                                       # the budget curve: flash from its minimum budget to
+                                       # 1.2x the model, against dense and naive
 
 Engines, each in its own process (so its peak RSS is its own), all decoding the same prompt
 for the same number of tokens; the page cache of the model's files is emptied before each, and
@@ -29,6 +32,20 @@ Runs:
   big      (--big) the scale model with enough layers to be 1.3x this machine's RAM, budget 50%
            of RAM
 
+The sweep (--sweep; runs "default-sweep" and "scale-sweep", --runs picks among default,scale):
+flash decodes each model at budgets from the plan's minimum evenly up to 1.2x what the model
+needs whole (the plan's total: every neuron cache complete, read once at load, nothing read per
+token), that total itself among them, each point in its own process with the model's page
+cache emptied; dense and naive (memory budget "off", selection off) are its reference lines.
+The default model's bundle is the one `generate --dtype bfloat16` uses (the platform's 16-bit
+dtype, as its dense mlx-lm folder; calibrated on first use by calibrate_default). The whole
+set runs --repeat times (3), interleaved; each point keeps its median round (its model RSS:
+the largest), and a budget the engine fails at is listed as failed. --quick: 6 budgets, 12 /
+6 tokens (about 10 minutes on a 2-core machine); else 9 budgets, 48 / 16 tokens. JSON:
+{"runs": [{"model": "default-sweep"|"scale-sweep", "rows": [{"engine": "flash"|"dense"|"naive",
+"budget_bytes": int|null, "ms_per_token", "ffn_bytes_per_token": float|null,
+"model_rss_bytes", ...}], "failed": [...], "checks": {...}}]}.
+
 Reports ms per decode token (median), FFN MB read per token, peak RSS (and the model's part of
 it: peak minus the process's memory before loading the model), the per-token breakdown (flash
 I/O, cache management, the rest = compute), as a Markdown table, JSON (--json) and a bar chart
@@ -53,6 +70,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 ENGINES = ("dense", "naive", "mmap", "hybrid", "flash", "flash-q4")
+SWEEP_TOP = 1.2  # the sweep's largest budget, as a multiple of what the model needs whole
 BIG_ENGINES = ("naive", "mmap", "hybrid", "flash")  # dense cannot load a model over RAM
 PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle."
 SHARED_TEXT = ROOT.parent / "shared" / "data" / "wikitext-2-valid.txt"
@@ -144,9 +162,14 @@ def build_synthetic_opt(out: Path, layers: int, d: int = 4096, ffn: int = 16384,
                 value = mx.random.normal(p.shape) * p.shape[-1] ** -0.5
             w.add_resident(name, value)
         w.add_family("neuron", ffn, parts, record_bytes)
+        # a record's padding is zeros, as every writer leaves it (its CRC32 counts them)
+        used = np.zeros(record_bytes, dtype=bool)
+        for part in parts:
+            used[part.offset:part.offset + part.nbytes] = True
+        used = mx.array(used)
         for layer in range(layers):
             weights = mx.random.normal((ffn, record_bytes // ITEMSIZE[dtype])) * d ** -0.5
-            records = weights.astype(DTYPES[dtype]).view(mx.uint8)
+            records = mx.where(used, weights.astype(DTYPES[dtype]).view(mx.uint8), 0)
             mx.eval(records)
             w.write_segment("neuron", layer, records)
         for f in (ROOT / "tests" / "data" / "relu-opt").glob("tokenizer*.json"):
@@ -189,8 +212,8 @@ def worker(spec: dict) -> dict:
             fam = bundle.families["neuron"]
             trace = opt_like_trace(fam.layers, fam.count, 64, seed=0)
         runtime = rss_bytes()
-        options = EngineOptions(
-            memory_budget=spec["budget"] if engine_name == "hybrid" or flash_engine else None,
+        options = EngineOptions(  # "off": no caches, every token reads what it selects
+            memory_budget=spec["budget"] if engine_name == "hybrid" or flash_engine else "off",
             window=spec["window"] if flash_engine else 10**9,
             context=spec["context"], threads=spec["threads"],
             cold=engine_name != "mmap", use_mmap=engine_name == "mmap")
@@ -200,6 +223,8 @@ def worker(spec: dict) -> dict:
         compute = None if engine_name == "flash-q4" else spec["compute_dtype"]
         model = open_model(bundle, compute, sparsity, options)
         flash = model.flash
+        if spec.get("probe"):  # the sweep's plan: what the model needs, at least and whole
+            return {"minimum": flash.plan.minimum, "total": flash.plan.total}
         if trace is not None:
             from mlx_flash.selection import Trace
 
@@ -223,9 +248,26 @@ def worker(spec: dict) -> dict:
                    mem_ms=1e3 * d.mem_seconds / d.tokens, read_calls=flash.read_calls,
                    cache_hit_rate=flash.cache_stats().hit_rate,
                    read_mb_per_s=d.bytes / max(d.io_seconds, 1e-9) / 1e6,
-                   mean_read_bytes=d.bytes / max(flash.read_calls, 1))
+                   mean_read_bytes=d.bytes / max(flash.read_calls, 1),
+                   plan_bytes=flash.plan.total, cache_bytes=flash.plan.cache_bytes,
+                   caches_complete=bool(flash.caches) and all(
+                       c.complete for c in flash.caches.values()))
         row["compute_ms"] = row["ms_per_token"] - row["io_ms"] - row["mem_ms"]
     return row
+
+
+def run_engine(folder: Path, spec: dict, fail: bool = True) -> dict:
+    """One engine in a process of its own, its model's page cache emptied first. When it
+    fails: exit, or with `fail` False, {"error": its last line}."""
+    drop_page_cache(folder)
+    spec = dict(spec, path=str(folder))
+    r = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)],
+                       capture_output=True, text=True)
+    if r.returncode != 0:
+        if fail:
+            raise SystemExit(f"{spec['engine']} failed:\n{r.stderr[-3000:]}")
+        return {"error": (r.stderr.strip().splitlines() or ["no output"])[-1]}
+    return json.loads(r.stdout.strip().splitlines()[-1])
 
 
 def run_engines(folders: dict[str, Path], base: dict, engines: list[str]) -> list[dict]:
@@ -233,14 +275,8 @@ def run_engines(folders: dict[str, Path], base: dict, engines: list[str]) -> lis
     for engine in engines:
         if engine == "flash-q4" and engine not in folders:
             continue  # a run without a 4-bit bundle
-        folder = folders.get(engine, folders["bundle"])
-        drop_page_cache(folder)
-        spec = dict(base, engine=engine, path=str(folder))
-        r = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)],
-                           capture_output=True, text=True)
-        if r.returncode != 0:
-            raise SystemExit(f"{engine} failed:\n{r.stderr[-3000:]}")
-        rows.append(json.loads(r.stdout.strip().splitlines()[-1]))
+        rows.append(run_engine(folders.get(engine, folders["bundle"]),
+                               dict(base, engine=engine)))
         print(f"  {engine}: {rows[-1]['ms_per_token']:.1f} ms/token", flush=True)
     return rows
 
@@ -266,7 +302,7 @@ def prepare_default(work: Path, quick: bool) -> tuple[Path, Path, Path, int]:
     projection requantized to 4 bits along d), each calibrated with its default mode, and a
     dense mlx-lm folder of the same weights as the first."""
     from mlx_flash.bundle import Bundle
-    from mlx_flash.convert import convert, export_mlx_lm
+    from mlx_flash.convert import convert
     from mlx_flash.loader import default_dtype
     from mlx_flash.paths import default_model_source, resolve_bundle
 
@@ -280,11 +316,38 @@ def prepare_default(work: Path, quick: bool) -> tuple[Path, Path, Path, int]:
         convert(default_model_source(), work / "default-q4", dtype=None,
                 keep_quantization=True, down_bits=4)
     calibrated_copy(work / "default-q4", q4, tokens)
+    b = Bundle.open(bundle)
+    return bundle, q4, dense_folder(work, dtype), b.resident_bytes + b.ffn_bytes
+
+
+def dense_folder(work: Path, dtype: str) -> Path:
+    """An mlx-lm folder of the default model's weights in `dtype` (made once)."""
+    from mlx_flash.convert import export_mlx_lm
+    from mlx_flash.paths import default_model_source
+
     dense = work / f"default-{dtype}-dense"
     if not dense.exists():
         export_mlx_lm(default_model_source(), dense, dtype=dtype)
-    b = Bundle.open(bundle)
-    return bundle, q4, dense, b.resident_bytes + b.ffn_bytes
+    return dense
+
+
+def default_base(bundle: Path, tokens: int, budget: int, threads: int, compute: str) -> dict:
+    """The default run's worker spec: the chat prompt, the bundle's calibrated mode."""
+    from mlx_lm.utils import load_tokenizer
+
+    tok = load_tokenizer(bundle / "tokenizer")
+    ids = tok.apply_chat_template([{"role": "user", "content": PROMPT}],
+                                  add_generation_prompt=True)
+    return {"tokens": tokens, "prompt_ids": ids, "budget": budget, "window": 5,
+            "context": len(ids) + tokens + 8, "threads": threads, "sparsity": None,
+            "dense_mlx_lm": True, "trace": False, "compute_dtype": compute}
+
+
+def scale_base(tokens: int, budget: int, threads: int, compute: str) -> dict:
+    """The scale (and big) runs' worker spec: trace-driven, our OPT as dense."""
+    return {"tokens": tokens, "prompt_ids": [0, 87, 104, 111], "budget": budget, "window": 5,
+            "context": 64, "threads": threads, "sparsity": None, "dense_mlx_lm": False,
+            "trace": True, "compute_dtype": compute}
 
 
 def prepare_scale(work: Path, layers: int, name: str) -> tuple[Path, int]:
@@ -298,10 +361,11 @@ def prepare_scale(work: Path, layers: int, name: str) -> tuple[Path, int]:
     return bundle, b.resident_bytes + b.ffn_bytes
 
 
-def table(run: dict) -> str:
-    def num(v, scale=1.0, fmt=".1f"):
-        return "–" if v is None else format(v * scale, fmt)
+def num(v: float | None, scale: float = 1.0, fmt: str = ".1f") -> str:
+    return "–" if v is None else format(v * scale, fmt)
 
+
+def table(run: dict) -> str:
     lines = [f"**{run['model']}** — budget {run['budget_bytes'] / 1e6:.0f} MB, "
              f"{run['tokens']} tokens, computed in {run.get('compute_dtype', 'the bundle dtype')}",
              "", "| engine | ms/token | vs naive | FFN MB read/token | peak RSS MB (model) | "
@@ -349,7 +413,8 @@ def profile_figure(mean_read: float, threads: int) -> dict | None:
     return {"chunk_kib": int(chunk) >> 10, "threads": int(t), "mb_per_s": data[chunk][t]}
 
 
-def chart(runs: list[dict], path: Path) -> None:
+def pyplot():
+    """matplotlib.pyplot (headless), or None when matplotlib is not installed."""
     try:
         import matplotlib
 
@@ -357,6 +422,13 @@ def chart(runs: list[dict], path: Path) -> None:
         import matplotlib.pyplot as plt
     except ImportError:
         print("matplotlib is not installed: no chart (pip install matplotlib)")
+        return None
+    return plt
+
+
+def chart(runs: list[dict], path: Path) -> None:
+    plt = pyplot()
+    if plt is None:
         return
     fig, axes = plt.subplots(1, len(runs), figsize=(5 * len(runs), 4), squeeze=False)
     for ax, run in zip(axes[0], runs, strict=True):
@@ -368,6 +440,176 @@ def chart(runs: list[dict], path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+# ----------------------------------------------------------------------------- the sweep
+
+
+def sweep_budgets(minimum: int, total: int, points: int) -> list[int]:
+    """`points` budgets evenly from `minimum` to SWEEP_TOP x `total`, and `total` itself (the
+    smallest budget that holds the model whole)."""
+    even = np.linspace(minimum, SWEEP_TOP * total, max(points, 2)).astype(np.int64)
+    return sorted({int(b) for b in even} | {int(total)})
+
+
+def sweep_run(model: str, folders: dict[str, Path], base: dict, points: int,
+              repeat: int) -> dict:
+    """dense, naive and flash at each budget, `repeat` rounds interleaved, each point in its
+    own process; a point's row is that of its median round, its model RSS the largest. A
+    budget the engine cannot run at is left out of the rows, its error kept in "failed"."""
+    bundle = folders["bundle"]
+    plan = run_engine(bundle, dict(base, engine="flash", probe=True, budget=2**50))
+    budgets = sweep_budgets(plan["minimum"], plan["total"], points)
+    print(f"{model}: {bundle.name}, minimum {plan['minimum'] / 1e6:.1f} MB, whole "
+          f"{plan['total'] / 1e6:.1f} MB; budgets (MB) "
+          f"{', '.join(f'{b / 1e6:.1f}' for b in budgets)}; {base['tokens']} tokens, "
+          f"{repeat} round(s)", flush=True)
+    cases = [("dense", None), ("naive", None)] + [("flash", b) for b in budgets]
+    got: dict[tuple[str, int | None], list[dict]] = {case: [] for case in cases}
+    failed: dict[int, str] = {}
+    for i in range(repeat):
+        for engine, budget in cases:
+            if budget in failed:
+                continue
+            row = run_engine(folders.get(engine, bundle),
+                             dict(base, engine=engine, budget=budget), fail=budget is None)
+            if "error" in row:
+                failed[budget] = row["error"]
+                print(f"  [{i + 1}/{repeat}] {engine} @ {budget / 1e6:.1f} MB fails: "
+                      f"{row['error']}", flush=True)
+                continue
+            got[(engine, budget)].append(row)
+            print(f"  [{i + 1}/{repeat}] {engine}"
+                  + (f" @ {budget / 1e6:.1f} MB" if budget else "")
+                  + f": {row['ms_per_token']:.1f} ms/token, model RSS "
+                  f"{row['model_rss_bytes'] / 1e6:.1f} MB", flush=True)
+    rows = []
+    for (engine, budget), rounds in got.items():
+        if budget in failed:
+            continue
+        ms = [r["ms_per_token"] for r in rounds]
+        row = dict(next(r for r in rounds if r["ms_per_token"] == statistics.median_low(ms)))
+        row.update(engine=engine, budget_bytes=budget, ms_per_token_rounds=ms,
+                   model_rss_bytes=max(r["model_rss_bytes"] for r in rounds))
+        if budget is not None:
+            row["rss_within_budget"] = row["model_rss_bytes"] <= budget
+        rows.append(row)
+    run = {"model": model, "bundle": bundle.name, "minimum_bytes": plan["minimum"],
+           "whole_bytes": plan["total"], "tokens": base["tokens"],
+           "compute_dtype": base["compute_dtype"], "repeat": repeat, "rows": rows,
+           "failed": [{"engine": "flash", "budget_bytes": b, "error": e}
+                      for b, e in failed.items()]}
+    run["checks"] = sweep_checks(run)
+    return run
+
+
+def sweep_checks(run: dict) -> dict:
+    """The issue's conditions, read off the medians: flash at the largest budget against dense,
+    each flash point against the next smaller budget, model RSS against each budget."""
+    flash = sorted((r for r in run["rows"] if r["engine"] == "flash"),
+                   key=lambda r: r["budget_bytes"])
+    ms = {r["engine"]: r["ms_per_token"] for r in run["rows"] if r["engine"] != "flash"}
+    steps = [b["ms_per_token"] / a["ms_per_token"] for a, b in zip(flash, flash[1:], strict=False)]
+    return {"largest_vs_dense": flash[-1]["ms_per_token"] / ms["dense"],
+            "largest_vs_naive": flash[-1]["ms_per_token"] / ms["naive"],
+            "worst_step": max(steps), "worst_step_budget_bytes":
+                flash[1 + steps.index(max(steps))]["budget_bytes"],
+            "rss_within_budget": all(r["rss_within_budget"] for r in flash)}
+
+
+def sweep_table(run: dict) -> str:
+    dense = next(r["ms_per_token"] for r in run["rows"] if r["engine"] == "dense")
+    flash = sorted([r for r in run["rows"] if r["engine"] == "flash"] + run["failed"],
+                   key=lambda r: r["budget_bytes"])
+    lines = [f"**{run['model']}** — {run['bundle']}, minimum {run['minimum_bytes'] / 1e6:.1f} "
+             f"MB, whole {run['whole_bytes'] / 1e6:.1f} MB, {run['tokens']} tokens, "
+             f"{run['repeat']} round(s), computed in {run['compute_dtype']}", "",
+             "| engine | budget MB | budget / whole | ms/token | vs dense | vs next smaller "
+             "budget | FFN MB read/token | model RSS MB | RSS within budget | cache hit rate | "
+             "I/O ms | cache ms | compute ms |", "|---" * 13 + "|"]
+    prev = None
+    for r in [r for r in run["rows"] if r["engine"] != "flash"] + flash:
+        b = r["budget_bytes"]
+        head = f"| {r['engine']} | {num(b, 1e-6)} | {num(b, 1 / run['whole_bytes'], '.2f')} | "
+        if "error" in r:
+            lines.append(head + f"fails: {r['error']} |" + " |" * 9)
+            continue
+        step = "–"
+        if r["engine"] == "flash":
+            step = "–" if prev is None else f"{r['ms_per_token'] / prev:.2f}×"
+            prev = r["ms_per_token"]
+        within = "–" if b is None else "yes" if r["rss_within_budget"] else "**no**"
+        lines.append(
+            head + f"{r['ms_per_token']:.1f} | {r['ms_per_token'] / dense:.2f}× | {step} | "
+            f"{num(r['ffn_bytes_per_token'], 1e-6)} | {r['model_rss_bytes'] / 1e6:.1f} | "
+            f"{within} | {num(r.get('cache_hit_rate'), 1, '.0%')} | {num(r['io_ms'])} | "
+            f"{num(r['mem_ms'])} | {num(r['compute_ms'])} |")
+    c = run["checks"]
+    lines += ["", f"flash at the largest budget: {c['largest_vs_dense']:.2f}× dense's ms/token "
+              f"({c['largest_vs_naive']:.2f}× naive's); slowest step up in budget: "
+              f"{c['worst_step']:.2f}× (to {c['worst_step_budget_bytes'] / 1e6:.1f} MB); model "
+              f"RSS within every budget: {'yes' if c['rss_within_budget'] else 'no'}"
+              f" ({len(flash) - len(run['failed'])} flash points"
+              + (f", {len(run['failed'])} failed" if run["failed"] else "") + ")"]
+    return "\n".join(lines)
+
+
+def sweep_chart(runs: list[dict], path: Path) -> None:
+    plt = pyplot()
+    if plt is None:
+        return
+    fig, axes = plt.subplots(1, len(runs), figsize=(6 * len(runs), 4.2), squeeze=False)
+    for ax, run in zip(axes[0], runs, strict=True):
+        flash = [r for r in run["rows"] if r["engine"] == "flash"]
+        x = [r["budget_bytes"] / 1e6 for r in flash]
+        ax.plot(x, [r["ms_per_token"] for r in flash], "o-", color="#4a7ab5", label="flash")
+        for r in run["rows"]:
+            if r["engine"] != "flash":
+                ax.axhline(r["ms_per_token"], ls="--", label=r["engine"],
+                           color="#444444" if r["engine"] == "dense" else "#c0504d")
+        if run["failed"]:
+            ax.plot([f["budget_bytes"] / 1e6 for f in run["failed"]], [0] * len(run["failed"]),
+                    "x", color="#c0504d", ms=9, clip_on=False, label="flash fails")
+        ax.axvline(run["whole_bytes"] / 1e6, ls=":", color="#888888",
+                   label="model whole (every cache complete)")
+        ax.set_xlabel("memory budget (MB)")
+        ax.set_ylabel("ms per decode token")
+        ax.set_ylim(bottom=0)
+        ax.set_title(run["model"])
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def sweep_main(args: argparse.Namespace, work: Path, compute: str) -> int:
+    from mlx_flash.paths import resolve_bundle
+
+    points = args.points or (6 if args.quick else 9)
+    repeat = args.repeat or 3
+    runs = []
+    for name in args.runs.split(","):
+        if name == "default":  # generate --dtype bfloat16's bundle, calibrated on first use
+            bundle = resolve_bundle(None, compute)
+            base = default_base(bundle, args.tokens or (12 if args.quick else 48), 0,
+                                args.threads, compute)
+            folders = {"bundle": bundle, "dense": dense_folder(work, compute)}
+        elif name == "scale":
+            bundle, _ = prepare_scale(work, 4, "opt-shaped-4l")
+            base = scale_base(args.tokens or (6 if args.quick else 16), 0, args.threads,
+                              compute)
+            folders = {"bundle": bundle}
+        else:
+            raise SystemExit(f"--sweep runs default and scale, not {name!r}")
+        runs.append(sweep_run(f"{name}-sweep", folders, base, points, repeat))
+        print(sweep_table(runs[-1]) + "\n", flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"runs": runs}, indent=2))
+    if args.md:
+        Path(args.md).write_text("\n\n".join(sweep_table(r) for r in runs) + "\n")
+    if args.png:
+        sweep_chart(runs, Path(args.png))
+    return 0
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -375,6 +617,14 @@ def main() -> int:
     p.add_argument("--runs", default="default,scale", help="default, scale (comma-separated)")
     p.add_argument("--quick", action="store_true", help="few tokens, short calibration (CI)")
     p.add_argument("--big", action="store_true", help="the 1.3x-RAM run (by hand, slow)")
+    p.add_argument("--sweep", action="store_true",
+                   help="the budget curve: flash from its minimum budget to 1.2x the model")
+    p.add_argument("--points", type=int, default=None,
+                   help="--sweep: budgets evenly spaced (default 6, or 9; the model's own "
+                        "size is added)")
+    p.add_argument("--repeat", type=int, default=None,
+                   help="--sweep: rounds, interleaved; each point keeps its median "
+                        "(default 3)")
     p.add_argument("--tokens", type=int, default=None, help="decode tokens per engine")
     p.add_argument("--engines", default=None,
                    help=f"comma-separated (default {','.join(ENGINES)}; --big: "
@@ -402,20 +652,14 @@ def main() -> int:
     compute = default_dtype()
     runs = []
     names = ["big"] if args.big else args.runs.split(",")
+    if args.sweep:
+        return sweep_main(args, work, compute)
     for name in names:
         if name == "default":
-            from mlx_lm.utils import load_tokenizer
-
             bundle, q4, dense, size = prepare_default(work, args.quick)
-            tok = load_tokenizer(bundle / "tokenizer")
-            ids = tok.apply_chat_template([{"role": "user", "content": PROMPT}],
-                                          add_generation_prompt=True)
             tokens = args.tokens or (12 if args.quick else 48)
             budget = int(0.75 * size)
-            base = {"tokens": tokens, "prompt_ids": ids, "budget": budget, "window": 5,
-                    "context": len(ids) + tokens + 8, "threads": args.threads,
-                    "sparsity": None, "dense_mlx_lm": True, "trace": False,
-                    "compute_dtype": compute}
+            base = default_base(bundle, tokens, budget, args.threads, compute)
             folders = {"bundle": bundle, "dense": dense, "flash-q4": q4}
         else:
             if name == "big":
@@ -433,9 +677,7 @@ def main() -> int:
                 bundle, size = prepare_scale(work, 4, "opt-shaped-4l")
                 budget = int(0.5 * size)
             tokens = args.tokens or (6 if args.quick or name == "big" else 16)
-            base = {"tokens": tokens, "prompt_ids": [0, 87, 104, 111], "budget": budget,
-                    "window": 5, "context": 64, "threads": args.threads, "sparsity": None,
-                    "dense_mlx_lm": False, "trace": True, "compute_dtype": compute}
+            base = scale_base(tokens, budget, args.threads, compute)
             folders = {"bundle": bundle}
         print(f"{name}: {bundle.name}, budget {budget / 1e6:.0f} MB, {tokens} tokens")
         run = {"model": name, "budget_bytes": budget, "bundle_bytes": size, "tokens": tokens,
