@@ -37,7 +37,8 @@ class PhaseStats:
     tokens: int = 0
     bytes: int = 0  # read from flash
     needed_bytes: int = 0  # what the tokens' selections needed, summed over tokens
-    io_seconds: float = 0.0  # reading records
+    io_seconds: float = 0.0  # waiting for records to be read
+    ahead_seconds: float = 0.0  # reading ahead in the background, while attention computes
     mem_seconds: float = 0.0  # cache bookkeeping: evictions (row moves), admissions
     ffn_seconds: float = 0.0  # the rest of the FFN: selection and compute
 
@@ -120,6 +121,7 @@ class FlashEngine:
         self._token = 0  # decode tokens so far (the caches' clock)
         self._mem_seconds = 0.0
         self.runtime_rss = 0  # set by mlx_flash.load: process memory before the model
+        self._last_read = self._read()  # the counters when the last layer ended
 
     @property
     def read_calls(self) -> int:
@@ -230,23 +232,29 @@ class FlashEngine:
         if ids is not None and len(ids):
             self._lookahead = (layer, self._ahead.submit(self._read_upcoming, layer, ids))
 
-    def _await_upcoming(self, layer: int) -> None:
-        """Wait for what was read ahead for `layer` (a failed read ahead left nothing in the
-        cache: the layer reads what it needs itself)."""
+    def _await_upcoming(self, layer: int) -> bool:
+        """Wait for what was read ahead for `layer`, if anything was (a failed read ahead left
+        nothing in the cache: the layer reads what it needs itself)."""
         if self._lookahead is None or self._lookahead[0] != layer:
-            return
+            return False
         future = self._lookahead[1]
         self._lookahead = None
         wait_all([future])
         error = future.exception()
         if error is not None and not isinstance(error, Exception):
             raise error
+        return True
 
     def __call__(self, layer: int, x: mx.array, down_bias: mx.array | None) -> mx.array:
         mx.eval(x)  # this layer's attention: what was read ahead for it reads meanwhile
-        self._await_upcoming(layer)
+        stall = time.perf_counter()
+        waited = self._await_upcoming(layer)
         t0 = time.perf_counter()
+        stall = t0 - stall
         read0, io0 = self._read()
+        # read since the layer before ended: ahead, in the background
+        ahead_bytes, ahead_seconds = (read0 - self._last_read[0], io0 - self._last_read[1]) \
+            if waited else (0, 0.0)
         self._mem_seconds = 0.0
         flat = x.reshape(-1, x.shape[-1])
         self._decoding = flat.shape[0] == 1
@@ -268,15 +276,17 @@ class FlashEngine:
         phase = self.stats.decode if self._decoding else self.stats.prefill
         if layer == 0:
             phase.tokens += flat.shape[0]
-        phase.bytes += read1 - read0
+        phase.bytes += read1 - read0 + ahead_bytes
         phase.needed_bytes += int(reads.bytes.sum())
-        phase.io_seconds += io1 - io0
+        phase.io_seconds += io1 - io0 + stall
+        phase.ahead_seconds += ahead_seconds
         phase.mem_seconds += self._mem_seconds
         phase.ffn_seconds += time.perf_counter() - t0 - (io1 - io0) - self._mem_seconds
         if self.observer is not None:
             self.observer(layer, flat, reads)
         if self.lookahead and self._decoding and layer + 1 < len(self.families["neuron"].segments):
             self._start_upcoming(layer + 1, flat)
+        self._last_read = read1, io1
         return y
 
 

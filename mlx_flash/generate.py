@@ -82,7 +82,8 @@ def print_stats(engine: Any, response: Any, verbose: bool) -> None:
         lines.append(f"[decode] per token: flash I/O {1e3 * decode.io_seconds / n:.1f} ms "
                      f"({decode.bytes / max(decode.io_seconds, 1e-9) / 1e6:.0f} MB/s), cache "
                      f"management {1e3 * decode.mem_seconds / n:.1f} ms, FFN compute "
-                     f"{1e3 * decode.ffn_seconds / n:.1f} ms; {engine.read_calls} read calls "
+                     f"{1e3 * decode.ffn_seconds / n:.1f} ms, reading ahead in the background "
+                     f"{1e3 * decode.ahead_seconds / n:.1f} ms; {engine.read_calls} read calls "
                      "in all")
         lines.append(f"[memory] {engine.plan.describe()}")
     print("\n".join(lines), file=sys.stderr)
