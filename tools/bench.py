@@ -62,6 +62,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -601,12 +602,19 @@ def sweep_main(args: argparse.Namespace, work: Path, compute: str) -> int:
             raise SystemExit(f"--sweep runs default and scale, not {name!r}")
         runs.append(sweep_run(f"{name}-sweep", folders, base, points, repeat))
         print(sweep_table(runs[-1]) + "\n", flush=True)
+    return write_outputs(args, runs, sweep_table, sweep_chart)
+
+
+def write_outputs(args: argparse.Namespace, runs: list[dict],
+                  to_markdown: Callable[[dict], str],
+                  to_chart: Callable[[list[dict], Path], None]) -> int:
+    """The runs as --json, --md (one table a run) and --png, as asked."""
     if args.json:
         Path(args.json).write_text(json.dumps({"runs": runs}, indent=2))
     if args.md:
-        Path(args.md).write_text("\n\n".join(sweep_table(r) for r in runs) + "\n")
+        Path(args.md).write_text("\n\n".join(to_markdown(r) for r in runs) + "\n")
     if args.png:
-        sweep_chart(runs, Path(args.png))
+        to_chart(runs, Path(args.png))
     return 0
 
 
@@ -695,13 +703,7 @@ def main() -> int:
                                                       n, 64, 0), n)
         runs.append(run)
         print(table(run) + "\n", flush=True)
-    if args.json:
-        Path(args.json).write_text(json.dumps({"runs": runs}, indent=2))
-    if args.md:
-        Path(args.md).write_text("\n\n".join(table(r) for r in runs) + "\n")
-    if args.png:
-        chart(runs, Path(args.png))
-    return 0
+    return write_outputs(args, runs, table, chart)
 
 
 if __name__ == "__main__":
