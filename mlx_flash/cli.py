@@ -123,9 +123,9 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--cold", action="store_true",
                    help="bypass the OS page cache, so every read reaches the storage (for "
                    "honest I/O figures)")
-    g.add_argument("--lookahead", action=argparse.BooleanOptionalAction, default=True,
+    g.add_argument("--lookahead", action="store_true",
                    help="decoding, read the next layer's likely records while its attention "
-                   "computes (predictor mode; default on)")
+                   "computes (predictor mode; off by default: its guesses add reads)")
     g.add_argument("--dtype", choices=DTYPE_CHOICES, default=None,
                    help="dtype for converting a non-bundle --model (default: as convert "
                    "does, a quantized GGUF or mlx-lm folder keeps its quantization; float "

@@ -69,7 +69,7 @@ class FlashEngine:
 
     def __init__(self, bundle: Bundle, spec: FFNSpec, mode: Mode, compute_dtype: mx.Dtype,
                  plan: MemoryPlan | None = None, window: int = 5, threads: int = 1,
-                 cold: bool = False, use_mmap: bool = False, lookahead: bool = True):
+                 cold: bool = False, use_mmap: bool = False, lookahead: bool = False):
         self.bundle = bundle
         self.spec = spec
         self.mode = mode

@@ -92,7 +92,7 @@ def test_faults_never_poison_later_answers(calibrated, site, monkeypatch):
             return EngineOptions(None, window, 64, threads=8)
         plan = open_model(bundle, None, mode, EngineOptions(10**12, window, 64)).flash.plan
         return EngineOptions(plan.minimum + int(fraction * (plan.total - plan.minimum)),
-                             window, 64, threads=8)
+                             window, 64, threads=8, lookahead=site == "lookahead")
 
     fresh = logits_of(open_model(bundle, None, mode, options()))
     counting = Faulty("none")
