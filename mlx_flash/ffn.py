@@ -101,11 +101,8 @@ class FlashEngine:
                         self.families[family], parts, rows, window)
         for (layer, family, _), cache in self.caches.items():
             if cache.complete:  # the model fits: its records are read once, here
-                ids = np.arange(self.families[family].count)
-                load, slots, _ = cache.admit(ids, 0)
-                self.readers[self.families[family].file].read_records(
-                    self.families[family], layer, load, slots, cache.matrix, cache.parts)
-                self.checker.check(family, layer, load, slots, cache.matrix.rows)
+                load, slots, _ = cache.admit(np.arange(self.families[family].count), 0)
+                self._read_admitted(cache, layer, family, load, slots)
                 cache.stats = CacheStats()  # the hit rate counts what tokens needed
         self._ahead = ThreadPoolExecutor(1, thread_name_prefix="flash-ahead")  # fetch(ahead=)
         self._pending: list[Future] = []  # reads ahead started in this layer
@@ -148,7 +145,6 @@ class FlashEngine:
         first, or copy them. `ahead`: when they go to the staging matrix, start reading them
         in the background and return a function that waits for them; else return None."""
         fam, staging = self.families[family], self.matrices[family]
-        reader = self.readers[fam.file]
         cache = self.caches.get((layer, family, tuple(parts)))
         if not (self._decoding or cache is not None and cache.complete):
             cache = None  # a prompt streams through the staging matrix, past partial caches
@@ -166,16 +162,12 @@ class FlashEngine:
         t0 = time.perf_counter()
         load, slots, spill = cache.admit(ids, self._token)
         self._mem_seconds += time.perf_counter() - t0
-        try:
-            if len(spill) > staging.capacity:
-                raise RuntimeError(f"a token needs {len(spill)} more {family} records than its "
-                                   "cache holds, more than the staging matrix takes: raise the "
-                                   "budget")
-            reader.read_records(fam, layer, load, slots, cache.matrix, parts)
-            self.checker.check(family, layer, load, slots, cache.matrix.rows)
-        except BaseException:
-            cache.evict(load)  # rows whose bytes did not all arrive are not resident
-            raise
+        if len(spill) > staging.capacity:
+            cache.evict(load)  # admitted for this token, never to be read
+            raise RuntimeError(f"a token needs {len(spill)} more {family} records than its "
+                               "cache holds, more than the staging matrix takes: raise the "
+                               "budget")
+        self._read_admitted(cache, layer, family, load, slots)
         cached = ids[cache.slot_of[ids] >= 0]
         rows = Rows(cached, cache.matrix.parts, cache.slot_of[cached], self.compute_dtype,
                     fam.quantization)
@@ -206,21 +198,28 @@ class FlashEngine:
                            {n: staging.rows[n] for n in fam.expand(parts)})  # what was read
         return Rows(ids, staging.parts, slots, self.compute_dtype, fam.quantization)
 
+    def _read_admitted(self, cache: NeuronCache, layer: int, family: str, load: np.ndarray,
+                       slots: np.ndarray) -> None:
+        """Read the records `cache` has just admitted (`load`, into rows `slots`). Rows whose
+        bytes did not all arrive, or fail their checksum, are not left resident."""
+        fam = self.families[family]
+        try:
+            self.readers[fam.file].read_records(fam, layer, load, slots, cache.matrix,
+                                                cache.parts)
+            self.checker.check(family, layer, load, slots, cache.matrix.rows)
+        except BaseException:
+            cache.evict(load)
+            raise
+
     def _read_upcoming(self, layer: int, ids: np.ndarray) -> None:
         """Admit records `ids` into `layer`'s cache and read them (in the background: nothing
         touches that cache until `__call__` for `layer` has waited for this)."""
         family, parts = self.mode.cache_keys[0]
         cache = self.caches[(layer, family, parts)]
-        fam = self.families[family]
         counted = dataclasses.replace(cache.stats)  # the token's own admit counts its hits
         load, slots, _ = cache.admit(ids, self._token)  # what finds no room is not read
         cache.stats.hits, cache.stats.spills = counted.hits, counted.spills
-        try:
-            self.readers[fam.file].read_records(fam, layer, load, slots, cache.matrix, parts)
-            self.checker.check(family, layer, load, slots, cache.matrix.rows)
-        except BaseException:
-            cache.evict(load)
-            raise
+        self._read_admitted(cache, layer, family, load, slots)
         self.read_ahead += len(load)
 
     def _start_upcoming(self, layer: int, x: mx.array) -> None:

@@ -12,8 +12,8 @@ from __future__ import annotations
 import mlx.core as mx
 import numpy as np
 import pytest
-from mlx_lm.models.cache import make_prompt_cache
 from numpy_ffn import MODES, brute_force
+from tiny_models import greedy_logits
 
 from mlx_flash.bundle import DTYPES, Bundle
 from mlx_flash.loader import EngineOptions, compute_dtype_for, open_model
@@ -27,13 +27,7 @@ def decode(path, mode: str, options: EngineOptions, steps: int = STEPS,
            prompt: list[int] = PROMPT) -> tuple[np.ndarray, object]:
     """Greedy logits of `steps` decode tokens after `prompt`, and the engine."""
     model = open_model(Bundle.open(path), None, mode, options)
-    cache = make_prompt_cache(model)
-    logits = model(mx.array([prompt]), cache=cache)[:, -1]
-    out = []
-    for _ in range(steps):
-        out.append(np.array(logits.astype(mx.float32)))
-        logits = model(mx.argmax(logits, axis=-1)[:, None], cache=cache)[:, -1]
-    return np.concatenate(out), model.flash
+    return greedy_logits(model, prompt, steps), model.flash
 
 
 def budgets(path, mode: str) -> list[int | None]:
@@ -118,14 +112,9 @@ def test_random_settings_against_numpy(calibrated, tiny_llama):
         recorder = Recorder(model.flash)
         for layer in model.model.layers:
             layer.mlp.engine = recorder
-        cache = make_prompt_cache(model)
-        logits = model(mx.array([prompt]), cache=cache)[:, -1]
-        got = []
-        for _ in range(12):
-            got.append(np.array(logits))
-            logits = model(mx.argmax(logits, axis=-1)[:, None], cache=cache)[:, -1]
+        got = greedy_logits(model, prompt, 12)
         expected, _ = decode(path, mode, EngineOptions(), steps=12, prompt=prompt)
-        np.testing.assert_array_equal(np.concatenate(got), expected, err_msg=str(options))
+        np.testing.assert_array_equal(got, expected, err_msg=str(options))
         bundle = Bundle.open(path)
         for layer, x, y in recorder.calls:
             np.testing.assert_allclose(y, brute_force(mode, bundle, weights, layer, x),

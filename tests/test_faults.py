@@ -12,10 +12,9 @@ from __future__ import annotations
 import errno
 import os
 
-import mlx.core as mx
 import numpy as np
 import pytest
-from mlx_lm.models.cache import make_prompt_cache
+from tiny_models import greedy_logits
 
 from mlx_flash.bundle import Bundle, BundleError
 from mlx_flash.flash_io import FlashReader
@@ -26,14 +25,8 @@ PROMPT = [5, 40, 77, 100, 9, 33, 61]
 STEPS = 10
 
 
-def logits_of(model, steps: int = STEPS) -> np.ndarray:
-    cache = make_prompt_cache(model)
-    logits = model(mx.array([PROMPT]), cache=cache)[:, -1]
-    out = []
-    for _ in range(steps):
-        out.append(np.array(logits.astype(mx.float32)))
-        logits = model(mx.argmax(logits, axis=-1)[:, None], cache=cache)[:, -1]
-    return np.concatenate(out)
+def logits_of(model) -> np.ndarray:
+    return greedy_logits(model, PROMPT, STEPS)
 
 
 class Faulty:

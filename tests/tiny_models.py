@@ -243,3 +243,16 @@ def write_hf_relu_llama(folder: Path, activation: str, threshold: float = 0.05,
         for layer in model.model.layers:
             layer.mlp.forward = (lambda m: lambda x: ffn(m, x))(layer.mlp)
     return model
+
+
+def greedy_logits(model, prompt: list[int], steps: int) -> np.ndarray:
+    """`[steps, vocab]` float32: the logits of `steps` greedy decode tokens after `prompt`."""
+    from mlx_lm.models.cache import make_prompt_cache
+
+    cache = make_prompt_cache(model)
+    logits = model(mx.array([prompt]), cache=cache)[:, -1]
+    out = []
+    for _ in range(steps):
+        out.append(np.array(logits.astype(mx.float32)))
+        logits = model(mx.argmax(logits, axis=-1)[:, None], cache=cache)[:, -1]
+    return np.concatenate(out)
