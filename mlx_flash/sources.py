@@ -239,9 +239,36 @@ _GGUF_GLOBAL_NAMES = {
     "output_norm.weight": "model.norm.weight",
     "output.weight": "lm_head.weight",
 }
+# Mixture-of-experts blocks: the router, and each expert projection stacked over the experts
+# (`[E, out, in]`, GGUF shape (in, out, E)), under mlx-lm's sanitized names (its SwitchGLU).
+_GGUF_EXPERT_ROLES = {"ffn_gate_inp.weight": "gate", "ffn_gate_exps.weight": "gate_proj",
+                      "ffn_up_exps.weight": "up_proj", "ffn_down_exps.weight": "down_proj"}
+_GGUF_MOE_BLOCKS = {"qwen3_moe": "mlp", "mixtral": "block_sparse_moe"}  # model_type -> module
+
+
+def _gguf_block_names(model_type: str) -> dict[str, str]:
+    """GGUF block tensor name -> HF name (after "model.layers.N.") for `model_type`."""
+    if model_type not in _GGUF_MOE_BLOCKS:
+        return _GGUF_BLOCK_NAMES
+    moe = _GGUF_MOE_BLOCKS[model_type]
+    names = {k: v for k, v in _GGUF_BLOCK_NAMES.items()
+             if not k.startswith(("ffn_gate.", "ffn_up.", "ffn_down.", "attn_q.b", "attn_k.b",
+                                  "attn_v.b"))}
+    names.update({k: f"{moe}.{role}.weight" if role == "gate" else f"{moe}.switch_mlp.{role}.weight"
+                  for k, role in _GGUF_EXPERT_ROLES.items()})
+    if model_type == "qwen3_moe":
+        names.update({"attn_q_norm.weight": "self_attn.q_norm.weight",
+                      "attn_k_norm.weight": "self_attn.k_norm.weight"})
+    return names
+
+
 # GGUF architectures we read, and the mlx-lm model_type they become. llama.cpp permutes the
-# Q/K rows of "llama" models for its interleaved RoPE; we undo that to get HF's layout.
-_GGUF_ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2"}
+# Q/K rows of "llama" models (Mixtral included) for its interleaved RoPE; we undo that to get
+# HF's layout. llama.cpp has no "mixtral" architecture: its converter writes Mixtral as "llama"
+# with llama.expert_count experts, which makes it mlx-lm's "mixtral" here.
+_GGUF_ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2", "qwen3moe": "qwen3_moe"}
+_GGUF_MOE_ARCHITECTURES = {"llama": "mixtral", "qwen3moe": "qwen3_moe"}  # with expert_count
+GGUF_MAX_EXPERTS = 1 << 12  # the most of any model: 512 (Qwen3-Next)
 
 
 def _unpermute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
@@ -251,13 +278,17 @@ def _unpermute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
             .swapaxes(1, 2).reshape(w.shape))
 
 
-def _gguf_blocks(data: np.ndarray, type_name: str, rows: int) -> QuantizedTensor:
+def _gguf_blocks(data: np.ndarray, type_name: str, lead: tuple[int, ...]
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
     """GGUF Q4_0/Q4_1/Q8_0 blocks (32 weights each) as MLX's affine quantization, losslessly:
     Q4_1 is w = d·q + m, Q4_0 w = d·(q - 8), Q8_0 w = d·q with q signed, i.e. unsigned q + 128
-    with bias -128·d (exact in float16: a power-of-two multiple)."""
+    with bias -128·d (exact in float16: a power-of-two multiple). `lead`: the shape of the
+    tensor but its last (fastest) dimension, e.g. (rows,) or (experts, rows). Returns the
+    packed uint32 weight `[*lead, columns·bits/32]`, float16 scales and biases
+    `[*lead, columns/32]`, and the bits."""
     head = {"Q4_0": 2, "Q4_1": 4, "Q8_0": 2}[type_name]
     block = head + (32 if type_name == "Q8_0" else 16)
-    raw = np.ascontiguousarray(data, dtype=np.uint8).reshape(rows, -1, block)
+    raw = np.ascontiguousarray(data, dtype=np.uint8).reshape(*lead, -1, block)
     d = raw[..., :2].copy().view(np.float16)[..., 0]
     qs = raw[..., head:]
     if type_name == "Q8_0":
@@ -268,9 +299,8 @@ def _gguf_blocks(data: np.ndarray, type_name: str, rows: int) -> QuantizedTensor
         packed = q[..., 0::2] | (q[..., 1::2] << 4)  # MLX: element 2i low nibble of byte i
         bits = 4
         bias = raw[..., 2:4].copy().view(np.float16)[..., 0] if type_name == "Q4_1" else -8 * d
-    words = np.ascontiguousarray(packed.reshape(rows, -1)).view(np.uint32)
-    return QuantizedTensor(mx.array(words), mx.array(d), mx.array(bias.astype(np.float16)),
-                           bits, 32)
+    words = np.ascontiguousarray(packed.reshape(*lead, -1)).view(np.uint32)
+    return words, d, bias.astype(np.float16), bits
 
 
 class GGUFSource:
@@ -282,10 +312,29 @@ class GGUFSource:
         arch = self.meta("general.architecture")
         if not isinstance(arch, str) or arch not in _GGUF_ARCHITECTURES:
             raise SourceError(f"unsupported GGUF architecture {arch!r:.40} in {path.name} "
-                              f"(supported: {', '.join(sorted(_GGUF_ARCHITECTURES))})")
+                              f"(supported: {', '.join(sorted(_GGUF_ARCHITECTURES))}; "
+                              "Mixtral is llama with experts)")
         self.arch = arch
-        self.tensors = {self._hf_name(name): t for name, t in tensors.items()}
+        # experts: a count of them; llama.cpp writes none (or 0) for a dense llama
+        experts = self.meta(f"{arch}.expert_count")
+        if arch == "qwen3moe" or (experts is not None and experts != 0):
+            if arch not in _GGUF_MOE_ARCHITECTURES:
+                raise SourceError(f"{path.name}: {arch} models with experts are not supported "
+                                  f"(supported: {', '.join(sorted(_GGUF_MOE_ARCHITECTURES))})")
+            if experts is None:
+                raise SourceError(f"{path.name} lacks the metadata {arch}.expert_count")
+            experts = whole(experts, f"{path.name}: {arch}.expert_count", 1, GGUF_MAX_EXPERTS,
+                            error=SourceError)
+            self.model_type = _GGUF_MOE_ARCHITECTURES[arch]
+        else:
+            experts, self.model_type = 0, _GGUF_ARCHITECTURES[arch]
+        self.experts = experts
+        self._block_names = _gguf_block_names(self.model_type)
+        self.gguf_names = {self._hf_name(name): name for name in tensors}
+        self.tensors = {hf: tensors[name] for hf, name in self.gguf_names.items()}
         self.config = self._config()
+        if experts:
+            self._check_experts()
 
     def meta(self, key: str, default: Any = None) -> Any:
         return self.fields.get(key, default)
@@ -308,10 +357,18 @@ class GGUFSource:
         if name in _GGUF_GLOBAL_NAMES:
             return _GGUF_GLOBAL_NAMES[name]
         parts = name.split(".", 2)
-        if len(parts) == 3 and parts[0] == "blk" and re.fullmatch(r"0|[1-9][0-9]{0,5}", parts[1]) \
-                and parts[2] in _GGUF_BLOCK_NAMES:
-            return f"model.layers.{parts[1]}.{_GGUF_BLOCK_NAMES[parts[2]]}"
-        raise SourceError(f"unsupported tensor {name!r:.80} in {self.path.name}")
+        if len(parts) == 3 and parts[0] == "blk" and re.fullmatch(r"0|[1-9][0-9]{0,5}", parts[1]):
+            if parts[2] in self._block_names:
+                return f"model.layers.{parts[1]}.{self._block_names[parts[2]]}"
+            if parts[2] in _GGUF_EXPERT_ROLES:
+                raise SourceError(f"{self.path.name}: {name!r} is a tensor of experts, but "
+                                  f"{self.arch}.expert_count is {self.experts}")
+            if re.fullmatch(r"ffn_(gate|up|down)\.[0-9]+\.weight", parts[2]):
+                raise SourceError(f"{self.path.name}: {name!r} is one expert's tensor, from a "
+                                  "GGUF written before llama.cpp stacked experts (2024); such "
+                                  "files are not supported: convert the model anew")
+        raise SourceError(f"unsupported tensor {name!r:.80} in {self.path.name}"
+                          + (f" (a {self.model_type} model)" if self.experts else ""))
 
     def _config(self) -> dict[str, Any]:
         a = self.arch
@@ -335,9 +392,11 @@ class GGUFSource:
         if self.meta(f"{a}.rope.scaling.type", "none") not in ("none", None):
             raise SourceError(f"{self.path.name}: RoPE scaling is not supported yet")
         config = {
-            "model_type": _GGUF_ARCHITECTURES[a],
+            "model_type": self.model_type,
             "hidden_size": hidden,
-            "intermediate_size": self._size(f"{a}.feed_forward_length"),
+            "intermediate_size": self._size(  # qwen3moe: unused (no dense blocks)
+                f"{a}.feed_forward_length",
+                self.meta(f"{a}.expert_feed_forward_length") if a == "qwen3moe" else None),
             "num_hidden_layers": layers,
             "num_attention_heads": heads,
             "num_key_value_heads": self._size(f"{a}.attention.head_count_kv", heads),
@@ -355,39 +414,113 @@ class GGUFSource:
             if value is not None:  # a token of the vocabulary: arch.check_config says
                 config[key] = whole(value, f"{self.path.name}: {key}", 0, 1 << 64,
                                     error=SourceError)
+        if self.experts:
+            config.update(self._moe_config(config))
         return config
+
+    def _moe_config(self, config: dict[str, Any]) -> dict[str, Any]:
+        """The MoE entries of mlx-lm's config for `self.model_type` (llama.cpp's keys)."""
+        a, name, experts = self.arch, self.path.name, self.experts
+        used = whole(self.meta(f"{a}.expert_used_count"), f"{name}: {a}.expert_used_count", 1,
+                     experts, error=SourceError)
+        gating = self.meta(f"{a}.expert_gating_func", 1)
+        if gating != 1:  # llama_expert_gating_func_type: 1 softmax, 2 sigmoid
+            raise SourceError(f"{name}: {a}.expert_gating_func {gating!r:.40} is not supported "
+                              "(softmax, 1, is)")
+        for key in ("expert_shared_count", "expert_group_count"):
+            if self.meta(f"{a}.{key}", 0) != 0:
+                raise SourceError(f"{name}: {a}.{key} is not supported (experts shared or in "
+                                  "groups)")
+        if self.model_type == "mixtral":
+            # mlx-lm's Mixtral takes head_dim = hidden_size / heads and the expert FFN size
+            # from intermediate_size (llama.cpp: feed_forward_length)
+            if config["head_dim"] * config["num_attention_heads"] != config["hidden_size"]:
+                raise SourceError(f"{name}: {a}.attention.key_length {config['head_dim']} is "
+                                  "not hidden_size / heads, as Mixtral's is")
+            return {"num_local_experts": experts, "num_experts_per_tok": used,
+                    "rope_traditional": False}
+        norm = self.meta(f"{a}.expert_weights_norm", True)  # llama.cpp: qwen3moe normalizes
+        if not isinstance(norm, bool):
+            raise SourceError(f"{name}: {a}.expert_weights_norm must be a bool")
+        return {"num_experts": experts, "num_experts_per_tok": used,
+                "moe_intermediate_size": self._size(f"{a}.expert_feed_forward_length"),
+                "norm_topk_prob": norm, "decoder_sparse_step": 1, "mlp_only_layers": []}
+
+    def _check_experts(self) -> None:
+        """Every block of a MoE model has its router and its experts, shaped as the metadata
+        says (experts, sizes): nothing is sized by a count the tensors do not bear out."""
+        c, moe = self.config, _GGUF_MOE_BLOCKS[self.model_type]
+        e, d, hd = self.experts, c["hidden_size"], c["head_dim"]
+        f = c["moe_intermediate_size" if self.model_type == "qwen3_moe" else "intermediate_size"]
+        shapes = {f"{moe}.gate.weight": (e, d), f"{moe}.switch_mlp.gate_proj.weight": (e, f, d),
+                  f"{moe}.switch_mlp.up_proj.weight": (e, f, d),
+                  f"{moe}.switch_mlp.down_proj.weight": (e, d, f)}
+        if self.model_type == "qwen3_moe":
+            shapes.update({"self_attn.q_norm.weight": (hd,), "self_attn.k_norm.weight": (hd,)})
+        for i in range(c["num_hidden_layers"]):
+            for suffix, shape in shapes.items():
+                hf = f"model.layers.{i}.{suffix}"
+                t = self.tensors.get(hf)
+                gguf_name = next(k for k, v in self._block_names.items() if v == suffix)
+                if t is None:
+                    raise SourceError(f"{self.path.name} lacks the tensor blk.{i}.{gguf_name} "
+                                      f"of its {self.model_type} model")
+                if tuple(reversed(t.shape)) != shape:
+                    raise SourceError(
+                        f"{self.path.name}: blk.{i}.{gguf_name} has the shape {list(t.shape)}, "
+                        f"its metadata ({e} experts, hidden size {d}, expert FFN size {f}, head "
+                        f"size {hd}) says {list(reversed(shape))}")
 
     def names(self) -> list[str]:
         return list(self.tensors)
 
-    def get(self, name: str) -> mx.array:
+    def _stored(self, name: str, expert: int | None) -> tuple[GGUFTensor, np.ndarray,
+                                                               tuple[int, ...]]:
+        """Tensor `name`, its data (of one `expert` of a stacked tensor if given) and that
+        data's shape in HF order."""
+        t = self.tensors[name]
+        shape = tuple(int(n) for n in reversed(t.shape))
+        if expert is None:
+            return t, t.data, shape
+        if len(shape) != 3:
+            raise SourceError(f"{self.path.name}: {name} is not a tensor of experts")
+        whole(expert, f"{self.path.name}: an expert of {name}", 0, shape[0] - 1,
+              error=SourceError)
+        return t, t.data[expert], shape[1:]
+
+    def get(self, name: str, expert: int | None = None) -> mx.array:
+        """Tensor `name` dequantized, float32, in HF's layout (experts stacked `[E, out, in]`);
+        with `expert`, that expert's `[out, in]` only."""
         import gguf
 
-        t = self.tensors[name]
+        t, data, shape = self._stored(name, expert)
         try:
-            w = gguf.quants.dequantize(t.data, t.tensor_type)
+            w = gguf.quants.dequantize(data, t.tensor_type)
         except NotImplementedError:
             raise SourceError(f"{self.path.name}: tensor type {t.tensor_type.name} of {name} "
                               "cannot be dequantized") from None
-        w = np.asarray(w, dtype=np.float32).reshape(tuple(int(n) for n in reversed(t.shape)))
+        w = np.asarray(w, dtype=np.float32).reshape(shape)
         return mx.array(self._hf_rows(name, w))
 
     def _hf_rows(self, name: str, rows: np.ndarray) -> np.ndarray:
-        """`rows` of tensor `name` in HF's order: llama.cpp permutes llama's Q/K rows."""
+        """`rows` of tensor `name` in HF's order: llama.cpp permutes llama's Q/K rows
+        (Mixtral's too; not Qwen's)."""
         if self.arch != "llama" or not name.endswith(("q_proj.weight", "k_proj.weight")):
             return rows
         c = self.config
         heads = c["num_attention_heads"] if "q_proj" in name else c["num_key_value_heads"]
         return _unpermute_qk(rows, heads)
 
-    def get_weight(self, name: str) -> Weight:
-        t = self.tensors[name]
+    def get_weight(self, name: str, expert: int | None = None) -> Weight:
+        """Tensor `name` as stored: a QuantizedTensor for Q4_0/Q4_1/Q8_0 (group size 32,
+        float16 scales and biases; experts stacked: weight `[E, out, in·bits/32]` uint32,
+        scales and biases `[E, out, in/32]`), else as `get` gives it. With `expert`, that
+        expert's `[out, ...]` only."""
+        t, data, shape = self._stored(name, expert)
         if t.tensor_type.name not in ("Q4_0", "Q4_1", "Q8_0"):
-            return self.get(name)
-        rows = int(t.shape[-1]) if len(t.shape) > 1 else 1
-        q = _gguf_blocks(t.data, t.tensor_type.name, rows)
-        return QuantizedTensor(*(mx.array(self._hf_rows(name, np.array(a)))
-                                 for a in (q.weight, q.scales, q.biases)), q.bits, q.group_size)
+            return self.get(name, expert)
+        *arrays, bits = _gguf_blocks(data, t.tensor_type.name, shape[:-1] or (1,))
+        return QuantizedTensor(*(mx.array(self._hf_rows(name, a)) for a in arrays), bits, 32)
 
     def save_tokenizer(self, dest: Path) -> None:
         """Rebuild the tokenizer (chat template included) from the GGUF metadata, offline."""
