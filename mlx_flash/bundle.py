@@ -43,6 +43,7 @@ ALIGNMENT = 4096
 MANIFEST = "manifest.json"
 RESIDENT_FILE = "resident.safetensors"
 FFN_FILE = "ffn.bin"
+EXPERTS = "experts"  # the record family of an MoE model's routed experts (mlx_flash.moe)
 TOKENIZER_DIR = "tokenizer"
 
 DTYPES: dict[str, mx.Dtype] = {
@@ -327,8 +328,9 @@ class Bundle:
 
     @property
     def ffn_bytes(self) -> int:
-        """Bytes of the FFN's neuron records (alignment padding excluded)."""
-        return sum(n for _, n in self.families["neuron"].segments)
+        """Bytes of the FFN's neuron (or routed experts') records (alignment padding
+        excluded)."""
+        return sum(n for _, n in (self.families.get("neuron") or self.families[EXPERTS]).segments)
 
     @property
     def selection(self) -> dict[str, Any]:
@@ -406,8 +408,8 @@ class Bundle:
         for name in referenced_files(m):
             if name not in files:
                 raise BundleError(f"manifest does not list {name} among its files")
-        if "neuron" not in self.families:
-            raise BundleError("bundle has no neuron records")
+        if "neuron" not in self.families and EXPERTS not in self.families:
+            raise BundleError("bundle has no neuron or expert records")
         align = whole(m["ffn"]["alignment"], "ffn alignment", 1, MAX_ALIGNMENT)
         if align & (align - 1):
             raise BundleError(f"ffn alignment {align} is not a power of two")
@@ -425,9 +427,10 @@ class Bundle:
             except ValueError as e:
                 raise BundleError(f"bundle file {e}") from None
         from .arch import UnsupportedModel, get_architecture
+        from .moe import check_moe_config
 
         try:
-            get_architecture(config)
+            check_moe_config(config) if EXPERTS in self.families else get_architecture(config)
         except UnsupportedModel as e:
             raise BundleError(f"{self.path}: {e}") from None
 
@@ -453,6 +456,8 @@ class Bundle:
                 f"record family {fam.name!r} has {fam.layers} segments for {n_layers} layers")
         table = 4 * fam.count if fam.checksums else 0
         for layer, (offset, length) in enumerate(fam.segments):
+            if fam.name == EXPERTS and (offset, length) == (0, 0):
+                continue  # a layer without routed experts (its FFN is resident)
             if offset % align or length != fam.count * fam.record_bytes:
                 raise BundleError(f"segment {fam.name}[{layer}] is misaligned or mis-sized")
             if offset + length + table > file_size:
@@ -738,11 +743,14 @@ class BundleWriter:
             array.dtype, mx.floating) else array
 
     def add_family(self, name: str, count: int, parts: Iterable[RecordPart], record_bytes: int,
-                   quantization: dict[str, Quantization] | None = None) -> None:
+                   quantization: dict[str, Quantization] | None = None,
+                   every_layer: bool = True) -> None:
+        """A record family with a segment in every layer, or (`every_layer` False: routed
+        experts, which some layers lack) in those `write_segment` is called for."""
         n_layers = int(self.config["num_hidden_layers"])
         self._families[name] = {"count": count, "record_bytes": record_bytes,
                                 "parts": tuple(parts), "quantization": quantization or {},
-                                "segments": [None] * n_layers}
+                                "segments": [None] * n_layers, "every_layer": every_layer}
 
     def write_segment(self, family: str, layer: int, records: mx.array) -> None:
         """Append a layer's records (`[count, record_bytes]` uint8) at an aligned offset."""
@@ -759,7 +767,9 @@ class BundleWriter:
         families = {}
         for name, fam in self._families.items():
             missing = [i for i, s in enumerate(fam["segments"]) if s is None]
-            if missing:
+            if not fam["every_layer"]:  # an empty segment: a layer without such records
+                fam["segments"] = [s or (0, 0) for s in fam["segments"]]
+            elif missing:
                 raise ValueError(f"record family {name!r} lacks layers {missing}")
             families[name] = RecordFamily(name, FFN_FILE, fam["count"], fam["record_bytes"],
                                           self.dtype, fam["parts"], tuple(fam["segments"]),

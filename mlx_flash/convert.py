@@ -39,6 +39,7 @@ from .bundle import (
     staging_dir,
 )
 from .loader import build_flash_model, default_dtype
+from .moe import convert_moe, is_moe
 from .sources import SourceError, open_source
 
 
@@ -110,6 +111,11 @@ def convert(src: str | Path, out: str | Path, dtype: str | None = "float16",
     if dtype is not None and dtype not in DTYPES:
         raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
     source = open_source(src)
+    if is_moe(source.config):
+        if quantize is not None or down_bits is not None:
+            raise ValueError("an MoE model's experts are stored as its source stores them: "
+                             "quantize it with mlx-lm first")
+        return convert_moe(source, out, dtype, progress)
     config, arch, names = _plan(source)
     spec = arch.ffn_spec(config)
     n_layers = int(config["num_hidden_layers"])

@@ -15,7 +15,7 @@ from mlx_lm.models.cache import KVCache, RotatingKVCache
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
 from .arch import Architecture, FFNSpec, get_architecture
-from .bundle import DTYPES, ITEMSIZE, Bundle, BundleError
+from .bundle import DTYPES, EXPERTS, ITEMSIZE, Bundle, BundleError
 from .ffn import FlashEngine, FlashFFN
 from .memory import (
     AUTO_SHARE,
@@ -165,6 +165,13 @@ def open_model(bundle: Bundle, compute_dtype: str | None = None,
     the bundle's default mode (dense when none is calibrated)."""
     options = options or EngineOptions()
     options.check()
+    if EXPERTS in bundle.families:  # an MoE model: the router selects, experts are records
+        if sparsity not in (None, "off"):
+            raise BundleError(f"{bundle.path}: an MoE model's experts are the ones its router "
+                              f"picks: no selection mode {sparsity!r}")
+        from .moe import open_moe_model
+
+        return open_moe_model(bundle, compute_dtype, options)
     arch = get_architecture(bundle.config)
     spec = arch.ffn_spec(bundle.config)
     fam = bundle.families.get("neuron")

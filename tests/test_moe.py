@@ -1,0 +1,141 @@
+"""Mixture-of-Experts models: converted to expert records, served from flash, exact.
+
+Every supported architecture, float and 4-bit, as a tiny random model built with mlx-lm's own
+classes: greedy decoding through mlx_flash gives mlx-lm's logits bit for bit on the same
+weights, whatever the budget (every expert held, a few slots per layer that evict, the naive
+engine that reads every token's experts anew), prompts larger than the cache included."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from tiny_models import greedy_logits
+from tiny_moe import CONFIGS, mlx_lm_model, write_hf_experts, write_tiny_moe
+
+from mlx_flash.bundle import EXPERTS, Bundle, BundleError, write_manifest
+from mlx_flash.convert import convert
+from mlx_flash.loader import load
+from mlx_flash.memory import BudgetError
+from mlx_flash.moe import expert_budget
+
+PROMPT = [5, 6, 7, 8, 9, 10, 11, 12, 40, 41, 42, 43]
+STEPS = 32
+
+
+@pytest.fixture(scope="session")
+def moe_models(tmp_path_factory) -> dict[tuple[str, int | None], tuple[Path, Path, np.ndarray]]:
+    """(model type, bits) -> (mlx-lm folder, bundle, mlx-lm's greedy logits)."""
+    root = tmp_path_factory.mktemp("moe")
+    out = {}
+    for model_type in CONFIGS:
+        for bits in (None, 4):
+            src = root / f"{model_type}-{bits}"
+            write_tiny_moe(src, model_type, bits)
+            reference = greedy_logits(mlx_lm_model(src), PROMPT, STEPS)
+            bundle = convert(src, root / f"{model_type}-{bits}.flash", dtype=None,
+                             progress=False)
+            out[(model_type, bits)] = src, bundle.path, reference
+    return out
+
+
+def slots_budget(path: Path, slots: int) -> int:
+    return expert_budget(Bundle.open(path), 4, 2048, slots)
+
+
+@pytest.mark.parametrize("model_type", sorted(CONFIGS))
+@pytest.mark.parametrize("bits", [None, 4])
+def test_greedy_equals_mlx_lm_at_every_budget(moe_models, model_type, bits):
+    _, path, reference = moe_models[(model_type, bits)]
+    for budget in (None, "off", slots_budget(path, 3), "auto"):
+        model, _ = load(path, memory_budget=budget)
+        got = greedy_logits(model, PROMPT, STEPS)
+        assert np.array_equal(got, reference), (budget, float(np.abs(got - reference).max()))
+        engine = model.flash
+        assert engine.stats.decode.tokens == STEPS
+        if budget == "off":  # naive: every token reads its experts anew
+            assert engine.cache_stats().hits == 0
+            assert engine.stats.decode.experts_read == STEPS * engine.plan.layers * 2
+        elif budget is None or budget == "auto":  # held whole: nothing read after loading
+            assert engine.plan.whole and engine.stats.decode.bytes == 0
+        else:
+            assert engine.cache_stats().evictions > 0  # 3 of 8 slots: the cache evicted
+
+
+def test_hugging_face_names_convert_to_the_same_model(moe_models, tmp_path):
+    for model_type in ("qwen3_moe", "mixtral"):
+        src, _, reference = moe_models[(model_type, None)]
+        hf = tmp_path / model_type
+        write_hf_experts(src, hf)
+        assert any(".experts.3." in k for k in mx.load(str(hf / "model.safetensors")))
+        bundle = convert(hf, tmp_path / f"{model_type}.flash", dtype=None, progress=False)
+        model, _ = load(bundle.path, memory_budget=slots_budget(bundle.path, 2))
+        assert np.array_equal(greedy_logits(model, PROMPT, STEPS), reference)
+
+
+def test_expert_records_are_whole_pages_of_stored_bits(moe_models):
+    src, path, _ = moe_models[("qwen3_moe", 4)]
+    bundle = Bundle.open(path)
+    fam = bundle.families[EXPERTS]
+    assert fam.record_bytes % 4096 == 0 and fam.count == 8
+    assert set(fam.quantization) == {"gate", "up", "down"}
+    weights = mx.load(str(src / "model.safetensors"))
+    stored = weights["model.layers.1.mlp.switch_mlp.down_proj.weight"]  # [E, d, n·bits/32]
+    offset, _ = fam.segments[1]
+    part = fam.part("down")
+    with open(bundle.path / fam.file, "rb") as f:
+        f.seek(offset + 5 * fam.record_bytes + part.offset)
+        record = np.frombuffer(f.read(part.nbytes), dtype=np.uint32)
+    assert np.array_equal(record, np.array(stored[5]).reshape(-1))  # bit for bit
+
+
+def test_expert_matrix_is_never_reallocated(moe_models):
+    _, path, _ = moe_models[("mixtral", None)]
+    model, _ = load(path, memory_budget=slots_budget(path, 2))
+    caches = model.flash.caches
+    before = {layer: c.matrix.buffer_address("gate") for layer, c in caches.items()}
+    greedy_logits(model, PROMPT, STEPS)
+    assert sum(c.stats.evictions for c in caches.values()) > 0
+    assert before == {layer: c.matrix.buffer_address("gate") for layer, c in caches.items()}
+
+
+def test_stream_generate_unchanged(moe_models):
+    from mlx_lm import generate
+
+    src, path, _ = moe_models[("qwen2_moe", None)]
+    from mlx_lm.utils import load_tokenizer
+
+    tokenizer = load_tokenizer(src)
+    expected = generate(mlx_lm_model(src), tokenizer, "the cat", max_tokens=12)
+    model, tok = load(path, memory_budget=slots_budget(path, 2))
+    assert generate(model, tok, "the cat", max_tokens=12) == expected
+
+
+def test_budget_below_the_minimum_names_it(moe_models):
+    _, path, _ = moe_models[("olmoe", 4)]
+    with pytest.raises(BudgetError, match="below the minimum .* the 2 experts a token routes"):
+        load(path, memory_budget=slots_budget(path, 2) - 1)
+
+
+def test_expert_records_not_matching_the_model_are_refused(moe_models, tmp_path):
+    import shutil
+
+    _, path, _ = moe_models[("qwen3_moe", None)]
+    bad = tmp_path / "bad"
+    shutil.copytree(path, bad)
+    manifest = json.loads((bad / "manifest.json").read_text())
+    manifest["config"]["num_experts"] = 16  # the records hold 8
+    write_manifest(bad, manifest)  # sealed anew: a consistent manifest, wrong records
+    with pytest.raises(BundleError, match="expert records do not match"):
+        load(bad)
+
+
+def test_unsupported_moe_architecture_names_the_supported(tmp_path):
+    from mlx_flash.arch import UnsupportedModel
+    from mlx_flash.moe import check_moe_config
+
+    with pytest.raises(UnsupportedModel, match="qwen3_moe"):
+        check_moe_config({"model_type": "gpt_oss", "hidden_size": 64})
