@@ -268,3 +268,58 @@ def test_split_experts_of_old_mixtral_ggufs_are_refused(tmp_path):
     writer.close()
     refused(path, r"'blk\.0\.ffn_gate\.3\.weight' is one expert's tensor, from a GGUF written "
             r"before llama.cpp stacked experts")
+
+
+# ------------------------------------------------------------ converted and served by mlx_flash
+
+PROMPT = [5, 6, 7, 8, 9, 10, 11, 12, 40, 41, 42, 43]
+STEPS = 16
+
+
+def mlx_lm_of_stored(source) -> object:
+    """mlx-lm's model of `source`'s tensors as stored: float as `get` gives them, Q4_0/Q4_1/
+    Q8_0 as MLX quantized modules (float32 scales: what a quantized bundle computes with on
+    MLX's CPU backend) — what mlx-lm would load from an mlx-lm folder of the same weights."""
+    import mlx.nn as nn
+
+    weights, bits = {}, set()
+    for name in source.names():
+        w = source.get_weight(name)
+        if isinstance(w, QuantizedTensor):
+            base = name.removesuffix(".weight")
+            weights.update({name: w.weight, f"{base}.scales": w.scales.astype(mx.float32),
+                            f"{base}.biases": w.biases.astype(mx.float32)})
+            bits.add(w.bits)
+        else:
+            weights[name] = w
+    model = mlx_lm_model(source.config)
+    if bits:
+        (b,) = bits
+        nn.quantize(model, group_size=32, bits=b,
+                    class_predicate=lambda path, m: f"{path}.scales" in weights)
+    model.load_weights(list(weights.items()))
+    mx.eval(model.parameters())
+    return model
+
+
+@pytest.mark.parametrize("qtype", ["F32", "Q8_0", "Q4_0"])
+@pytest.mark.parametrize("arch", ARCHS)
+def test_converted_moe_gguf_decodes_as_mlx_lm(moe_files, tmp_path, arch, qtype):
+    """A MoE GGUF converted by mlx_flash decodes greedily to mlx-lm's logits, bit for bit, on
+    the same weights (experts kept quantized as the GGUF stores them), all experts held or a
+    few slots per layer that evict."""
+    pytest.importorskip("mlx_flash.moe")
+    from mlx_flash.convert import convert
+    from mlx_flash.loader import load
+    from mlx_flash.moe import expert_budget
+
+    path, _ = moe_files(arch, qtype)
+    source = open_source(path)
+    reference = greedy_logits(mlx_lm_of_stored(source), PROMPT, STEPS)
+    # float32: the GGUF's F32 norms and router as they are (dtype None stores them as the
+    # quantized experts' scales, float16)
+    bundle = convert(path, tmp_path / "moe.flash", dtype="float32", progress=False)
+    for budget in (None, expert_budget(bundle, 4, 2048, 3)):
+        model, _ = load(bundle.path, memory_budget=budget)
+        got = greedy_logits(model, PROMPT, STEPS)
+        assert np.array_equal(got, reference), (budget, float(np.abs(got - reference).max()))
