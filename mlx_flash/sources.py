@@ -633,7 +633,9 @@ class HFSource:
         bits = (own if isinstance(own, dict) else self._quant)["bits"]
         w, scales = self._arrays[name], self._arrays[f"{base}.scales"]
         columns = w.shape[-1] * 32 // bits
-        if w.ndim != 2 or scales.ndim != 2 or scales.shape[-1] < 1 or columns % scales.shape[-1]:
+        # 2-D, or 3-D: experts stacked `[E, out, in]` (mlx-lm's SwitchLinear)
+        if w.ndim not in (2, 3) or scales.ndim != w.ndim or scales.shape[-1] < 1 \
+                or columns % scales.shape[-1]:
             raise SourceError(f"{self.path.name}: {name} {tuple(w.shape)} and its scales "
                               f"{tuple(scales.shape)} are no {bits}-bit quantization")
         return QuantizedTensor(w, scales, self._arrays[f"{base}.biases"], bits,
