@@ -642,6 +642,13 @@ def main() -> int:
     p.add_argument("--md", default=None)
     p.add_argument("--png", default=None)
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--moe", action="store_true",
+                   help="the Mixture-of-Experts benchmark, tools/bench_moe.py (its options: "
+                        "python tools/bench_moe.py --help)")
+    if "--moe" in sys.argv[1:]:  # its own options (--layers, --ram, --budget, ...)
+        import bench_moe
+
+        return bench_moe.main([a for a in sys.argv[1:] if a != "--moe"])
     args = p.parse_args()
     if args.worker:
         print(json.dumps(worker(json.loads(args.worker))))
