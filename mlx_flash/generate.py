@@ -60,6 +60,13 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def experts_read(decode: Any) -> str:
+    """", 2.5 experts/token" for an MoE model's engine (it counts the experts it reads)."""
+    if not hasattr(decode, "experts_read"):
+        return ""
+    return f", {decode.experts_read / max(decode.tokens, 1):.1f} experts/token"
+
+
 def print_stats(engine: Any, response: Any, verbose: bool) -> None:
     """The stats line (and with `verbose` the per-token breakdown and the memory plan), on
     stderr: stdout holds only the generated text."""
@@ -71,6 +78,7 @@ def print_stats(engine: Any, response: Any, verbose: bool) -> None:
              f" | generation {response.generation_tokens} tokens @ "
              f"{response.generation_tps:.2f} tok/s"
              f" | flash read {format_bytes(decode.bytes_per_token)}/token"
+             f"{experts_read(decode)}"
              f" (prefill {format_bytes(prefill.bytes)}; FFN "
              f"{format_bytes(engine.bundle.ffn_bytes)}, cache hit rate "
              f"{engine.cache_stats().hit_rate:.0%})"

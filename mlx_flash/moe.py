@@ -18,8 +18,10 @@ holds when they do not all fit).
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,7 +46,7 @@ from .bundle import (
     layout_parts,
     quantized_parts,
 )
-from .flash_io import FlashReader
+from .flash_io import FlashReader, wait_all
 from .memory import (
     AUTO_SHARE,
     BudgetError,
@@ -335,6 +337,19 @@ class ExpertStats:
 
 
 @dataclass
+class LookaheadStats:
+    """How well the next layer's router, run on this layer's input, guessed its experts."""
+
+    guessed: int = 0  # experts read ahead (or found resident) for a layer
+    needed: int = 0  # experts the layer then routed to
+    found: int = 0  # of those, guessed
+
+    @property
+    def recall(self) -> float:
+        return self.found / self.needed if self.needed else 0.0
+
+
+@dataclass
 class ExpertEngineStats:
     prefill: ExpertStats
     decode: ExpertStats
@@ -408,7 +423,7 @@ class ExpertEngine:
 
     def __init__(self, bundle: Bundle, plan: MemoryPlan, compute_dtype: mx.Dtype,
                  threads: int = 8, cold: bool = False, use_mmap: bool = False,
-                 naive: bool = False):
+                 naive: bool = False, lookahead: int = 0):
         self.bundle, self.plan, self.compute_dtype = bundle, plan, compute_dtype
         self.family = fam = bundle.families[EXPERTS]
         self.mode = Routed()
@@ -422,6 +437,16 @@ class ExpertEngine:
         self.shapes: dict[int, dict[str, tuple[int, int]]] = {}
         self.stats = ExpertEngineStats(ExpertStats(), ExpertStats())
         self._clock = 0  # admissions so far: the caches' clock
+        # decoding, the next layer's likely experts (its router's top `lookahead` on this
+        # layer's input) are read while this layer and the next one's attention compute
+        self.lookahead = lookahead
+        self.routers: dict[int, Any] = {}  # layer -> its router (open_moe_model sets them)
+        self.next_layer = {a: b for a, b in zip(sorted(self.caches), sorted(self.caches)[1:],
+                                                  strict=False)}
+        self.ahead: dict[int, np.ndarray] = {}  # layer -> the experts read ahead for it
+        self.lookahead_stats = LookaheadStats()
+        self._ahead_pool = ThreadPoolExecutor(1, thread_name_prefix="experts-ahead")
+        self._pending: tuple[int, Future] | None = None
         self._mem_seconds = 0.0
         self.runtime_rss = 0
         if plan.whole:  # the model fits: every expert is read once, here
@@ -491,9 +516,58 @@ class ExpertEngine:
         gate = self._project(x, w["gate"], "gate", idx)
         return self._project(activation(up, gate), w["down"], "down", idx)
 
+    def _read_ahead(self, layer: int, ids: np.ndarray) -> tuple[int, float, float]:
+        """Admit experts `ids` into `layer`'s cache and read them (in the background: nothing
+        touches that cache until `__call__` for `layer` has waited for this). Returns the
+        bytes and the reading seconds, and the seconds it took."""
+        t0 = time.perf_counter()
+        cache = self.caches[layer]
+        counted = dataclasses.replace(cache.stats)  # the token's own admit counts hits
+        read0, io0 = self.reader.counters.bytes, self.reader.counters.seconds
+        self._admit(layer, ids)
+        cache.stats.hits = counted.hits
+        self.ahead[layer] = ids
+        return (self.reader.counters.bytes - read0, self.reader.counters.seconds - io0,
+                time.perf_counter() - t0)
+
+    def _start_ahead(self, layer: int, x: mx.array) -> None:
+        """Guess `layer`'s experts with its own router on the layer before's input `x` (the
+        paper's predictor, for experts) and start reading those not resident."""
+        router = self.routers.get(layer)
+        cache = self.caches.get(layer)
+        if router is None or cache is None or cache.complete:
+            return
+        out = router(x)
+        if isinstance(out, tuple):  # DeepSeek's gate returns (indices, scores)
+            guess = np.array(out[0]).reshape(-1)
+        else:
+            logits = np.array(out.astype(mx.float32)).reshape(-1)
+            guess = np.argsort(-logits, kind="stable")[:self.lookahead]
+        guess = np.unique(guess)[:cache.capacity]
+        self._pending = (layer, self._ahead_pool.submit(self._read_ahead, layer, guess))
+
+    def _await_ahead(self, layer: int, phase: ExpertStats) -> None:
+        if self._pending is None or self._pending[0] != layer:
+            return
+        future = self._pending[1]
+        self._pending = None
+        t0 = time.perf_counter()
+        wait_all([future])
+        phase.io_seconds += time.perf_counter() - t0  # a read ahead not done yet: a stall
+        if future.exception() is not None:  # what failed was not left resident: read anew
+            if not isinstance(future.exception(), Exception):
+                raise future.exception()
+            return
+        read, _, seconds = future.result()
+        phase.bytes += read
+        phase.ahead_seconds += seconds
+
     def __call__(self, layer: int, x: mx.array, indices: mx.array,
                  activation: nn.Module) -> mx.array:
         mx.eval(x, indices)  # the router has chosen: its experts can be read
+        decoding = indices.size == indices.shape[-1]
+        phase = self.stats.decode if decoding else self.stats.prefill
+        self._await_ahead(layer, phase)
         t0 = time.perf_counter()
         self._mem_seconds = 0.0
         read0, io0 = self.reader.counters.bytes, self.reader.counters.seconds
@@ -519,8 +593,11 @@ class ExpertEngine:
         y = outputs[0] if len(outputs) == 1 else mx.concatenate(outputs)
         y = y[mx.array(np.argsort(order).astype(np.int32))]
         y = y.reshape(*indices.shape, x.shape[-1]).astype(x.dtype)
-        decoding = pairs.size == k
-        phase = self.stats.decode if decoding else self.stats.prefill
+        guessed = self.ahead.pop(layer, None)
+        if guessed is not None:  # how good the guess read ahead was
+            self.lookahead_stats.guessed += len(guessed)
+            self.lookahead_stats.needed += len(ids)
+            self.lookahead_stats.found += int(np.isin(ids, guessed).sum())
         if layer == min(self.caches):
             phase.tokens += pairs.size // k
         read, io = self.reader.counters.bytes - read0, self.reader.counters.seconds - io0
@@ -529,6 +606,8 @@ class ExpertEngine:
         phase.io_seconds += io
         phase.mem_seconds += self._mem_seconds
         phase.ffn_seconds += time.perf_counter() - t0 - io - self._mem_seconds
+        if self.lookahead and decoding:
+            self._start_ahead(self.next_layer.get(layer, -1), x)
         return y
 
 
@@ -548,8 +627,10 @@ def open_moe_model(bundle: Bundle, compute_dtype: str | None, options) -> nn.Mod
     dtype = DTYPES[name]
     budget = options.memory_budget
     plan = expert_plan(bundle, ITEMSIZE[name], budget, options.context)
+    k = int(bundle.config["num_experts_per_tok"])
     engine = ExpertEngine(bundle, plan, dtype, options.threads, options.cold, options.use_mmap,
-                          naive=budget == "off")
+                          naive=budget == "off",
+                          lookahead=k + (k + 1) // 2 if options.lookahead else 0)
     model, routed = flash_model(dict(bundle.config), engine)
     expected = expert_layout(next(iter(routed.values())).shapes, bundle.dtype,
                              fam.quantization)
@@ -559,6 +640,9 @@ def open_moe_model(bundle: Bundle, compute_dtype: str | None, options) -> nn.Mod
         raise BundleError(f"{bundle.path}: the expert records do not match the model's "
                           "experts (layout or layers)")
     engine.shapes = {i: r.shapes for i, r in routed.items()}
+    # the routers as the model holds them once loaded (maybe quantized)
+    engine.routers = {i: (lambda x, block=r.parent: block.gate(x)) for i, r in routed.items()
+                      if hasattr(r.parent, "gate")}
     if plan.budget is not None and not plan.automatic or options.rotating_kv:
         from functools import partial
 

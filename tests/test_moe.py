@@ -50,8 +50,9 @@ def slots_budget(path: Path, slots: int) -> int:
 @pytest.mark.parametrize("bits", [None, 4])
 def test_greedy_equals_mlx_lm_at_every_budget(moe_models, model_type, bits):
     _, path, reference = moe_models[(model_type, bits)]
-    for budget in (None, "off", slots_budget(path, 3), "auto"):
-        model, _ = load(path, memory_budget=budget)
+    for budget, lookahead in ((None, False), ("off", False), (slots_budget(path, 3), False),
+                              (slots_budget(path, 4), True), ("auto", False)):
+        model, _ = load(path, memory_budget=budget, lookahead=lookahead)
         got = greedy_logits(model, PROMPT, STEPS)
         assert np.array_equal(got, reference), (budget, float(np.abs(got - reference).max()))
         engine = model.flash
@@ -61,8 +62,10 @@ def test_greedy_equals_mlx_lm_at_every_budget(moe_models, model_type, bits):
             assert engine.stats.decode.experts_read == STEPS * engine.plan.layers * 2
         elif budget is None or budget == "auto":  # held whole: nothing read after loading
             assert engine.plan.whole and engine.stats.decode.bytes == 0
-        else:
+        elif not lookahead:
             assert engine.cache_stats().evictions > 0  # 3 of 8 slots: the cache evicted
+        if lookahead:  # the next layer's router guessed some of its experts
+            assert engine.lookahead_stats.needed > 0 and engine.lookahead_stats.found > 0
 
 
 def test_hugging_face_names_convert_to_the_same_model(moe_models, tmp_path):
