@@ -219,9 +219,8 @@ def _stack(source, names: list[str], shape: tuple[int, ...]) -> Weight:
                             ws[0].group_size)
     else:
         w = mx.stack([w.dequantize() if isinstance(w, QuantizedTensor) else w for w in ws])
-    full = w.dequantize().shape if isinstance(w, QuantizedTensor) else w.shape
-    if tuple(full) != shape:
-        raise ConversionError(f"{names[0]} has shape {tuple(full)}, the model expects {shape}")
+    if tuple(w.shape) != shape:
+        raise ConversionError(f"{names[0]} has shape {tuple(w.shape)}, the model expects {shape}")
     return w
 
 

@@ -142,8 +142,9 @@ class QuantizedTensor:
     group_size: int
 
     @property
-    def shape(self) -> tuple[int, int]:
-        return self.weight.shape[0], self.weight.shape[1] * 32 // self.bits
+    def shape(self) -> tuple[int, ...]:
+        """The float matrix's shape (`[E, out, in]` for experts stacked as mlx-lm does)."""
+        return (*self.weight.shape[:-1], self.weight.shape[-1] * 32 // self.bits)
 
     def dequantize(self) -> mx.array:
         # float32 scales: float16 ones would round the dequantized values (GGUF's are exact)
