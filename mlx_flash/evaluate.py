@@ -23,7 +23,7 @@ import mlx.nn as nn
 import numpy as np
 from tqdm import tqdm
 
-from .bundle import Bundle, BundleError
+from .bundle import EXPERTS, Bundle, BundleError
 from .calibrate import fit_context, layer_weights, text_tokens, true_active, windows
 from .cli import DTYPE_CHOICES, Parser, int_in, interruptible
 from .ffn import FlashEngine
@@ -98,6 +98,8 @@ def evaluate(path: str | Path, data: str | Path, tokens: int = 4096, ctx: int = 
     from .loader import open_model
 
     bundle = Bundle.open(path)
+    if EXPERTS in bundle.families:
+        return evaluate_moe(bundle, data, tokens, ctx, compute_dtype, progress)
     model = open_model(bundle, compute_dtype, sparsity="off")
     engine: FlashEngine = model.flash
     spec, n_layers = engine.spec, len(engine.families["neuron"].segments)
@@ -158,7 +160,36 @@ def evaluate(path: str | Path, data: str | Path, tokens: int = 4096, ctx: int = 
     }
 
 
+def evaluate_moe(bundle: Bundle, data: str | Path, tokens: int, ctx: int,
+                 compute_dtype: str | None, progress: bool) -> dict[str, Any]:
+    """An MoE model's perplexity with the experts its router picks (the only selection: no
+    lossy option exists to compare), and what a token reads of them before any cache."""
+    from .loader import open_model
+
+    model = open_model(bundle, compute_dtype)
+    ids = text_tokens(bundle_tokenizer(bundle), data)[-(tokens + 1):]
+    if len(ids) - 1 < MIN_TOKENS:
+        raise ValueError(f"evaluation needs at least {MIN_TOKENS} tokens of text to score; "
+                         f"{max(len(ids) - 1, 0)} given ({Path(data).name})")
+    ctx = fit_context(bundle.config, ctx)
+    fam = bundle.families[EXPERTS]
+    routed = int(bundle.config["num_experts_per_tok"])
+    per_token = routed * fam.record_bytes * sum(1 for _, n in fam.segments if n)
+    return {"bundle": str(bundle.path), "data": Path(data).name, "tokens": len(ids) - 1,
+            "ctx": ctx, "mode": "experts", "experts_per_token": routed, "experts": fam.count,
+            "compute_dtype": str(model.flash.compute_dtype).rsplit(".", 1)[-1],
+            "ppl_sparse": perplexity(model, ids, ctx, "perplexity (experts)", progress),
+            "ffn_bytes_per_token": per_token, "ffn_bytes_fraction": per_token / bundle.ffn_bytes}
+
+
 def summary(r: dict[str, Any]) -> str:
+    if r["mode"] == "experts":
+        return (f"{r['tokens']} tokens of {r['data']}, ctx {r['ctx']}: perplexity "
+                f"{r['ppl_sparse']:.3f} with the experts the router picks "
+                f"({r['experts_per_token']} of {r['experts']} per layer: "
+                f"{r['ffn_bytes_per_token'] / 1e6:.2f} MB = "
+                f"{100 * r['ffn_bytes_fraction']:.1f}% of the experts' bytes per token, before "
+                "any cache)")
     lines = [
         f"mode {r['mode']} (target {r['target']}), {r['tokens']} tokens of {r['data']}, "
         f"ctx {r['ctx']}",

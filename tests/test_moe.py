@@ -142,3 +142,16 @@ def test_unsupported_moe_architecture_names_the_supported(tmp_path):
 
     with pytest.raises(UnsupportedModel, match="qwen3_moe"):
         check_moe_config({"model_type": "gpt_oss", "hidden_size": 64})
+
+
+def test_evaluate_reports_mlx_lm_perplexity(moe_models):
+    from mlx_flash.calibrate import text_tokens
+    from mlx_flash.evaluate import evaluate, perplexity
+    from mlx_flash.loader import bundle_tokenizer
+
+    src, path, _ = moe_models[("deepseek_v2", 4)]
+    data = Path(__file__).parent / "data" / "wikitext-2-valid-tail.txt"
+    r = evaluate(path, data, tokens=300, ctx=100, progress=False)
+    ids = text_tokens(bundle_tokenizer(Bundle.open(path)), data)[-301:]
+    assert r["mode"] == "experts" and r["tokens"] == 300
+    assert r["ppl_sparse"] == perplexity(mlx_lm_model(src), ids, 100, "", False)
