@@ -342,6 +342,8 @@ class LookaheadStats:
     guessed: int = 0  # experts read ahead (or found resident) for a layer
     needed: int = 0  # experts the layer then routed to
     found: int = 0  # of those, guessed
+    read: int = 0  # experts read ahead (the guessed ones not resident)
+    unused: int = 0  # of those, experts the layer did not route to: wasted reads
 
     @property
     def recall(self) -> float:
@@ -442,7 +444,8 @@ class ExpertEngine:
         self.routers: dict[int, Any] = {}  # layer -> its router (open_moe_model sets them)
         self.next_layer = {a: b for a, b in zip(sorted(self.caches), sorted(self.caches)[1:],
                                                   strict=False)}
-        self.ahead: dict[int, np.ndarray] = {}  # layer -> the experts read ahead for it
+        self.ahead: dict[int, np.ndarray] = {}  # layer -> the experts guessed for it
+        self._read_ahead_ids: dict[int, np.ndarray] = {}  # layer -> those read for it
         self.lookahead_stats = LookaheadStats()
         self._ahead_pool = ThreadPoolExecutor(1, thread_name_prefix="experts-ahead")
         self._pending: tuple[int, Future] | None = None
@@ -523,9 +526,14 @@ class ExpertEngine:
         cache = self.caches[layer]
         counted = dataclasses.replace(cache.stats)  # the token's own admit counts hits
         read0, io0 = self.reader.counters.bytes, self.reader.counters.seconds
+        loads = cache.stats.loads
         self._admit(layer, ids)
         cache.stats.hits = counted.hits
         self.ahead[layer] = ids
+        self.lookahead_stats.read += cache.stats.loads - loads
+        # the slots just filled, to tell later which of them the layer used
+        self._read_ahead_ids[layer] = cache.neuron_at[cache.size - (cache.stats.loads - loads):
+                                                      cache.size].copy()
         return (self.reader.counters.bytes - read0, self.reader.counters.seconds - io0,
                 time.perf_counter() - t0)
 
@@ -597,6 +605,8 @@ class ExpertEngine:
             self.lookahead_stats.guessed += len(guessed)
             self.lookahead_stats.needed += len(ids)
             self.lookahead_stats.found += int(np.isin(ids, guessed).sum())
+            self.lookahead_stats.unused += int((~np.isin(self._read_ahead_ids.pop(layer),
+                                                         ids)).sum())
         if layer == min(self.caches):
             phase.tokens += pairs.size // k
         read, io = self.reader.counters.bytes - read0, self.reader.counters.seconds - io0
