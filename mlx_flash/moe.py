@@ -451,6 +451,9 @@ class ExpertEngine:
         self._pending: tuple[int, Future] | None = None
         self._mem_seconds = 0.0
         self.runtime_rss = 0
+        # floats stored in the compute dtype: gather_mm / gather_qmm take the cache's slots
+        self._in_place = all(p.dtype == "uint32" or DTYPES[p.dtype] == compute_dtype
+                             for p in fam.parts)
         if plan.whole:  # the model fits: every expert is read once, here
             for layer, cache in self.caches.items():
                 self._admit(layer, np.arange(fam.count))
@@ -486,17 +489,19 @@ class ExpertEngine:
             cache.evict(load)
             raise
 
-    def _weights(self, cache: NeuronCache, t: str, used: mx.array, shape: tuple[int, int]
-                 ) -> tuple[mx.array, ...]:
-        """Tensor `t` of the experts in slots `used`, `[len(used), out, in]` (packed, scales
-        and biases when quantized), floats in the compute dtype."""
-        parts = self.family.expand([t])
+    def _weights(self, cache: NeuronCache, t: str, used: mx.array | None,
+                 shape: tuple[int, int]) -> tuple[mx.array, ...]:
+        """Tensor `t` (`[experts, out, in]`: packed, scales and biases when quantized) of the
+        experts in slots `used`, floats in the compute dtype, or, `used` None, of every slot
+        as the cache holds them."""
         out = []
-        for p in parts:
-            a = mx.take(cache.matrix.parts[p], used, axis=0).reshape(len(used), shape[0], -1)
-            if p != t or t not in self.family.quantization:
-                a = a.astype(self.compute_dtype)
-            out.append(a)
+        for p in self.family.expand([t]):
+            a = cache.matrix.parts[p]
+            if used is not None:
+                a = mx.take(a, used, axis=0)
+                if p != t or t not in self.family.quantization:
+                    a = a.astype(self.compute_dtype)
+            out.append(a.reshape(a.shape[0], shape[0], -1))
         return tuple(out)
 
     def _project(self, x: mx.array, w: tuple[mx.array, ...], t: str, idx: mx.array
@@ -511,9 +516,13 @@ class ExpertEngine:
     def _compute(self, cache: NeuronCache, x: mx.array, ids: np.ndarray,
                  shapes: dict[str, tuple[int, int]], activation: nn.Module) -> mx.array:
         """`[n, 1, d]`: pair i's input `x[i]` (`[n, 1, d]`) through expert `ids[i]`."""
-        used, inverse = np.unique(cache.slot_of[ids], return_inverse=True)
-        used_a, idx = mx.array(used.astype(np.int32)), mx.array(inverse.astype(np.int32))
-        w = {t: self._weights(cache, t, used_a, shapes[t]) for t in TENSORS}
+        slots = cache.slot_of[ids]
+        if self._in_place:  # the experts multiply where they lie
+            used, idx = None, mx.array(slots.astype(np.int32))
+        else:  # the experts used, converted to the compute dtype (only those: a copy)
+            unique, inverse = np.unique(slots, return_inverse=True)
+            used, idx = mx.array(unique.astype(np.int32)), mx.array(inverse.astype(np.int32))
+        w = {t: self._weights(cache, t, used, shapes[t]) for t in TENSORS}
         up = self._project(x, w["up"], "up", idx)
         gate = self._project(x, w["gate"], "gate", idx)
         return self._project(activation(up, gate), w["down"], "down", idx)
@@ -591,12 +600,16 @@ class ExpertEngine:
         for g in range(0, len(ids), cache.capacity):  # prefill: in groups the cache holds
             group = ids[g:g + cache.capacity]
             self._admit(layer, group)
-            lo = np.searchsorted(by_expert, group[0], side="left")
-            hi = np.searchsorted(by_expert, group[-1], side="right")
-            which = order[lo:hi]
-            y = self._compute(cache, xs[mx.array(which // k)], pairs[which], shapes, activation)
-            mx.eval(y)  # before the next group's reads overwrite rows it multiplies
-            outputs.append(y)
+            # k experts at a time: the plan's working memory holds the float copies of a
+            # token's k (a prompt's group of `capacity` went past the budget)
+            for s in range(0, len(group), k):
+                lo = np.searchsorted(by_expert, group[s], side="left")
+                hi = np.searchsorted(by_expert, group[min(s + k, len(group)) - 1], side="right")
+                which = order[lo:hi]
+                y = self._compute(cache, xs[mx.array(which // k)], pairs[which], shapes,
+                                  activation)
+                mx.eval(y)  # before the next group's reads overwrite rows it multiplies
+                outputs.append(y)
         y = outputs[0] if len(outputs) == 1 else mx.concatenate(outputs)
         y = y[mx.array(np.argsort(order).astype(np.int32))]
         y = y.reshape(*indices.shape, x.shape[-1]).astype(x.dtype)
