@@ -156,3 +156,17 @@ def test_evaluate_reports_mlx_lm_perplexity(moe_models):
     ids = text_tokens(bundle_tokenizer(Bundle.open(path)), data)[-301:]
     assert r["mode"] == "experts" and r["tokens"] == 300
     assert r["ppl_sparse"] == perplexity(mlx_lm_model(src), ids, 100, "", False)
+
+
+def test_server_serves_an_moe_model(moe_models):
+    from test_server import chat, post, start
+
+    _, path, _ = moe_models[("qwen3_moe", 4)]
+    proc, base = start("--model", str(path), "--max-kv-size", "200", "--memory-budget",
+                       str(slots_budget(path, 3)))
+    try:
+        status, reply = post(base, chat(temperature=0.0))
+        assert status == 200 and reply["usage"]["completion_tokens"] >= 1, reply
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
