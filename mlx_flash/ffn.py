@@ -94,9 +94,9 @@ class FlashEngine:
         mode.rows_per_fetch = self.matrices["neuron"].capacity
         n_layers = len(self.families["neuron"].segments)
         self.caches: dict[tuple[int, str, tuple[str, ...]], NeuronCache] = {}
-        for (family, parts), rows in (plan.capacity.items() if plan else ()):
-            if rows > 0:
-                for layer in range(n_layers):
+        for (family, parts), per_layer in (plan.capacity.items() if plan else ()):
+            for layer, rows in enumerate(per_layer[:n_layers]):
+                if rows > 0:
                     self.caches[(layer, family, parts)] = NeuronCache(
                         self.families[family], parts, rows, window)
         for (layer, family, _), cache in self.caches.items():
@@ -104,6 +104,9 @@ class FlashEngine:
                 load, slots, _ = cache.admit(np.arange(self.families[family].count), 0)
                 self._read_admitted(cache, layer, family, load, slots)
                 cache.stats = CacheStats()  # the hit rate counts what tokens needed
+        # decode tokens' records read in layers without a cache: past any cache, they count
+        # as spills (so the hit rate is over every record a decode token needed)
+        self.uncached = CacheStats()
         self._ahead = ThreadPoolExecutor(1, thread_name_prefix="flash-ahead")  # fetch(ahead=)
         self._pending: list[Future] = []  # reads ahead started in this layer
         # decoding, the next layer's likely records are read into its cache while its
@@ -126,9 +129,9 @@ class FlashEngine:
 
     def cache_stats(self) -> CacheStats:
         total = CacheStats()
-        for cache in self.caches.values():
+        for stats in (*(cache.stats for cache in self.caches.values()), self.uncached):
             for k in ("hits", "loads", "spills", "evictions"):
-                setattr(total, k, getattr(total, k) + getattr(cache.stats, k))
+                setattr(total, k, getattr(total, k) + getattr(stats, k))
         return total
 
     def _read(self) -> tuple[int, float]:
@@ -146,11 +149,19 @@ class FlashEngine:
         in the background and return a function that waits for them; else return None."""
         fam, staging = self.families[family], self.matrices[family]
         cache = self.caches.get((layer, family, tuple(parts)))
-        if not (self._decoding or cache is not None and cache.complete):
+        if cache is not None and cache.complete:  # holds every neuron, read at load
+            if ahead:
+                return None
+            if self._decoding:
+                cache.stats.hits += len(ids)
+            return Rows(ids, cache.matrix.parts, cache.slot_of[ids], self.compute_dtype,
+                        fam.quantization)
+        if not self._decoding:
             cache = None  # a prompt streams through the staging matrix, past partial caches
         if ahead:
             if cache is not None or staging.capacity < fam.count or len(ids) == 0:
                 return None
+            self.uncached.spills += len(ids) if self._decoding else 0
             future = self._ahead.submit(self._read_staging, layer, family, parts, ids)
             self._pending.append(future)
             return future.result
@@ -158,6 +169,7 @@ class FlashEngine:
             if len(ids) > staging.capacity:
                 raise RuntimeError(f"{len(ids)} {family} records do not fit the staging matrix "
                                    f"({staging.capacity} rows)")
+            self.uncached.spills += len(ids) if self._decoding else 0
             return self._read_staging(layer, family, parts, ids)
         t0 = time.perf_counter()
         load, slots, spill = cache.admit(ids, self._token)

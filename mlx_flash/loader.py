@@ -144,7 +144,7 @@ def budget_plan(bundle: Bundle, itemsize: int, selection: int, mode: Mode,
     def plan(budget: int | None, full: bool = mode.name != "off") -> MemoryPlan:
         return plan_memory(bundle, itemsize, selection, mode.cache_keys, budget,
                            options.context, default_full=full, caches=options.window > 0
-                           and options.memory_budget != "off")
+                           and options.memory_budget != "off", windows=not mode.churns)
 
     if options.memory_budget in (None, "off"):
         return plan(None)

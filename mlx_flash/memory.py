@@ -36,6 +36,12 @@ UNITS = {"": 1, "b": 1,
 # joining what they hold with what they spill).
 MIN_CACHE_FRACTION = 1 / 16
 
+# Where partial window caches pay (the paper's regime: a ReLU model's window of 5 tokens holds
+# ~24% of a layer, 2.4% of it new per token), a layer's caches are made complete only while
+# the layers left partial keep this share of a layer each: the window's union must fit first
+# (the scale benchmark's trace: 23%), and a complete cache saves only what is new to it.
+WINDOW_SHARE = 0.3
+
 
 class BudgetError(ValueError):
     """The memory budget is below what the model needs at the least."""
@@ -176,9 +182,11 @@ class MemoryPlan:
     kv: int
     context: int
     work: int  # rows gathered for compute, intermediates, buffers MLX keeps for reuse
-    # rows per layer for each cached (family, parts) the mode reads
-    capacity: dict[tuple[str, tuple[str, ...]], int] = field(default_factory=dict)
+    # each layer's rows (a list, layer by layer) for each cached (family, parts) the mode reads
+    capacity: dict[tuple[str, tuple[str, ...]], list[int]] = field(default_factory=dict)
     cache_bytes: int = 0
+    layers: int = 0
+    complete_layers: int = 0  # layers whose every cache holds every neuron
     automatic: bool = False  # the budget was chosen from the memory available ("auto")
     whole: bool = False  # every cache complete: the model held whole, nothing read per token
 
@@ -202,7 +210,8 @@ class MemoryPlan:
                 f"{format_bytes(self.selection)} + one layer of records "
                 f"{format_bytes(self.staging)} + KV cache for {self.context} tokens "
                 f"{format_bytes(self.kv)} + working memory {format_bytes(self.work)} + neuron "
-                f"caches {format_bytes(self.cache_bytes)}")
+                f"caches {format_bytes(self.cache_bytes)} ({self.complete_layers} of "
+                f"{self.layers} layers complete)")
 
 
 def return_freed_memory() -> None:
@@ -232,11 +241,19 @@ def loaded_bytes(path: Path, compute_itemsize: int) -> int:
 
 def plan_memory(bundle: Bundle, compute_itemsize: int, selection_bytes: int,
                 cache_keys: list[tuple[str, tuple[str, ...]]], budget: int | None,
-                context: int, default_full: bool, caches: bool = True) -> MemoryPlan:
-    """Size the neuron caches. Without a budget each cache holds every neuron
-    (`default_full`: complete caches, read once at load) or nothing; with one, all caches get
-    the same fraction of their neurons, as much as the budget leaves. `caches` False (a
-    window of 0 tokens): no cache at all, whatever the budget leaves."""
+                context: int, default_full: bool, caches: bool = True,
+                windows: bool = True) -> MemoryPlan:
+    """Size each layer's neuron caches. Without a budget every layer's caches hold every
+    neuron (`default_full`: complete caches, read once at load) or nothing. With one, what it
+    leaves above the minimum goes where it saves the most reads per byte: complete caches for
+    whole layers, in layer order (a complete cache saves all of its layer's reads and never
+    joins what it holds with what it spills); then, where partial window caches pay
+    (`windows`), the rest in equal shares to the other layers, and before that a layer is
+    made complete only while those keep `WINDOW_SHARE` of a layer each (a window that holds a
+    token's selection saves more per byte than a complete cache). Without `windows` (modes
+    whose selections churn: a partial cache spills every token, and joining costs more
+    compute than its hits save reads) the rest is left unused. `caches` False (a window of 0
+    tokens): no cache at all, whatever the budget leaves."""
     config = bundle.config
     n_layers = int(config["num_hidden_layers"])
     resident = loaded_bytes(bundle.resident_path, compute_itemsize)
@@ -252,32 +269,39 @@ def plan_memory(bundle: Bundle, compute_itemsize: int, selection_bytes: int,
     # MLX keeps for reuse (the loader caps them at a quarter of this) and the engine's
     # Python-side bookkeeping: four staging slices plus 16 MiB (measured: docs/BENCHMARKS.md)
     work = 4 * staging + 16 * 2**20
-    plan = MemoryPlan(budget, resident, selection_bytes, staging, kv, context, work=work)
+    plan = MemoryPlan(budget, resident, selection_bytes, staging, kv, context, work=work,
+                      layers=n_layers)
     # a cache's rows, and its index arrays: a fixed part per neuron, a part per row
+    count = {key: bundle.families[key[0]].count for key in cache_keys}
     row_bytes = {key: bundle.families[key[0]].tensor_bytes(key[1]) + NeuronCache.index_bytes(0, 1)
                  for key in cache_keys}
-    fixed = n_layers * sum(NeuronCache.index_bytes(bundle.families[f].count, 0)
-                           for f, _ in cache_keys)
-    full = n_layers * sum(bundle.families[f].count * row_bytes[(f, p)] for f, p in cache_keys)
-    if budget is None:
-        fraction = 1.0 if default_full else 0.0
+    fixed = sum(NeuronCache.index_bytes(count[key], 0) for key in cache_keys)  # per layer
+    rows_whole = sum(count[key] * row_bytes[key] for key in cache_keys)
+    layer_whole = fixed + rows_whole  # one layer's caches, complete
+    if budget is not None and budget < plan.minimum:
+        raise BudgetError(f"memory budget {format_bytes(budget)} is below the minimum "
+                          f"{format_bytes(plan.minimum)} for this model: "
+                          + plan.describe().rsplit(" + neuron caches", 1)[0])
+    room = 0 if budget is None else budget - plan.minimum
+    if not caches or not cache_keys:
+        complete, fraction = 0, 0.0
+    elif budget is None:
+        complete, fraction = (n_layers if default_full else 0), 0.0
     else:
-        if budget < plan.minimum:
-            raise BudgetError(f"memory budget {format_bytes(budget)} is below the minimum "
-                              f"{format_bytes(plan.minimum)} for this model: "
-                              + plan.describe().rsplit(" + neuron caches", 1)[0])
-        fraction = min(1.0, max(0, budget - plan.minimum - fixed) / full) if full else 0.0
-    if not caches:
-        fraction = 0.0
+        complete = min(n_layers, room // layer_whole)
+        while windows and complete and (room - complete * layer_whole
+                                        < WINDOW_SHARE * (n_layers - complete) * layer_whole):
+            complete -= 1
+        share = (room - complete * layer_whole) / max(1, n_layers - complete)
+        fraction = min(1.0, max(0, share - fixed) / rows_whole) if windows else 0.0
     for key in cache_keys:
-        count = bundle.families[key[0]].count
-        rows = int(fraction * count)
-        if rows < MIN_CACHE_FRACTION * count:
+        rows = int(fraction * count[key])
+        if rows < MIN_CACHE_FRACTION * count[key]:
             rows = 0
-        plan.capacity[key] = rows
-        if rows:
-            plan.cache_bytes += n_layers * (rows * row_bytes[key]
-                                            + NeuronCache.index_bytes(count, 0))
-    plan.whole = bool(cache_keys) and all(
-        plan.capacity[key] == bundle.families[key[0]].count for key in cache_keys)
+        plan.capacity[key] = [count[key]] * complete + [rows] * (n_layers - complete)
+        plan.cache_bytes += sum(n * row_bytes[key] + NeuronCache.index_bytes(count[key], 0)
+                                for n in plan.capacity[key] if n)
+    plan.complete_layers = sum(all(plan.capacity[key][i] == count[key] for key in cache_keys)
+                               for i in range(n_layers)) if cache_keys else 0
+    plan.whole = bool(cache_keys) and plan.complete_layers == n_layers
     return plan

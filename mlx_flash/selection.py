@@ -197,6 +197,10 @@ class Mode:
     # input dimension: its column of gate and of up). Reading each stage's parts from a family
     # of its own keeps the reads contiguous.
     LAYOUTS: dict[str, tuple[str, ...] | str] = {}
+    # Whether a token's selection moves from token to token so much that a cache smaller than
+    # a layer spills every token (SwiGLU's gate-based selections: half the neurons, 22% new
+    # each token): the memory plan then gives such modes complete caches or none.
+    churns = False
 
     def __init__(self, spec: FFNSpec, families: dict[str, RecordFamily]):
         self.spec = spec
@@ -322,6 +326,7 @@ class Hybrid(Mode):
 
     name = "hybrid"
     LAYOUTS = {"up": ("up",), "down": ("down",)}
+    churns = True
 
     def __init__(self, spec, families, gates: list[mx.array] | list[tuple[mx.array, ...]],
                  t_gate: Sequence[float], t_h: Sequence[float] | None,
@@ -392,6 +397,7 @@ class Teal(Mode):
 
     name = "teal"
     LAYOUTS = {"column": "columns", "down": ("down",)}
+    churns = True
 
     def __init__(self, spec, families, t_x: Sequence[float], t_h: Sequence[float]):
         super().__init__(spec, families)

@@ -154,7 +154,7 @@ def test_budget(relu_bundle):
     plan = model.flash.plan
     assert plan.minimum < plan.total <= budget
     fam = bundle.families["neuron"]
-    assert 0 < plan.capacity[("neuron", tuple(p.name for p in fam.parts))] < fam.count
+    assert 0 < min(plan.capacity[("neuron", tuple(p.name for p in fam.parts))]) < fam.count
     tokens = decode(model, [40, 41], 4)
     # the KV cache the plan counts: 64 tokens, allocated once (not mlx-lm's 256-token steps)
     cache = make_prompt_cache(model)

@@ -31,10 +31,13 @@ def decode(path, mode: str, options: EngineOptions, steps: int = STEPS,
 
 
 def budgets(path, mode: str) -> list[int | None]:
-    """No budget, the minimum, and budgets whose caches hold 1/8, 1/2 and all of a layer."""
+    """No budget, the minimum, and budgets that leave the caches 1/8, 1/2, 3/4 and all of
+    the model (the tiny models have 2 layers: from 1/2 on, one layer's caches are complete
+    and the other's partial or none: per-layer shares)."""
     plan = open_model(Bundle.open(path), None, mode, EngineOptions(HUGE)).flash.plan
     room = plan.total - plan.minimum
-    return [None, plan.minimum] + [plan.minimum + int(f * room) for f in (0.125, 0.5, 1.0)]
+    return [None, plan.minimum] + [plan.minimum + int(f * room)
+                                   for f in (0.125, 0.5, 0.75, 1.0)]
 
 
 CASES = [("float", m) for m in ("off", *MODES)] + [("q4", m) for m in
@@ -46,14 +49,23 @@ def test_logits_equal_under_every_setting(calibrated, quantized_tiny, kind, mode
     path = (calibrated if kind == "float" else quantized_tiny)[mode]
     expected, _ = decode(path, mode, EngineOptions())
     evictions = spills = 0
+    shares = set()  # (complete layers, layers with a partial cache) the grid decoded with
     for budget in budgets(path, mode):
         for window in (0, 1, 5):
             got, engine = decode(path, mode, EngineOptions(budget, window, threads=1))
             np.testing.assert_array_equal(got, expected, err_msg=f"{budget=} {window=}")
-            stats = engine.cache_stats()
-            evictions, spills = evictions + stats.evictions, spills + stats.spills
-    # the grid exercised the caches' hard paths (dense "off" keeps what fits: it never evicts)
-    assert spills > 0 and (evictions > 0 or mode == "off")
+            complete = {layer for (layer, *_), c in engine.caches.items() if c.complete}
+            shares.add((len(complete), len({layer for layer, *_ in engine.caches} - complete)))
+            for cache in engine.caches.values():  # spills past a cache, evictions from it
+                evictions, spills = evictions + cache.stats.evictions, spills + cache.stats.spills
+    # the grid exercised the partial caches' hard paths (dense "off" keeps what fits: it never
+    # evicts); modes whose selections churn get complete caches or none, never partial ones
+    if engine.mode.churns:
+        assert all(cache.complete for cache in engine.caches.values())
+    else:
+        assert spills > 0 and (evictions > 0 or mode == "off")
+        assert (1, 1) in shares  # one layer's caches complete, the other's partial
+    assert (1, 0) in shares or not engine.mode.churns  # one layer's complete, the other none
     smallest_cache = budgets(path, mode)[2]
     for options in (EngineOptions(smallest_cache, 3, threads=8, cold=True),
                     EngineOptions(None, 2, threads=8)):
@@ -149,7 +161,7 @@ def test_default_model_equal_under_every_setting(default_calibrated, default_ggu
     prompt = tokenizer.apply_chat_template([{"role": "user", "content": "Why is the sky blue?"}],
                                            add_generation_prompt=True)
     expected, _ = decode(default_calibrated, "hybrid", EngineOptions(context=256), 16, prompt)
-    none, minimum, eighth, half, full = budgets(default_calibrated, "hybrid")
+    none, minimum, eighth, half, _, full = budgets(default_calibrated, "hybrid")
     for options in (EngineOptions(none, 0, 256), EngineOptions(none, 1, 256),
                     *(EngineOptions(minimum, window, 256) for window in (0, 1, 5)),
                     EngineOptions(eighth, 5, 256), EngineOptions(half, 5, 256),

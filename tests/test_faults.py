@@ -67,10 +67,13 @@ def assert_caches_equal_file(engine) -> int:
     return rows
 
 
-# the site each setting reads through: caches (and staging for what they spill), staging alone
-# (selection off, no budget: every record every token), reads ahead (hybrid without caches),
-# the next layer's predicted records read while its attention computes (predictor, caches)
-SITES = {"cache": ("hybrid", 0.5, 5), "staging": ("off", None, 5), "ahead": ("hybrid", 0.0, 0),
+# the site each setting reads through: partial window caches (and staging for what they
+# spill), complete caches in some layers and staging in the others (hybrid, whose selections
+# churn, gets no partial cache), staging alone (selection off, no budget: every record every
+# token), reads ahead (hybrid without caches), the next layer's predicted records read while
+# its attention computes (predictor, caches)
+SITES = {"cache": ("predictor", 0.5, 5), "complete": ("hybrid", 0.5, 5),
+         "staging": ("off", None, 5), "ahead": ("hybrid", 0.0, 0),
          "lookahead": ("predictor", 0.5, 5)}
 
 
@@ -91,8 +94,9 @@ def test_faults_never_poison_later_answers(calibrated, site, monkeypatch):
     counting = Faulty("none")
     monkeypatch.setattr(os, "preadv", counting)
     model = open_model(bundle, None, mode, options())
+    loaded = counting.calls  # complete caches are read at load
     np.testing.assert_array_equal(logits_of(model), fresh)
-    total = counting.calls
+    total = counting.calls - loaded
     if site == "ahead":
         assert model.flash.caches == {} and model.flash._ahead._threads  # it did read ahead
     if site == "lookahead":  # the next layer's predicted neurons, read in the background
@@ -109,15 +113,20 @@ def test_faults_never_poison_later_answers(calibrated, site, monkeypatch):
     monkeypatch.setattr(os, "preadv", Faulty("short"))
     np.testing.assert_array_equal(logits_of(model), fresh)
     held = assert_caches_equal_file(model.flash)
-    assert (held > 0) == (site in ("cache", "lookahead"))
+    assert (held > 0) == (site in ("cache", "complete", "lookahead"))
+    if site == "complete":
+        assert 0 < model.flash.plan.complete_layers < model.flash.plan.layers
 
 
 def test_a_token_past_cache_and_staging_leaves_the_cache_as_the_file(calibrated, monkeypatch):
     """A token that needs more records than its cache and the staging matrix hold together is
     an error (raise the budget), and the records its cache admitted for it are not left
-    resident unread."""
+    resident unread (hybrid's selections churn, and the plan gives it complete caches or
+    none: here it is planned as a mode whose partial caches pay would be)."""
     import mlx_flash.ffn
+    from mlx_flash.selection import Hybrid
 
+    monkeypatch.setattr(Hybrid, "churns", False)
     bundle = Bundle.open(calibrated["hybrid"])
     monkeypatch.setattr(mlx_flash.ffn, "STAGING_BYTES", 8 * bundle.families["up"].record_bytes)
     plan = open_model(bundle, None, "hybrid", EngineOptions(10**12, 5, 64)).flash.plan
