@@ -1,7 +1,9 @@
 """Benchmark the flash engine against dense, naive, mmap and hybrid engines, side by side.
 
     python tools/bench.py [--runs default,scale] [--quick] [--tokens N] [--json OUT]
-                          [--md OUT] [--png OUT]
+                          [--md OUT] [--png OUT] [--engines E,...] [--repeat N]
+    python tools/bench.py --runs scale --engines naive,flash,flash-ahead --repeat 3
+                                       # reading ahead on the scale run, side by side
     python tools/bench.py --big        # by hand: an OPT-shaped model 1.3x this machine's RAM
     python tools/bench.py --sweep [--quick] [--json OUT] [--md OUT] [--png OUT]
                                        # the budget curve: flash from its minimum budget to
@@ -21,6 +23,10 @@ credits its naive baseline with the storage's best throughput):
           (page cache bypassed)
   flash-q4  (default run) the same on a 4-bit bundle of the model: the GGUF's own Q4_1
           blocks, the down projection requantized to 4 bits along d
+  flash-ahead  (--engines ...,flash-ahead) flash reading ahead (--lookahead): decoding, the
+          next layer's likely records (the scale run's trace: exactly its selection) are read
+          into its cache while its attention computes; the table says how much of flash's I/O
+          wait it hid
 
 Runs:
   default  the embedded default model (SwiGLU) with its calibrated selection mode, budget 75%
@@ -55,6 +61,7 @@ I/O, cache management, the rest = compute), as a Markdown table, JSON (--json) a
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import shutil
@@ -70,7 +77,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-ENGINES = ("dense", "naive", "mmap", "hybrid", "flash", "flash-q4")
+ENGINES = ("dense", "naive", "mmap", "hybrid", "flash", "flash-q4")  # and flash-ahead
 SWEEP_TOP = 1.2  # the sweep's largest budget, as a multiple of what the model needs whole
 BIG_ENGINES = ("naive", "mmap", "hybrid", "flash")  # dense cannot load a model over RAM
 PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle."
@@ -222,10 +229,15 @@ def worker(spec: dict) -> dict:
         sparsity = spec["sparsity"] if flash_engine else "off"
         # quantized bundles compute in the loader's choice (float32 on MLX's CPU backend)
         compute = None if engine_name == "flash-q4" else spec["compute_dtype"]
+        if spec.get("probe"):  # the sweep's range: the mode's minimum (no budget: nothing
+            # switches it), and the least budget that holds the model whole (a budget that
+            # does computes the bundle's default mode densely: the dense FFN's records whole)
+            plans = [open_model(bundle, compute, sparsity, dataclasses.replace(
+                options, memory_budget=budget)).flash.plan for budget in (None, 2**50)]
+            return {"minimum": plans[0].minimum, "total": max(p.total for p in plans)}
+        options.lookahead = engine_name == "flash-ahead"
         model = open_model(bundle, compute, sparsity, options)
         flash = model.flash
-        if spec.get("probe"):  # the sweep's plan: what the model needs, at least and whole
-            return {"minimum": flash.plan.minimum, "total": flash.plan.total}
         if trace is not None:
             from mlx_flash.selection import Trace
 
@@ -246,6 +258,7 @@ def worker(spec: dict) -> dict:
         row.update(ffn_bytes_per_token=d.bytes / d.tokens,
                    needed_bytes_per_token=d.needed_bytes / d.tokens,
                    io_ms=1e3 * d.io_seconds / d.tokens,
+                   ahead_ms=1e3 * d.ahead_seconds / d.tokens, read_ahead=flash.read_ahead,
                    mem_ms=1e3 * d.mem_seconds / d.tokens, read_calls=flash.read_calls,
                    cache_hit_rate=flash.cache_stats().hit_rate,
                    read_mb_per_s=d.bytes / max(d.io_seconds, 1e-9) / 1e6,
@@ -271,15 +284,27 @@ def run_engine(folder: Path, spec: dict, fail: bool = True) -> dict:
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
-def run_engines(folders: dict[str, Path], base: dict, engines: list[str]) -> list[dict]:
-    rows = []
-    for engine in engines:
-        if engine == "flash-q4" and engine not in folders:
-            continue  # a run without a 4-bit bundle
-        rows.append(run_engine(folders.get(engine, folders["bundle"]),
-                               dict(base, engine=engine)))
-        print(f"  {engine}: {rows[-1]['ms_per_token']:.1f} ms/token", flush=True)
-    return rows
+def median_row(rounds: list[dict]) -> dict:
+    """A point's row over its rounds: its median round's (ms/token: the lower median), with
+    every round's ms/token and the largest model RSS."""
+    ms = [r["ms_per_token"] for r in rounds]
+    row = dict(next(r for r in rounds if r["ms_per_token"] == statistics.median_low(ms)))
+    row.update(ms_per_token_rounds=ms, model_rss_bytes=max(r["model_rss_bytes"] for r in rounds))
+    return row
+
+
+def run_engines(folders: dict[str, Path], base: dict, engines: list[str],
+                repeat: int = 1) -> list[dict]:
+    """Each engine in its own process, `repeat` rounds interleaved, each its median round."""
+    engines = [e for e in engines if e != "flash-q4" or e in folders]  # a 4-bit bundle or not
+    got: dict[str, list[dict]] = {e: [] for e in engines}
+    for i in range(repeat):
+        for engine in engines:
+            got[engine].append(run_engine(folders.get(engine, folders["bundle"]),
+                                          dict(base, engine=engine)))
+            print(f"  [{i + 1}/{repeat}] {engine}: {got[engine][-1]['ms_per_token']:.1f} "
+                  "ms/token", flush=True)
+    return [median_row(rounds) for rounds in got.values()]
 
 
 # ----------------------------------------------------------------------------- runs
@@ -396,6 +421,16 @@ def table(run: dict) -> str:
                      f"of flash on the {run.get('compute_dtype', '')} bundle; its selection "
                      f"needs {need:.2f}× the bytes per token, and in the same budget its "
                      f"window holds more of them: it reads {read:.2f}× the bytes")
+    ahead = next((r for r in run["rows"] if r["engine"] == "flash-ahead"), None)
+    if flash and ahead:
+        lines.append(f"flash-ahead: I/O waited {ahead['io_ms']:.1f} ms/token against flash's "
+                     f"{flash['io_ms']:.1f} ({1 - ahead['io_ms'] / flash['io_ms']:.0%} of it "
+                     f"hidden), {ahead['ahead_ms']:.1f} ms/token read in the background while "
+                     f"attention computed; {ahead['ffn_bytes_per_token'] / 1e6:.1f} MB read "
+                     f"per token against {flash['ffn_bytes_per_token'] / 1e6:.1f}; "
+                     f"{ahead['ms_per_token']:.1f} against {flash['ms_per_token']:.1f} ms/token"
+                     + (f", {naive / ahead['ms_per_token']:.2f}× naive against "
+                        f"{naive / flash['ms_per_token']:.2f}×" if naive else ""))
     if run.get("trace"):
         t = run["trace"]
         lines.append(f"trace: {t['active']:.1%} of neurons active per token, a 5-token window "
@@ -457,7 +492,7 @@ def sweep_run(model: str, folders: dict[str, Path], base: dict, points: int,
     own process; a point's row is that of its median round, its model RSS the largest. A
     budget the engine cannot run at is left out of the rows, its error kept in "failed"."""
     bundle = folders["bundle"]
-    plan = run_engine(bundle, dict(base, engine="flash", probe=True, budget=2**50))
+    plan = run_engine(bundle, dict(base, engine="flash", probe=True))
     budgets = sweep_budgets(plan["minimum"], plan["total"], points)
     print(f"{model}: {bundle.name}, minimum {plan['minimum'] / 1e6:.1f} MB, whole "
           f"{plan['total'] / 1e6:.1f} MB; budgets (MB) "
@@ -486,10 +521,8 @@ def sweep_run(model: str, folders: dict[str, Path], base: dict, points: int,
     for (engine, budget), rounds in got.items():
         if budget in failed:
             continue
-        ms = [r["ms_per_token"] for r in rounds]
-        row = dict(next(r for r in rounds if r["ms_per_token"] == statistics.median_low(ms)))
-        row.update(engine=engine, budget_bytes=budget, ms_per_token_rounds=ms,
-                   model_rss_bytes=max(r["model_rss_bytes"] for r in rounds))
+        row = median_row(rounds)
+        row.update(engine=engine, budget_bytes=budget)
         if budget is not None:
             row["rss_within_budget"] = row["model_rss_bytes"] <= budget
         rows.append(row)
@@ -631,8 +664,8 @@ def main() -> int:
                    help="--sweep: budgets evenly spaced (default 6, or 9; the model's own "
                         "size is added)")
     p.add_argument("--repeat", type=int, default=None,
-                   help="--sweep: rounds, interleaved; each point keeps its median "
-                        "(default 3)")
+                   help="rounds, interleaved; each point keeps its median (default: --sweep 3, "
+                        "else 1)")
     p.add_argument("--tokens", type=int, default=None, help="decode tokens per engine")
     p.add_argument("--engines", default=None,
                    help=f"comma-separated (default {','.join(ENGINES)}; --big: "
@@ -697,7 +730,7 @@ def main() -> int:
         print(f"{name}: {bundle.name}, budget {budget / 1e6:.0f} MB, {tokens} tokens")
         run = {"model": name, "budget_bytes": budget, "bundle_bytes": size, "tokens": tokens,
                "compute_dtype": compute,
-               "rows": run_engines(folders, base, engines)}
+               "rows": run_engines(folders, base, engines, args.repeat or 1)}
         flash = next((r for r in run["rows"] if r["engine"] == "flash"), None)
         if flash and flash.get("mean_read_bytes"):
             run["profile"] = profile_figure(flash["mean_read_bytes"], args.threads)
