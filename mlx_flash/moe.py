@@ -224,14 +224,6 @@ def _stack(source, names: list[str], shape: tuple[int, ...]) -> Weight:
     return w
 
 
-def _stored_dtype(source, name: str) -> str:
-    """The float dtype a source stores tensor `name` (or its scales) in."""
-    w = source.get_weight(name)
-    a = w.scales if isinstance(w, QuantizedTensor) else getattr(source, "stored", {}).get(name, w)
-    return str(a.dtype).rsplit(".", 1)[-1] if str(a.dtype).rsplit(".", 1)[-1] in DTYPES \
-        else "float32"
-
-
 def convert_moe(source, out: str | Path, dtype: str | None = None,
                 progress: bool = True) -> Bundle:
     """Convert an MoE `source` (opened by `sources.open_source`) into a bundle at `out`.
@@ -262,7 +254,7 @@ def convert_moe(source, out: str | Path, dtype: str | None = None,
         # float32 (exact: a 16-bit float widens losslessly) let the experts multiply where the
         # cache holds them. Else the source's own dtype.
         dtype = "float32" if quantization and not mx.metal.is_available() else \
-            _stored_dtype(source, experts[first]["gate"][0])
+            source.stored_dtype(experts[first]["gate"][0])
     if dtype not in DTYPES:
         raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
     # resident tensors: as mlx-lm would load them (its sanitize maps the source's names)

@@ -511,6 +511,12 @@ class GGUFSource:
         heads = c["num_attention_heads"] if "q_proj" in name else c["num_key_value_heads"]
         return _unpermute_qk(rows, heads)
 
+    def stored_dtype(self, name: str) -> str:
+        """The float dtype tensor `name` is stored in (quantized blocks: their float16
+        scales; types that are dequantized: float16, as llama.cpp computes them)."""
+        return {"F32": "float32", "BF16": "bfloat16"}.get(self.tensors[name].tensor_type.name,
+                                                          "float16")
+
     def get_weight(self, name: str, expert: int | None = None) -> Weight:
         """Tensor `name` as stored: a QuantizedTensor for Q4_0/Q4_1/Q8_0 (group size 32,
         float16 scales and biases; experts stacked: weight `[E, out, in·bits/32]` uint32,
@@ -624,6 +630,12 @@ class HFSource:
     def _quantized(self, name: str) -> bool:
         base = name.removesuffix(".weight")
         return self._quant is not None and name != base and f"{base}.scales" in self._arrays
+
+    def stored_dtype(self, name: str) -> str:
+        """The float dtype tensor `name` (a quantized one: its scales) is stored in."""
+        base = name.removesuffix(".weight")
+        a = self._arrays[f"{base}.scales" if self._quantized(name) else name]
+        return str(a.dtype).rsplit(".", 1)[-1]
 
     def get_weight(self, name: str) -> Weight:
         if not self._quantized(name):

@@ -170,3 +170,13 @@ def test_server_serves_an_moe_model(moe_models):
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def test_a_bfloat16_source_keeps_its_dtype(tmp_path):
+    src = tmp_path / "bf16"
+    write_tiny_moe(src, "olmoe", dtype=mx.bfloat16)
+    bundle = convert(src, tmp_path / "bf16.flash", dtype=None, progress=False)
+    assert bundle.dtype == "bfloat16" and bundle.families[EXPERTS].part("gate").dtype == "bfloat16"
+    model, _ = load(bundle.path, memory_budget=slots_budget(bundle.path, 3))
+    assert np.array_equal(greedy_logits(model, PROMPT, 8),
+                          greedy_logits(mlx_lm_model(src), PROMPT, 8))

@@ -58,9 +58,9 @@ def build_mlx_lm(config: dict[str, Any]) -> nn.Module:
 
 
 def write_tiny_moe(folder: Path, model_type: str, bits: int | None = None, seed: int = 0,
-                   **overrides: Any) -> dict[str, Any]:
-    """An mlx-lm folder of a random `model_type` MoE: float32, or quantized (`bits`, group
-    32) as mlx-lm's convert does; returns its config. Weights are drawn with a scale that
+                   dtype: mx.Dtype = mx.float32, **overrides: Any) -> dict[str, Any]:
+    """An mlx-lm folder of a random `model_type` MoE: float (`dtype`), or quantized (`bits`,
+    group 32) as mlx-lm's convert does; returns its config. Weights are drawn with a scale that
     gives every layer a say (mlx-lm's own initialisation leaves the router near uniform)."""
     from mlx_lm.utils import quantize_model, save_config, save_model
 
@@ -77,6 +77,7 @@ def write_tiny_moe(folder: Path, model_type: str, bits: int | None = None, seed:
         return mx.array(rng.standard_normal(a.shape).astype(np.float32) / np.sqrt(fan_in))
 
     model.update(tree_map(draw, model.parameters()))
+    model.set_dtype(dtype)
     if bits is not None:
         model, config = quantize_model(model, config, 32, bits)
     mx.eval(model.parameters())
