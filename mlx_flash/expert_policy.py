@@ -1,0 +1,290 @@
+"""Eviction policies for the per-layer expert cache of a Mixture-of-Experts model.
+
+An MoE layer holds `count` experts on flash and a fixed number of slots (`capacity`) in memory.
+Each decode token needs its router's top-k experts of the layer; those not resident are read
+from flash, evicting residents when the slots are full. Which residents to evict decides how
+many bytes each token reads, so the policies here are compared on real routing traces against
+Belady's MIN (the offline optimum: evict the expert whose next use is farthest away).
+
+The online interface, one instance per layer (expert ids are ints 0..count-1):
+
+    policy = POLICIES[name](count, capacity)
+    policy.victims(resident, n, t, keep)  # before token t's reads: n of `resident` to evict,
+                                          # never one of `keep` (the experts token t needs)
+    policy.touch(ids, t)                  # after token t's reads: it used `ids`, all resident
+    policy.expire(resident, t)            # after touch: residents to drop now (usually none)
+
+A trace is a list over tokens of sorted int arrays: the experts one layer used at each token.
+`simulate` replays a trace through a policy the way the engine drives it; `belady_hits` gives
+the optimum hits for the same trace and capacity. NumPy only; every call is O(count).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+Trace = Sequence[np.ndarray]
+
+
+class Policy:
+    """Base class: bookkeeping of last use, and the choice of the n lowest-scored residents.
+
+    Subclasses define `score` (lower = evict first); ties go to the least recently used, then
+    the lower id, so every policy is deterministic.
+    """
+
+    name = "base"
+
+    def __init__(self, count: int, capacity: int) -> None:
+        if capacity < 1 or count < 1:
+            raise ValueError(f"need count >= 1 and capacity >= 1, got {count}, {capacity}")
+        self.count = count
+        self.capacity = capacity
+        self.last = np.full(count, -1, dtype=np.int64)  # token of last use, -1 = never
+
+    def touch(self, ids: np.ndarray, t: int) -> None:
+        """Token t used `ids` (all resident now)."""
+        self.last[ids] = t
+
+    def score(self, cand: np.ndarray, t: int) -> np.ndarray:
+        """Eviction priority of the candidate experts at token t: the lowest go first."""
+        raise NotImplementedError
+
+    def victims(self, resident: np.ndarray, n: int, t: int, keep: np.ndarray) -> np.ndarray:
+        """n experts of `resident` to evict so that token t's missing experts fit.
+
+        Never one of `keep` (what token t needs); raises if fewer than n residents are
+        evictable, which only happens when capacity < top-k (a configuration error).
+        """
+        resident = np.asarray(resident, dtype=np.int64)
+        cand = resident[~np.isin(resident, keep)]
+        if n <= 0:
+            return cand[:0]
+        if n > len(cand):
+            raise ValueError(f"cannot evict {n} experts: only {len(cand)} not needed by token {t}")
+        order = np.lexsort((cand, self.last[cand], self.score(cand, t)))
+        return cand[order[:n]]
+
+    def expire(self, resident: np.ndarray, t: int) -> np.ndarray:
+        """Residents to drop after token t although no slot is needed (none by default)."""
+        return np.asarray(resident, dtype=np.int64)[:0]
+
+
+class LRU(Policy):
+    """Least recently used: consecutive tokens share experts (routing has some locality)."""
+
+    name = "lru"
+
+    def score(self, cand: np.ndarray, t: int) -> np.ndarray:
+        return self.last[cand]
+
+
+class LFU(Policy):
+    """Least frequently used, counting every past token: bets on a stable popularity skew."""
+
+    name = "lfu"
+
+    def __init__(self, count: int, capacity: int) -> None:
+        super().__init__(count, capacity)
+        self.uses = np.zeros(count, dtype=np.int64)
+
+    def touch(self, ids: np.ndarray, t: int) -> None:
+        super().touch(ids, t)
+        self.uses[ids] += 1
+
+    def score(self, cand: np.ndarray, t: int) -> np.ndarray:
+        return self.uses[cand]
+
+
+class Window(Policy):
+    """The paper's sliding window (LLM in a flash, section 3.1) applied to experts.
+
+    Keep only the experts used in the last `window` tokens: older ones are dropped eagerly
+    after each token (`expire`), which frees memory but can only lose hits at a fixed
+    capacity; when the window holds more experts than the slots, evict the least recently
+    used. At equal occupancy this is LRU; its point is the smaller mean occupancy.
+    """
+
+    name = "window"
+
+    def __init__(self, count: int, capacity: int, window: int = 5) -> None:
+        super().__init__(count, capacity)
+        self.window = window
+
+    def score(self, cand: np.ndarray, t: int) -> np.ndarray:
+        return self.last[cand]
+
+    def expire(self, resident: np.ndarray, t: int) -> np.ndarray:
+        resident = np.asarray(resident, dtype=np.int64)
+        return resident[self.last[resident] <= t - self.window]
+
+
+class LRFU(Policy):
+    """Decayed frequency (LRFU, Lee et al. 1999): score = sum over past uses of decay^age.
+
+    One knob between the two signals a router gives: decay -> 0 is LRU (only the last use
+    counts), decay -> 1 is LFU (every use counts forever). MoE routing has both a popularity
+    skew that lasts and short bursts of reuse, so an intermediate decay can beat either end.
+    The default (0.995, a memory of a few hundred tokens) was the best of 0.5..0.995 on the
+    fixture's routing of training text; there it is LFU with a slow drift (docs/MOE.md).
+    Stored as (score at last use, last use), decayed lazily when compared.
+    """
+
+    name = "lrfu"
+
+    def __init__(self, count: int, capacity: int, decay: float = 0.995) -> None:
+        super().__init__(count, capacity)
+        if not 0.0 < decay < 1.0:
+            raise ValueError(f"decay must lie in (0, 1), got {decay}")
+        self.decay = decay
+        self.crf = np.zeros(count, dtype=np.float64)
+
+    def current(self, ids: np.ndarray, t: int) -> np.ndarray:
+        """The experts' scores as of token t."""
+        age = np.where(self.last[ids] < 0, 0, t - self.last[ids])
+        return self.crf[ids] * self.decay ** age
+
+    def touch(self, ids: np.ndarray, t: int) -> None:
+        self.crf[ids] = self.current(ids, t) + 1.0
+        super().touch(ids, t)
+
+    def score(self, cand: np.ndarray, t: int) -> np.ndarray:
+        return self.current(cand, t)
+
+
+class Markov(Policy):
+    """Evict the experts least likely to be needed soon, given what the current token uses.
+
+    Routing of consecutive tokens is correlated beyond "the same experts again": the experts
+    token t uses predict which ones tokens t+1.. will use (in the byte-level fixture, the
+    current byte's class predicts the next byte's). The policy counts, online, how often
+    expert b is used d = 1..`horizon` tokens after expert a (weighted gamma^(d-1)), and at
+    eviction time scores each candidate by its estimated chance of following the experts of
+    `keep` (the current token's), smoothed towards its overall frequency so that it starts
+    as LFU. count x count counters: 128 KiB per layer for 128 experts. The default horizon
+    (4) was the best of 1, 2, 4, 8 on the fixture's routing of training text; on held-out
+    text it is the best policy measured at every capacity above top-k (docs/MOE.md).
+    """
+
+    name = "markov"
+
+    def __init__(self, count: int, capacity: int, horizon: int = 4, gamma: float = 0.7) -> None:
+        super().__init__(count, capacity)
+        self.gamma = gamma
+        self.follows = np.zeros((count, count), dtype=np.float64)
+        self.uses = np.zeros(count, dtype=np.float64)
+        self.recent: deque[np.ndarray] = deque(maxlen=horizon)
+        self.keep = np.zeros(0, dtype=np.int64)
+
+    def touch(self, ids: np.ndarray, t: int) -> None:
+        ids = np.asarray(ids, dtype=np.int64)
+        for d, before in enumerate(reversed(self.recent)):
+            self.follows[np.ix_(before, ids)] += self.gamma ** d
+        self.uses[ids] += 1
+        self.recent.append(ids)
+        super().touch(ids, t)
+
+    def victims(self, resident: np.ndarray, n: int, t: int, keep: np.ndarray) -> np.ndarray:
+        self.keep = np.asarray(keep, dtype=np.int64)
+        return super().victims(resident, n, t, keep)
+
+    def score(self, cand: np.ndarray, t: int) -> np.ndarray:
+        prior = (self.uses[cand] + 1) / (self.uses.sum() + self.count)
+        now = self.keep
+        return ((self.follows[np.ix_(now, cand)].sum(axis=0) + prior * len(now))
+                / (self.uses[now].sum() + len(now)))
+
+
+POLICIES: dict[str, type[Policy]] = {
+    "lru": LRU, "lfu": LFU, "window": Window, "lrfu": LRFU, "markov": Markov}
+DEFAULT_POLICY = "markov"
+
+
+def _check_trace(trace: Trace, capacity: int) -> None:
+    for t, ids in enumerate(trace):
+        if len(ids) > capacity:
+            raise ValueError(f"token {t} needs {len(ids)} experts, more than capacity {capacity}")
+
+
+def simulate_detail(trace: Trace, capacity: int, policy_cls: type[Policy] | str,
+                    count: int | None = None, **kw: Any) -> dict[str, float]:
+    """Replay `trace` through a policy as the engine drives it; hits, misses, occupancy.
+
+    Per token: the needed experts already resident are hits; the rest are read (misses),
+    first into free slots, then into slots the policy's `victims` frees; then `touch`, then
+    `expire`. The cache starts empty, so first uses count as misses.
+    """
+    _check_trace(trace, capacity)
+    if isinstance(policy_cls, str):
+        policy_cls = POLICIES[policy_cls]
+    if count is None:
+        count = 1 + max((int(ids.max()) for ids in trace if len(ids)), default=0)
+    policy = policy_cls(count, capacity, **kw)
+    resident = np.zeros(count, dtype=bool)
+    hits = misses = 0
+    occupancy = 0
+    for t, ids in enumerate(trace):
+        ids = np.asarray(ids, dtype=np.int64)
+        present = resident[ids]
+        hits += int(present.sum())
+        missing = ids[~present]
+        misses += len(missing)
+        short = len(missing) - (capacity - int(resident.sum()))
+        if short > 0:
+            out = policy.victims(np.flatnonzero(resident), short, t, ids)
+            if len(out) != short or resident[out].sum() != short or np.isin(out, ids).any():
+                raise AssertionError(f"{policy.name} chose bad victims {out} at token {t}")
+            resident[out] = False
+        resident[missing] = True
+        policy.touch(ids, t)
+        resident[policy.expire(np.flatnonzero(resident), t)] = False
+        occupancy += int(resident.sum())
+    total = hits + misses
+    return {"hits": hits, "misses": misses, "hit_rate": hits / total if total else 1.0,
+            "mean_resident": occupancy / max(1, len(trace))}
+
+
+def simulate(trace: Trace, capacity: int, policy_cls: type[Policy] | str, **kw: Any) -> float:
+    """Hit rate of a policy on one layer's trace (hits / routings, cold misses included)."""
+    return simulate_detail(trace, capacity, policy_cls, **kw)["hit_rate"]
+
+
+def belady_hits(trace: Trace, capacity: int) -> int:
+    """Hits of Belady's MIN on `trace`: the most any policy can get at this capacity.
+
+    On a miss with the slots full, evict the resident (not needed by this token) whose next
+    use is farthest in the future. Demand reads only, cache empty at the start, all of a
+    token's experts resident together (so capacity >= top-k).
+    """
+    _check_trace(trace, capacity)
+    trace = [np.asarray(ids, dtype=np.int64) for ids in trace]
+    count = 1 + max((int(ids.max()) for ids in trace if len(ids)), default=0)
+    never = len(trace)
+    nxt = np.full(count, never, dtype=np.int64)
+    following = [None] * len(trace)  # following[t][e]: the first token after t that uses e
+    for t in range(len(trace) - 1, -1, -1):
+        following[t] = nxt.copy()
+        nxt[trace[t]] = t
+    resident = np.zeros(count, dtype=bool)
+    hits = 0
+    for t, ids in enumerate(trace):
+        present = resident[ids]
+        hits += int(present.sum())
+        missing = ids[~present]
+        short = len(missing) - (capacity - int(resident.sum()))
+        if short > 0:
+            cand = np.flatnonzero(resident)
+            cand = cand[~np.isin(cand, ids)]
+            far = cand[np.argsort(-following[t][cand], kind="stable")[:short]]
+            resident[far] = False
+        resident[missing] = True
+    return hits
+
+
+def belady_hit_rate(trace: Trace, capacity: int) -> float:
+    total = sum(len(ids) for ids in trace)
+    return belady_hits(trace, capacity) / total if total else 1.0
