@@ -242,6 +242,9 @@ def worker(spec: dict) -> dict:
             from mlx_flash.selection import Trace
 
             flash.mode = Trace(flash.spec, bundle.families, trace)
+            # selections in slices of the staging matrix, as the engine sets its own mode's
+            # (at the scale model's minimum, without caches, 1638 rows did not fit its 1023)
+            flash.mode.rows_per_fetch = flash.dense.rows_per_fetch
     load_s = time.perf_counter() - t0
     stamps = []
     for _ in generate_step(mx.array(spec["prompt_ids"]), model, max_tokens=tokens):
