@@ -12,6 +12,7 @@ import sys
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
+from .expert_policy import DEFAULT_POLICY, POLICIES
 from .loader import MAX_THREADS
 from .memory import parse_size
 
@@ -125,7 +126,12 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
                    "honest I/O figures)")
     g.add_argument("--lookahead", action="store_true",
                    help="decoding, read the next layer's likely records while its attention "
-                   "computes (predictor mode; off by default: its guesses add reads)")
+                   "computes (predictor mode; MoE models: the next layer's router on this "
+                   "layer's input; off by default: its guesses add reads)")
+    g.add_argument("--expert-policy", choices=list(POLICIES), default=DEFAULT_POLICY,
+                   help="MoE models: which resident expert makes room for a missing one "
+                   f"(default {DEFAULT_POLICY}: the best measured against Belady's optimum, "
+                   "docs/MOE.md)")
     g.add_argument("--dtype", choices=DTYPE_CHOICES, default=None,
                    help="dtype for converting a non-bundle --model (default: as convert "
                    "does, a quantized GGUF or mlx-lm folder keeps its quantization; float "
@@ -166,7 +172,7 @@ def load_options(args: argparse.Namespace) -> dict[str, Any]:
             "sparsity": None if args.sparsity == "auto" else args.sparsity,
             "memory_budget": args.memory_budget, "window": args.window,
             "context": args.max_kv_size or 2048, "threads": args.threads, "cold": args.cold,
-            "lookahead": args.lookahead,
+            "lookahead": args.lookahead, "expert_policy": args.expert_policy,
             "rotating_kv": args.max_kv_size is not None}
 
 

@@ -16,6 +16,7 @@ from mlx_lm.tokenizer_utils import TokenizerWrapper
 
 from .arch import Architecture, FFNSpec, get_architecture
 from .bundle import DTYPES, EXPERTS, ITEMSIZE, Bundle, BundleError
+from .expert_policy import DEFAULT_POLICY, POLICIES
 from .ffn import FlashEngine, FlashFFN
 from .memory import (
     AUTO_SHARE,
@@ -124,6 +125,8 @@ class EngineOptions:
     # on the layer before's input read 7.5x the bytes (13.0 vs 1.7 MB): wrong guesses, and
     # the rows they push out of the caches
     lookahead: bool = False
+    # MoE models: which resident expert makes room for a missing one (mlx_flash.expert_policy)
+    expert_policy: str = DEFAULT_POLICY
 
     def check(self) -> None:
         """ValueError for settings out of range (the command lines check them too)."""
@@ -132,6 +135,9 @@ class EngineOptions:
         if self.window < 0 or self.context < 1:
             raise ValueError(f"window must be >= 0 and context >= 1, not {self.window} and "
                              f"{self.context}")
+        if self.expert_policy not in POLICIES:
+            raise ValueError(f"expert policy must be one of {', '.join(POLICIES)}, not "
+                             f"{self.expert_policy!r}")
 
 
 def budget_plan(bundle: Bundle, itemsize: int, selection: int, mode: Mode,
@@ -266,6 +272,7 @@ def load(
     cold: bool = False,
     rotating_kv: bool = False,
     lookahead: bool = False,
+    expert_policy: str = DEFAULT_POLICY,
 ) -> tuple[nn.Module, TokenizerWrapper]:
     """Load a flash bundle as `(model, tokenizer)` for mlx-lm's generate / stream_generate.
 
@@ -284,7 +291,9 @@ def load(
     whole when it fits in 75% of the memory available, else that share (`budget_plan`);
     "off": no caches, every token reads what it selects (the naive engine). `threads` read in
     parallel; `cold` bypasses the OS page cache; `lookahead` reads the next layer's likely
-    records while its attention computes (modes that can guess them: predictor). The model's
+    records while its attention computes (modes that can guess them: predictor; MoE models:
+    the next layer's router). `expert_policy` (MoE models) picks the resident expert that
+    makes room for a missing one: a name of `expert_policy.POLICIES`. The model's
     `flash` attribute is its FlashEngine, whose `stats` count flash reads and whose
     `runtime_rss` is the process's resident memory just before the model was loaded (the
     tokenizer already was).
@@ -297,7 +306,7 @@ def load(
     runtime = rss_bytes()
     model = open_model(bundle, compute_dtype, sparsity, EngineOptions(
         memory_budget, window, context, threads, cold, rotating_kv=rotating_kv,
-        lookahead=lookahead))
+        lookahead=lookahead, expert_policy=expert_policy))
     model.flash.runtime_rss = runtime
     return model, tokenizer
 

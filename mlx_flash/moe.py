@@ -43,9 +43,11 @@ from .bundle import (
     BundleWriter,
     Quantization,
     RecordChecker,
+    RecordFamily,
     layout_parts,
     quantized_parts,
 )
+from .expert_policy import DEFAULT_POLICY, POLICIES
 from .flash_io import FlashReader, wait_all
 from .memory import (
     AUTO_SHARE,
@@ -379,7 +381,8 @@ def _expert_sizes(bundle: Bundle, itemsize: int, context: int
     plan = MemoryPlan(None, loaded_bytes(bundle.resident_path, itemsize), 0, 0,
                       context * kv_bytes_per_token(bundle.config, itemsize), context,
                       work=2 * k * float_row + 32 * 2**20)
-    return (plan, layers * NeuronCache.index_bytes(fam.count, 0),
+    # the caches' slot maps, and their policy's state (at most count x count counters)
+    return (plan, layers * (NeuronCache.index_bytes(fam.count, 0) + 8 * fam.count ** 2),
             layers * (fam.tensor_bytes(fam.tensors) + NeuronCache.index_bytes(0, 1)))
 
 
@@ -421,12 +424,33 @@ def expert_plan(bundle: Bundle, itemsize: int, budget: int | str | None, context
     return plan
 
 
+class ExpertCache(NeuronCache):
+    """One MoE layer's expert slots (a NeuronMatrix: slots = experts, delete by swap,
+    append), whose eviction policy (mlx_flash.expert_policy, chosen by measurement against
+    Belady's: docs/MOE.md) picks which residents make room for a token's missing experts."""
+
+    def __init__(self, family: RecordFamily, capacity: int, policy: str = DEFAULT_POLICY):
+        super().__init__(family, family.tensors, capacity, window=1)
+        self.policy = POLICIES[policy](family.count, capacity)
+
+    def make_room(self, ids: np.ndarray, missing: int, t: int) -> None:
+        short = missing - (self.capacity - self.size)
+        if short > 0:
+            self.evict(self.policy.victims(self.neuron_at[:self.size].copy(), short, t, ids))
+
+    def admit(self, ids: np.ndarray, t: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        load, slots, spill = super().admit(ids, t)
+        self.policy.touch(ids[self.slot_of[ids] >= 0], t)
+        self.evict(self.policy.expire(self.neuron_at[:self.size].copy(), t))
+        return load, slots, spill
+
+
 class ExpertEngine:
     """Serves every ExpertSwitch of one model from the bundle's expert records."""
 
     def __init__(self, bundle: Bundle, plan: MemoryPlan, compute_dtype: mx.Dtype,
                  threads: int = 8, cold: bool = False, use_mmap: bool = False,
-                 naive: bool = False, lookahead: int = 0):
+                 naive: bool = False, lookahead: int = 0, policy: str = DEFAULT_POLICY):
         self.bundle, self.plan, self.compute_dtype = bundle, plan, compute_dtype
         self.family = fam = bundle.families[EXPERTS]
         self.mode = Routed()
@@ -434,12 +458,11 @@ class ExpertEngine:
                                   use_mmap=use_mmap)
         self.checker = RecordChecker(bundle)
         self.naive = naive  # every token reads its experts anew: the naive engine
-        # caches that never evict by age: what they hold goes when room is needed (LRU)
-        self.caches = {layer: NeuronCache(fam, fam.tensors, n, window=1 << 62)
+        self.caches = {layer: ExpertCache(fam, n, policy)
                        for layer, n in enumerate(plan.capacity[(EXPERTS, fam.tensors)]) if n}
         self.shapes: dict[int, dict[str, tuple[int, int]]] = {}
         self.stats = ExpertEngineStats(ExpertStats(), ExpertStats())
-        self._clock = 0  # admissions so far: the caches' clock
+        self._clock = dict.fromkeys(self.caches, 0)  # each cache's admissions: its clock
         # decoding, the next layer's likely experts (its router's top `lookahead` on this
         # layer's input) are read while this layer and the next one's attention compute
         self.lookahead = lookahead
@@ -479,9 +502,9 @@ class ExpertEngine:
         cache = self.caches[layer]
         if self.naive:
             cache.evict(cache.neuron_at[:cache.size].copy())
-        self._clock += 1
+        self._clock[layer] += 1
         t0 = time.perf_counter()
-        load, slots, spill = cache.admit(ids, self._clock)
+        load, slots, spill = cache.admit(ids, self._clock[layer])
         assert len(spill) == 0, "a group of experts larger than the cache"
         self._mem_seconds += time.perf_counter() - t0
         try:
@@ -654,7 +677,8 @@ def open_moe_model(bundle: Bundle, compute_dtype: str | None, options) -> nn.Mod
     k = int(bundle.config["num_experts_per_tok"])
     engine = ExpertEngine(bundle, plan, dtype, options.threads, options.cold, options.use_mmap,
                           naive=budget == "off",
-                          lookahead=k + (k + 1) // 2 if options.lookahead else 0)
+                          lookahead=k + (k + 1) // 2 if options.lookahead else 0,
+                          policy=options.expert_policy)
     model, routed = flash_model(dict(bundle.config), engine)
     expected = expert_layout(next(iter(routed.values())).shapes, bundle.dtype,
                              fam.quantization)

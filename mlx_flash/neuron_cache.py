@@ -175,16 +175,8 @@ class NeuronCache:
         which rows, and those left out. Afterwards every id not spilled is resident."""
         present = self.slot_of[ids] >= 0
         self.stats.hits += int(present.sum())
-        self.last_used[ids] = t
-        if not self.complete:
-            resident = self.neuron_at[:self.size]
-            self.evict(resident[self.last_used[resident] <= t - self.window])
         missing = ids[~present]
-        short = len(missing) - (self.capacity - self.size)
-        if short > 0:  # shrink the window: the least recently used that this token does not need
-            resident = self.neuron_at[:self.size]
-            older = resident[self.last_used[resident] < t]
-            self.evict(older[np.argsort(self.last_used[older], kind="stable")[:short]])
+        self.make_room(ids, len(missing), t)
         room = self.capacity - self.size
         load, spill = missing[:room], missing[room:]
         slots = np.arange(self.size, self.size + len(load))
@@ -194,6 +186,20 @@ class NeuronCache:
         self.stats.loads += len(load)
         self.stats.spills += len(spill)
         return load, slots, spill
+
+    def make_room(self, ids: np.ndarray, missing: int, t: int) -> None:
+        """Before token `t`'s `missing` records of `ids` are appended: evict those unused for
+        `window` tokens, and, when they still do not fit, the least recently used that this
+        token does not need (the window shrinks for this layer)."""
+        self.last_used[ids] = t
+        if not self.complete:
+            resident = self.neuron_at[:self.size]
+            self.evict(resident[self.last_used[resident] <= t - self.window])
+        short = missing - (self.capacity - self.size)
+        if short > 0:
+            resident = self.neuron_at[:self.size]
+            older = resident[self.last_used[resident] < t]
+            self.evict(older[np.argsort(self.last_used[older], kind="stable")[:short]])
 
     @property
     def complete(self) -> bool:

@@ -50,9 +50,11 @@ def slots_budget(path: Path, slots: int) -> int:
 @pytest.mark.parametrize("bits", [None, 4])
 def test_greedy_equals_mlx_lm_at_every_budget(moe_models, model_type, bits):
     _, path, reference = moe_models[(model_type, bits)]
-    for budget, lookahead in ((None, False), ("off", False), (slots_budget(path, 3), False),
-                              (slots_budget(path, 4), True), ("auto", False)):
-        model, _ = load(path, memory_budget=budget, lookahead=lookahead)
+    for budget, lookahead, policy in (
+            (None, False, "markov"), ("off", False, "markov"), ("auto", False, "markov"),
+            (slots_budget(path, 3), False, "markov"), (slots_budget(path, 3), False, "lru"),
+            (slots_budget(path, 3), False, "window"), (slots_budget(path, 4), True, "lfu")):
+        model, _ = load(path, memory_budget=budget, lookahead=lookahead, expert_policy=policy)
         got = greedy_logits(model, PROMPT, STEPS)
         assert np.array_equal(got, reference), (budget, float(np.abs(got - reference).max()))
         engine = model.flash
@@ -180,3 +182,17 @@ def test_a_bfloat16_source_keeps_its_dtype(tmp_path):
     model, _ = load(bundle.path, memory_budget=slots_budget(bundle.path, 3))
     assert np.array_equal(greedy_logits(model, PROMPT, 8),
                           greedy_logits(mlx_lm_model(src), PROMPT, 8))
+
+
+def test_trained_fixture_equals_mlx_lm(tmp_path):
+    """The trained fixture (tests/data/moe-tiny: real routing, float16) under a budget of 4 of
+    its 16 experts per layer: evicting by the default policy, exact."""
+    src = Path(__file__).parent / "data" / "moe-tiny"
+    bundle = convert(src, tmp_path / "moe-tiny.flash", dtype=None, progress=False)
+    assert bundle.dtype == "float16"
+    model, tok = load(bundle.path, memory_budget=slots_budget(bundle.path, 4))
+    prompt = tok.encode("The history of the city")
+    got = greedy_logits(model, prompt, STEPS)
+    assert np.array_equal(got, greedy_logits(mlx_lm_model(src), prompt, STEPS))
+    stats = model.flash.cache_stats()
+    assert stats.evictions > 0 and 0 < stats.hit_rate < 1
