@@ -207,24 +207,34 @@ def open_model(bundle: Bundle, compute_dtype: str | None = None,
         dense_plan = budget_plan(bundle, itemsize, 0, dense, options)
         if dense_plan.whole:
             mode, plan = dense, dense_plan
-    budget = plan.budget
-    if budget is not None:
-        # freed buffers MLX keeps for reuse count in the process's memory: within the plan
-        mx.set_cache_limit(plan.work // 4)
-        return_freed_memory()
+    keep_within(plan)
     engine = FlashEngine(bundle, spec, mode, dtype, plan, options.window, options.threads,
                          options.cold, options.use_mmap, options.lookahead)
     model = build_flash_model(arch, bundle.config, spec, engine)
+    return finish_model(model, bundle, engine, dtype, len(arch.layers(model)), options)
+
+
+def keep_within(plan: MemoryPlan) -> None:
+    """Under a budget, the freed buffers MLX keeps for reuse (they count in the process's
+    memory) stay within the plan's working memory, and the C allocator returns what it frees."""
+    if plan.budget is not None:
+        mx.set_cache_limit(plan.work // 4)
+        return_freed_memory()
+
+
+def finish_model(model: nn.Module, bundle: Bundle, engine: Any, dtype: mx.Dtype,
+                 n_layers: int, options: EngineOptions) -> nn.Module:
+    """Load a flash model's resident weights (in `dtype`), give it its KV caches and its
+    engine (`model.flash`)."""
     # A budget the user set holds its KV cache from the start (an automatic one leaves room:
     # mlx-lm's caches grow as the context does, and a short answer takes little memory).
     # make_prompt_cache asks the model first (a model's make_cache overrides
     # make_prompt_cache's max_kv_size: `rotating_kv` is it).
-    if budget is not None and not plan.automatic or options.rotating_kv:
-        model.make_cache = partial(kv_caches, len(arch.layers(model)), options.context,
-                                   options.rotating_kv)
-    weights = bundle.load_resident()
+    plan = engine.plan
+    if plan.budget is not None and not plan.automatic or options.rotating_kv:
+        model.make_cache = partial(kv_caches, n_layers, options.context, options.rotating_kv)
     weights = {k: v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) else v
-               for k, v in weights.items()}
+               for k, v in bundle.load_resident().items()}
     quantize_resident(model, bundle.config, weights)
     try:
         model.load_weights(list(weights.items()), strict=True)

@@ -660,7 +660,7 @@ class ExpertEngine:
 
 def open_moe_model(bundle: Bundle, compute_dtype: str | None, options) -> nn.Module:
     """mlx-lm's model for an MoE bundle, its routed experts served by an ExpertEngine."""
-    from .loader import compute_dtype_for, kv_caches, quantize_resident
+    from .loader import compute_dtype_for, finish_model, keep_within
 
     check_moe_config(bundle.config)
     fam = bundle.families[EXPERTS]
@@ -674,6 +674,7 @@ def open_moe_model(bundle: Bundle, compute_dtype: str | None, options) -> nn.Mod
     dtype = DTYPES[name]
     budget = options.memory_budget
     plan = expert_plan(bundle, ITEMSIZE[name], budget, options.context)
+    keep_within(plan)
     k = int(bundle.config["num_experts_per_tok"])
     engine = ExpertEngine(bundle, plan, dtype, options.threads, options.cold, options.use_mmap,
                           naive=budget == "off",
@@ -691,19 +692,4 @@ def open_moe_model(bundle: Bundle, compute_dtype: str | None, options) -> nn.Mod
     # the routers as the model holds them once loaded (maybe quantized)
     engine.routers = {i: (lambda x, block=r.parent: block.gate(x)) for i, r in routed.items()
                       if hasattr(r.parent, "gate")}
-    if plan.budget is not None and not plan.automatic or options.rotating_kv:
-        from functools import partial
-
-        model.make_cache = partial(kv_caches, len(model.layers), options.context,
-                                   options.rotating_kv)
-    weights = {k: v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) else v
-               for k, v in bundle.load_resident().items()}
-    quantize_resident(model, bundle.config, weights)
-    try:
-        model.load_weights(list(weights.items()), strict=True)
-    except ValueError as e:
-        raise BundleError(f"{bundle.path}: resident weights do not fit the model: {e}") from None
-    model.eval()
-    mx.eval(model.parameters())
-    model.flash = engine
-    return model
+    return finish_model(model, bundle, engine, dtype, len(model.layers), options)
