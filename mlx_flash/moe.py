@@ -67,9 +67,8 @@ MOE_TYPES = {"qwen3_moe": "num_experts", "qwen2_moe": "num_experts",
              "mixtral": "num_local_experts", "olmoe": "num_experts",
              "deepseek_v2": "n_routed_experts", "deepseek_v3": "n_routed_experts"}
 MAX_EXPERTS = 1 << 12  # the largest real models route among 512
-# Hugging Face names one tensor per expert; Mixtral calls the projections w1 (gate), w3 (up)
-# and w2 (down)
-HF_EXPERT = re.compile(r"(.+)\.experts\.(\d+)\.(gate_proj|up_proj|down_proj|w1|w2|w3)\.weight")
+# Hugging Face names one tensor per expert (`...experts.E.gate_proj.weight`); Mixtral calls
+# the projections w1 (gate), w3 (up) and w2 (down)
 HF_PROJ = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
 
 

@@ -145,6 +145,10 @@ def test_unsupported_moe_architecture_names_the_supported(tmp_path):
 
     with pytest.raises(UnsupportedModel, match="qwen3_moe"):
         check_moe_config({"model_type": "gpt_oss", "hidden_size": 64})
+    from mlx_flash.arch import get_architecture
+
+    with pytest.raises(UnsupportedModel, match="Mixture-of-Experts: deepseek_v2, .*qwen3_moe"):
+        get_architecture({"model_type": "gpt_oss", "hidden_size": 64})
 
 
 def test_evaluate_reports_mlx_lm_perplexity(moe_models):

@@ -236,6 +236,9 @@ def get_architecture(config: dict[str, Any]) -> Architecture:
             check_config(config, arch.required)
             arch.ffn_spec(config)  # raises UnsupportedModel on configs we cannot run
             return arch
+    from ..moe import MOE_TYPES
+
     supported = sorted(t for a in (llama.ARCH, opt.ARCH) for t in a.model_types)
     raise UnsupportedModel(
-        f"unsupported architecture {model_type!r} (supported: {', '.join(supported)})")
+        f"unsupported architecture {model_type!r} (supported: {', '.join(supported)}; "
+        f"Mixture-of-Experts: {', '.join(sorted(MOE_TYPES))})")
