@@ -67,6 +67,10 @@ MOE_TYPES = {"qwen3_moe": "num_experts", "qwen2_moe": "num_experts",
              "mixtral": "num_local_experts", "olmoe": "num_experts",
              "deepseek_v2": "n_routed_experts", "deepseek_v3": "n_routed_experts"}
 MAX_EXPERTS = 1 << 12  # the largest real models route among 512
+MOE_SIZES = ("moe_intermediate_size", "shared_expert_intermediate_size", "n_shared_experts",
+             "kv_lora_rank", "q_lora_rank", "qk_rope_head_dim", "qk_nope_head_dim",
+             "v_head_dim", "first_k_dense_replace", "n_group", "topk_group",
+             "decoder_sparse_step", "moe_layer_freq")
 # Hugging Face names one tensor per expert (`...experts.E.gate_proj.weight`); Mixtral calls
 # the projections w1 (gate), w3 (up) and w2 (down)
 HF_PROJ = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
@@ -89,6 +93,12 @@ def check_moe_config(config: dict[str, Any]) -> None:
                 or not 1 <= value <= MAX_EXPERTS:
             raise UnsupportedModel(f"config {key} must be an integer from 1 to {MAX_EXPERTS}, "
                                    f"not {value!r:.40}")
+    for key in MOE_SIZES:  # mlx-lm sizes arrays by them when it builds the model
+        value = config.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                  or not 0 <= value <= 1 << 20):
+            raise UnsupportedModel(f"config {key} must be an integer from 0 to {1 << 20}, "
+                                   f"not {value!r:.40}")
     if config["num_experts_per_tok"] > config[MOE_TYPES[model_type]]:
         raise UnsupportedModel("config num_experts_per_tok is larger than the number of "
                                "experts")
@@ -103,7 +113,8 @@ def build_model(config: dict[str, Any]) -> nn.Module:
     model_class, args_class = _get_classes(config)
     try:
         model = model_class(args_class.from_dict(config))
-    except (TypeError, KeyError, ValueError, AttributeError) as e:
+    except (TypeError, KeyError, ValueError, AttributeError, OverflowError, ZeroDivisionError
+            ) as e:
         raise UnsupportedModel(f"mlx-lm cannot build this {config['model_type']} config: "
                                f"{type(e).__name__}: {e}") from None
     if not any(isinstance(m, SwitchGLU) for _, m in model.named_modules()):

@@ -240,3 +240,21 @@ def test_read_faults_never_poison_the_expert_caches(moe_models, monkeypatch, kin
         for name, rows in cache.matrix.rows.items():
             assert np.array_equal(rows[cache.slot_of[held]], fresh.rows[name][:len(held)])
     assert np.array_equal(greedy_logits(model, PROMPT, STEPS), reference)
+
+
+@pytest.mark.parametrize("change", [{"num_experts": 10**9}, {"num_experts_per_tok": 9},
+                                    {"num_experts": 0}, {"moe_intermediate_size": 10**12}])
+def test_hostile_moe_configs_are_refused(moe_models, tmp_path, change):
+    """Sizes no real model has are refused before anything is sized by them."""
+    import shutil
+
+    from mlx_flash.arch import UnsupportedModel
+
+    src, _, _ = moe_models[("qwen3_moe", None)]
+    bad = tmp_path / "bad"
+    shutil.copytree(src, bad)
+    config = json.loads((bad / "config.json").read_text())
+    (bad / "config.json").write_text(json.dumps({**config, **change}))
+    with pytest.raises((UnsupportedModel, ValueError)):
+        convert(bad, tmp_path / "out", dtype=None, progress=False)
+    assert not (tmp_path / "out").exists()
