@@ -40,8 +40,10 @@ class NeuronMatrix:
             self.parts[name] = buf.view(PART_DTYPES[p.dtype])
             mx.eval(buf, self.parts[name])
             self.rows[name] = np.array(buf, copy=False)
-        # bytes that are read but not kept (padding, parts not asked for) land here
-        self.scratch = memoryview(bytearray(family.record_bytes))
+        # bytes that are read but not kept (padding, parts not asked for) land here: sized
+        # by the largest such piece of a layout asked for (a record's padding is under a
+        # page; a whole record per matrix was 142 MB of the 48-layer MoE benchmark's memory)
+        self.scratch = memoryview(bytearray(0))
         self._flat = {name: memoryview(rows).cast("B") for name, rows in self.rows.items()}
         self._pieces: dict[tuple[str, ...], list[tuple[int, str | None]]] = {}
 
@@ -75,6 +77,9 @@ class NeuronMatrix:
         missing = {name for _, name in pieces if name} - set(self.rows)
         if missing:
             raise ValueError(f"this matrix holds no part {sorted(missing)}")
+        unkept = max((length for length, name in pieces if name is None), default=0)
+        if unkept > len(self.scratch):
+            self.scratch = memoryview(bytearray(unkept))
         return pieces
 
     def iovecs(self, first_slot: int, count: int, parts: Sequence[str]) -> list[memoryview]:
