@@ -189,12 +189,12 @@ def test_a_bfloat16_source_keeps_its_dtype(tmp_path):
 
 
 def test_trained_fixture_equals_mlx_lm(tmp_path):
-    """The trained fixture (tests/data/moe-tiny: real routing, float16) under a budget of 4 of
-    its 16 experts per layer: evicting by the default policy, exact."""
+    """The trained fixture (tests/data/moe-tiny: real routing, float16, top-4) under a budget
+    of 8 of its 16 experts per layer (2 x top-k): evicting by the default policy, exact."""
     src = Path(__file__).parent / "data" / "moe-tiny"
     bundle = convert(src, tmp_path / "moe-tiny.flash", dtype=None, progress=False)
     assert bundle.dtype == "float16"
-    model, tok = load(bundle.path, memory_budget=slots_budget(bundle.path, 4))
+    model, tok = load(bundle.path, memory_budget=slots_budget(bundle.path, 8))
     prompt = tok.encode("The history of the city")
     got = greedy_logits(model, prompt, STEPS)
     assert np.array_equal(got, greedy_logits(mlx_lm_model(src), prompt, STEPS))

@@ -16,9 +16,9 @@ layer's router top-k per token by wrapping the MoE block's router. From those tr
   attention, through layer L+1's post-attention norm): recall of the true top-k in the
   predicted top-k, top-(k+2), top-2k and top-3k;
 * cache policies (mlx_flash.expert_policy) against Belady's MIN at capacities k .. 4k per
-  layer. The LRFU decay and the Markov horizon are tuned here on routing of training text
-  (the first 64 KiB slice of the split, which the fixture was trained on) and reported on
-  the held-out text.
+  layer. The LRFU decay, the Markov horizon and the context order are tuned here on routing
+  of training text (the first 8 KiB of a slice of the training split) and reported on the
+  held-out text.
 """
 
 from __future__ import annotations
@@ -50,7 +50,8 @@ TRAINING_TEXT = ROOT / "tests" / "data" / "wikitext-2-valid-slice.txt"
 CAPACITY_FACTORS = (1.0, 1.5, 2.0, 3.0, 4.0)
 # tuning grids of the two policies with a knob (on training text, capacities above k)
 GRIDS = {"lrfu": ("decay", (0.5, 0.8, 0.9, 0.95, 0.98, 0.99, 0.995)),
-         "markov": ("horizon", (1, 2, 4, 8))}
+         "markov": ("horizon", (1, 2, 4, 8)),
+         "context": ("order", (1, 2, 3))}
 
 
 def load_fixture(path: Path = FIXTURE) -> tuple[nn.Module, dict]:
