@@ -21,7 +21,7 @@ the optimum hits for the same trace and capacity. NumPy only; every call is O(co
 
 from __future__ import annotations
 
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Sequence
 from typing import Any
 
@@ -38,6 +38,12 @@ class Policy:
     """
 
     name = "base"
+
+    @classmethod
+    def state_bytes(cls, count: int) -> int:
+        """At most how much memory one instance holds for `count` experts (the memory plan
+        counts it): the per-expert arrays."""
+        return 4 * 8 * count
 
     def __init__(self, count: int, capacity: int) -> None:
         if capacity < 1 or count < 1:
@@ -172,6 +178,10 @@ class Markov(Policy):
 
     name = "markov"
 
+    @classmethod
+    def state_bytes(cls, count: int) -> int:
+        return super().state_bytes(count) + 8 * count * count
+
     def __init__(self, count: int, capacity: int, horizon: int = 4, gamma: float = 0.7) -> None:
         super().__init__(count, capacity)
         self.gamma = gamma
@@ -210,22 +220,31 @@ class Context(Markov):
     (weighted gamma^(d-1)), and scores a candidate by interpolating upwards: Markov's
     estimate, then the order-1 context's counts smoothed towards it with weight `c`, then
     order 2's towards that, stopping at the first context never seen. Memory: one count
-    vector per distinct context seen (at most `order` new ones per token, unbounded), plus
-    Markov's counters. The default order (3) was the best of 1, 2, 3 on the fixture's routing
-    of training text; on held-out text it is the best policy measured at every capacity
-    above top-k (docs/MOE.md).
+    vector per context, the `max_contexts` most recently seen (a long generation would
+    otherwise grow the table by up to `order` vectors a token, without bound), plus Markov's
+    counters. The default order (2) was the best of 1, 2, 3 on the fixture's routing of
+    training text (its table capped); on held-out text it is the best policy measured at
+    every capacity above top-k (docs/MOE.md).
     """
 
     name = "context"
+    MAX_CONTEXTS = 1024
+    CONTEXT_BYTES = 512  # a table entry beside its counts: key, list, dict slot (measured ~400)
+
+    @classmethod
+    def state_bytes(cls, count: int) -> int:
+        return super().state_bytes(count) + cls.MAX_CONTEXTS * (8 * count + cls.CONTEXT_BYTES)
 
     def __init__(self, count: int, capacity: int, horizon: int = 4, gamma: float = 0.7,
-                 order: int = 3, c: float = 2.0) -> None:
+                 order: int = 2, c: float = 2.0, max_contexts: int = MAX_CONTEXTS) -> None:
         super().__init__(count, capacity, horizon, gamma)
-        if order < 1:
-            raise ValueError(f"order must be >= 1, got {order}")
+        if order < 1 or max_contexts < 1:
+            raise ValueError(f"order and max_contexts must be >= 1, got {order}, {max_contexts}")
         self.order = order
         self.c = c
-        self.table: dict[tuple[bytes, ...], list] = {}  # context -> [occurrences, counts]
+        self.max_contexts = max_contexts
+        # context -> [occurrences, counts], least recently seen first
+        self.table: OrderedDict[tuple[bytes, ...], list] = OrderedDict()
         self.sets: deque[bytes] = deque(maxlen=order)  # the last tokens' sets, as keys
         self.contexts: deque[list[tuple[bytes, ...]]] = deque(maxlen=horizon)
 
@@ -240,7 +259,11 @@ class Context(Markov):
             for key in keys:
                 entry = self.table.get(key)
                 if entry is None:
+                    if len(self.table) >= self.max_contexts:  # forget the least recent
+                        self.table.popitem(last=False)
                     entry = self.table[key] = [0, np.zeros(self.count, dtype=np.float64)]
+                else:
+                    self.table.move_to_end(key)
                 entry[1][ids] += self.gamma ** d
                 entry[0] += d == 0
         super().touch(ids, t)

@@ -376,7 +376,7 @@ class Routed:
     name = "experts"
 
 
-def _expert_sizes(bundle: Bundle, itemsize: int, context: int
+def _expert_sizes(bundle: Bundle, itemsize: int, context: int, policy: str
                   ) -> tuple[MemoryPlan, int, int]:
     """The plan without expert slots, the bytes of the caches' slot maps, and of one slot
     in every MoE layer."""
@@ -391,26 +391,28 @@ def _expert_sizes(bundle: Bundle, itemsize: int, context: int
     plan = MemoryPlan(None, loaded_bytes(bundle.resident_path, itemsize), 0, 0,
                       context * kv_bytes_per_token(bundle.config, itemsize), context,
                       work=2 * k * float_row + 32 * 2**20)
-    # the caches' slot maps, and their policy's state (at most count x count counters)
-    return (plan, layers * (NeuronCache.index_bytes(fam.count, 0) + 8 * fam.count ** 2),
+    # the caches' slot maps, and their policy's state
+    return (plan, layers * (NeuronCache.index_bytes(fam.count, 0)
+                            + POLICIES[policy].state_bytes(fam.count)),
             layers * (fam.tensor_bytes(fam.tensors) + NeuronCache.index_bytes(0, 1)))
 
 
-def expert_budget(bundle: Bundle, itemsize: int, context: int, slots: int) -> int:
+def expert_budget(bundle: Bundle, itemsize: int, context: int, slots: int,
+                  policy: str = DEFAULT_POLICY) -> int:
     """The memory budget that gives each MoE layer `slots` expert slots."""
-    plan, index, slot_bytes = _expert_sizes(bundle, itemsize, context)
+    plan, index, slot_bytes = _expert_sizes(bundle, itemsize, context, policy)
     return plan.minimum + index + slots * slot_bytes
 
 
-def expert_plan(bundle: Bundle, itemsize: int, budget: int | str | None, context: int
-                ) -> MemoryPlan:
+def expert_plan(bundle: Bundle, itemsize: int, budget: int | str | None, context: int,
+                policy: str = DEFAULT_POLICY) -> MemoryPlan:
     """Size the per-layer expert matrices. A set budget: as many slots per layer as it
     leaves (at least the experts a token routes to: BudgetError naming the minimum); "auto":
     every expert when the model fits in AUTO_SHARE of the memory available, else that share;
     None: every expert; "off": the experts of one token, read anew every token (naive)."""
     fam = bundle.families[EXPERTS]
     k = int(bundle.config["num_experts_per_tok"])
-    plan, index, slot_bytes = _expert_sizes(bundle, itemsize, context)
+    plan, index, slot_bytes = _expert_sizes(bundle, itemsize, context, policy)
     n = fam.count if budget is None else k
     if budget == "auto":
         plan.automatic = True
@@ -683,7 +685,7 @@ def open_moe_model(bundle: Bundle, compute_dtype: str | None, options) -> nn.Mod
         name = "float32"  # MLX's CPU gather_mm multiplies float32 only
     dtype = DTYPES[name]
     budget = options.memory_budget
-    plan = expert_plan(bundle, ITEMSIZE[name], budget, options.context)
+    plan = expert_plan(bundle, ITEMSIZE[name], budget, options.context, options.expert_policy)
     keep_within(plan)
     k = int(bundle.config["num_experts_per_tok"])
     engine = ExpertEngine(bundle, plan, dtype, options.threads, options.cold, options.use_mmap,

@@ -242,3 +242,15 @@ def test_default_policy_near_belady_in_every_layer(fixture_traces):
         opt = belady_hit_rate(trace, 2 * k)
         got = simulate(trace, 2 * k, DEFAULT_POLICY)
         assert got >= 0.9 * opt, (layer, got, opt)
+
+
+def test_context_table_is_capped():
+    """A long generation never grows the context policy's table past its cap (its memory is
+    in the plan: state_bytes)."""
+    from mlx_flash.expert_policy import Context
+
+    rng = np.random.default_rng(0)
+    policy = Context(32, 8, max_contexts=50)
+    for t in range(3000):
+        policy.touch(np.sort(rng.choice(32, 4, replace=False)), t)
+        assert len(policy.table) <= 50

@@ -18,6 +18,7 @@ from tiny_moe import CONFIGS, mlx_lm_model, write_hf_experts, write_tiny_moe
 
 from mlx_flash.bundle import EXPERTS, Bundle, BundleError, write_manifest
 from mlx_flash.convert import convert
+from mlx_flash.expert_policy import DEFAULT_POLICY
 from mlx_flash.loader import load
 from mlx_flash.memory import BudgetError
 from mlx_flash.moe import expert_budget
@@ -42,8 +43,8 @@ def moe_models(tmp_path_factory) -> dict[tuple[str, int | None], tuple[Path, Pat
     return out
 
 
-def slots_budget(path: Path, slots: int) -> int:
-    return expert_budget(Bundle.open(path), 4, 2048, slots)
+def slots_budget(path: Path, slots: int, policy: str = DEFAULT_POLICY) -> int:
+    return expert_budget(Bundle.open(path), 4, 2048, slots, policy)
 
 
 @pytest.mark.parametrize("model_type", sorted(CONFIGS))
@@ -51,9 +52,11 @@ def slots_budget(path: Path, slots: int) -> int:
 def test_greedy_equals_mlx_lm_at_every_budget(moe_models, model_type, bits):
     _, path, reference = moe_models[(model_type, bits)]
     for budget, lookahead, policy in (
-            (None, False, "markov"), ("off", False, "markov"), ("auto", False, "markov"),
-            (slots_budget(path, 3), False, "markov"), (slots_budget(path, 3), False, "lru"),
-            (slots_budget(path, 3), False, "window"), (slots_budget(path, 4), True, "lfu")):
+            (None, False, "context"), ("off", False, "context"), ("auto", False, "context"),
+            (3, False, "context"), (3, False, "markov"), (3, False, "lru"), (3, False, "lrfu"),
+            (3, False, "window"), (4, True, "lfu")):
+        if isinstance(budget, int):
+            budget = slots_budget(path, budget, policy)
         model, _ = load(path, memory_budget=budget, lookahead=lookahead, expert_policy=policy)
         got = greedy_logits(model, PROMPT, STEPS)
         assert np.array_equal(got, reference), (budget, float(np.abs(got - reference).max()))
