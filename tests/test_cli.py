@@ -223,10 +223,13 @@ def test_ctrl_c_ends_generation_cleanly(tiny_bundle):
     import signal
     import time
 
+    # a job a non-interactive shell runs in the background inherits SIGINT ignored, and
+    # Python then installs no KeyboardInterrupt: the child gets the default back
     p = subprocess.Popen([sys.executable, "-m", "mlx_flash", "generate", "--model",
                           str(tiny_bundle), "-p", "the", "--no-chat", "-m", "1000000",
                           "--threads", "8"], cwd=ROOT, stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE)
+                         stderr=subprocess.PIPE,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         assert p.stdout.read(1)  # generating
         time.sleep(0.3)
