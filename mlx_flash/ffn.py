@@ -53,7 +53,7 @@ class EngineStats:
     decode: PhaseStats = field(default_factory=PhaseStats)
 
     def reset(self) -> None:
-        self.prefill, self.decode = PhaseStats(), PhaseStats()
+        self.prefill, self.decode = type(self.prefill)(), type(self.decode)()
 
 
 Observer = Callable[[int, mx.array, LayerReads], None]
@@ -128,11 +128,8 @@ class FlashEngine:
         return sum(r.counters.calls for r in self.readers.values())
 
     def cache_stats(self) -> CacheStats:
-        total = CacheStats()
-        for stats in (*(cache.stats for cache in self.caches.values()), self.uncached):
-            for k in ("hits", "loads", "spills", "evictions"):
-                setattr(total, k, getattr(total, k) + getattr(stats, k))
-        return total
+        return CacheStats.total([*(cache.stats for cache in self.caches.values()),
+                                 self.uncached])
 
     def _read(self) -> tuple[int, float]:
         return (sum(r.counters.bytes for r in self.readers.values()),
@@ -212,16 +209,8 @@ class FlashEngine:
 
     def _read_admitted(self, cache: NeuronCache, layer: int, family: str, load: np.ndarray,
                        slots: np.ndarray) -> None:
-        """Read the records `cache` has just admitted (`load`, into rows `slots`). Rows whose
-        bytes did not all arrive, or fail their checksum, are not left resident."""
-        fam = self.families[family]
-        try:
-            self.readers[fam.file].read_records(fam, layer, load, slots, cache.matrix,
-                                                cache.parts)
-            self.checker.check(family, layer, load, slots, cache.matrix.rows)
-        except BaseException:
-            cache.evict(load)
-            raise
+        cache.read_admitted(self.readers[self.families[family].file], self.checker, layer, load,
+                            slots)
 
     def _read_upcoming(self, layer: int, ids: np.ndarray) -> None:
         """Admit records `ids` into `layer`'s cache and read them (in the background: nothing

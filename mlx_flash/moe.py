@@ -22,7 +22,7 @@ import dataclasses
 import re
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +48,7 @@ from .bundle import (
     quantized_parts,
 )
 from .expert_policy import DEFAULT_POLICY, POLICIES
+from .ffn import EngineStats, PhaseStats
 from .flash_io import FlashReader, wait_all
 from .memory import (
     AUTO_SHARE,
@@ -276,7 +277,8 @@ def convert_moe(source, out: str | Path, dtype: str | None = None,
         w = source.get_weight(name)
         check_finite(name, w)
         resident.update(resident_arrays(name, w, quantized))
-    resident = build_model(config).sanitize(resident)
+    # (the supported models' sanitize reads their config, never the modules replaced above)
+    resident = model.sanitize(resident)
     if quantized:
         config["quantization"] = mlx_lm_quantization(
             {m: q for m, q in quantized.items()
@@ -330,20 +332,11 @@ def convert_moe(source, out: str | Path, dtype: str | None = None,
 
 
 @dataclass
-class ExpertStats:
-    """What the expert engine did in one phase (prefill or decode)."""
+class ExpertStats(PhaseStats):
+    """What the expert engine did in one phase (prefill or decode): the dense engine's
+    figures (`ffn_seconds`: the experts' compute), and the experts it read."""
 
-    tokens: int = 0
-    bytes: int = 0  # read from flash
     experts_read: int = 0
-    io_seconds: float = 0.0  # waiting for experts to be read
-    mem_seconds: float = 0.0  # cache bookkeeping
-    ffn_seconds: float = 0.0  # the experts' compute
-    ahead_seconds: float = 0.0
-
-    @property
-    def bytes_per_token(self) -> float:
-        return self.bytes / self.tokens if self.tokens else 0.0
 
 
 @dataclass
@@ -362,12 +355,9 @@ class LookaheadStats:
 
 
 @dataclass
-class ExpertEngineStats:
-    prefill: ExpertStats
-    decode: ExpertStats
-
-    def reset(self) -> None:
-        self.prefill, self.decode = ExpertStats(), ExpertStats()
+class ExpertEngineStats(EngineStats):
+    prefill: ExpertStats = field(default_factory=ExpertStats)
+    decode: ExpertStats = field(default_factory=ExpertStats)
 
 
 class Routed:
@@ -473,7 +463,7 @@ class ExpertEngine:
         self.caches = {layer: ExpertCache(fam, n, policy)
                        for layer, n in enumerate(plan.capacity[(EXPERTS, fam.tensors)]) if n}
         self.shapes: dict[int, dict[str, tuple[int, int]]] = {}
-        self.stats = ExpertEngineStats(ExpertStats(), ExpertStats())
+        self.stats = ExpertEngineStats()
         self._clock = dict.fromkeys(self.caches, 0)  # each cache's admissions: its clock
         # decoding, the next layer's likely experts (its router's top `lookahead` on this
         # layer's input) are read while this layer and the next one's attention compute
@@ -501,11 +491,7 @@ class ExpertEngine:
         return self.reader.counters.calls
 
     def cache_stats(self) -> CacheStats:
-        total = CacheStats()
-        for cache in self.caches.values():
-            for k in ("hits", "loads", "spills", "evictions"):
-                setattr(total, k, getattr(total, k) + getattr(cache.stats, k))
-        return total
+        return CacheStats.total(cache.stats for cache in self.caches.values())
 
     def _admit(self, layer: int, ids: np.ndarray) -> None:
         """Make experts `ids` (sorted, at most the cache's capacity) resident in `layer`'s
@@ -519,12 +505,7 @@ class ExpertEngine:
         load, slots, spill = cache.admit(ids, self._clock[layer])
         assert len(spill) == 0, "a group of experts larger than the cache"
         self._mem_seconds += time.perf_counter() - t0
-        try:
-            self.reader.read_records(self.family, layer, load, slots, cache.matrix)
-            self.checker.check(EXPERTS, layer, load, slots, cache.matrix.rows)
-        except BaseException:
-            cache.evict(load)
-            raise
+        cache.read_admitted(self.reader, self.checker, layer, load, slots)
 
     def _weights(self, cache: NeuronCache, t: str, used: mx.array | None,
                  shape: tuple[int, int]) -> tuple[mx.array, ...]:

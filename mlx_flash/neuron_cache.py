@@ -13,13 +13,15 @@ reallocated or copied whole.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import dataclasses
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import mlx.core as mx
 import numpy as np
 
-from .bundle import PART_DTYPES, RecordFamily
+from .bundle import PART_DTYPES, RecordChecker, RecordFamily
 
 
 class NeuronMatrix:
@@ -125,6 +127,15 @@ class CacheStats:
         needed = self.hits + self.loads + self.spills
         return self.hits / needed if needed else 0.0
 
+    @classmethod
+    def total(cls, stats: Iterable[CacheStats]) -> CacheStats:
+        """The sums of several caches' counts."""
+        out = cls()
+        for s in stats:
+            for f in dataclasses.fields(cls):
+                setattr(out, f.name, getattr(out, f.name) + getattr(s, f.name))
+        return out
+
 
 class NeuronCache:
     """The neurons (of one record family and parts, for one layer) that the last `window`
@@ -148,6 +159,19 @@ class NeuronCache:
         self.last_used = np.full(family.count, np.iinfo(np.int64).min // 2, dtype=np.int64)
         self.size = 0  # slots 0..size-1 are occupied
         self.stats = CacheStats()
+
+    def read_admitted(self, reader: Any, checker: RecordChecker, layer: int, load: np.ndarray,
+                      slots: np.ndarray) -> None:
+        """Read the records `admit` has just placed (`load`, into rows `slots`) of `layer`
+        with `reader` (a FlashReader), checking them with `checker`. Rows whose bytes did not
+        all arrive, or fail their checksum, are not left resident."""
+        fam = self.matrix.family
+        try:
+            reader.read_records(fam, layer, load, slots, self.matrix, self.parts)
+            checker.check(fam.name, layer, load, slots, self.matrix.rows)
+        except BaseException:
+            self.evict(load)
+            raise
 
     @staticmethod
     def index_bytes(count: int, capacity: int) -> int:
