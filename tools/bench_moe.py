@@ -66,7 +66,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench import drop_page_cache, num, pyplot, write_outputs  # noqa: E402
+import bench  # noqa: E402
+from bench import drop_page_cache, num, write_outputs  # noqa: E402
 
 ENGINES = ("naive", "flash", "mlx-lm", "llama.cpp")
 # Qwen3-30B-A3B (config.json of Qwen/Qwen3-30B-A3B), the vocabulary cut to save time
@@ -681,18 +682,10 @@ def table(run: dict) -> str:
 
 
 def chart(runs: list[dict], path: Path) -> None:
-    plt = pyplot()
-    if plt is None:
-        return
-    fig, axes = plt.subplots(1, len(runs), figsize=(5 * len(runs), 4), squeeze=False)
-    for ax, run in zip(axes[0], runs, strict=True):
-        rows = [r for r in run["rows"] if r["status"] == "ok"]
-        ax.bar([r["engine"] for r in rows], [r["ms_per_token"] for r in rows],
-               color="#4a7ab5")
-        ax.set_title(f"{run['model']} ({run['layers']} layers): ms per decode token")
-        ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    """bench.py's engine chart, of the engines that ran, each run titled with its layers."""
+    bench.chart([{**run, "model": f"{run['model']} ({run['layers']} layers)",
+                  "rows": [r for r in run["rows"] if r["status"] == "ok"]} for run in runs],
+                path)
 
 
 def main(argv: list[str] | None = None) -> int:
