@@ -244,28 +244,27 @@ def test_unsupported_moe_architecture_lists_the_supported(moe_files, tmp_path):
             r"\(supported: llama, qwen2, qwen3moe; Mixtral is llama with experts\)")
 
 
-def test_experts_of_other_architectures_are_refused(tmp_path):
-    path = tmp_path / "qwen2-experts.gguf"
-    writer = gguf.GGUFWriter(str(path), "qwen2")
+def write_with_experts(path, arch: str, tensor: str) -> None:
+    """A GGUF of `arch` claiming 8 experts, holding one small tensor `tensor`."""
+    writer = gguf.GGUFWriter(str(path), arch)
     writer.add_expert_count(8)
-    writer.add_tensor("token_embd.weight", np.zeros((4, 32), np.float32))
+    writer.add_tensor(tensor, np.zeros((4, 32), np.float32))
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
+
+
+def test_experts_of_other_architectures_are_refused(tmp_path):
+    path = tmp_path / "qwen2-experts.gguf"
+    write_with_experts(path, "qwen2", "token_embd.weight")
     refused(path, r"qwen2 models with experts are not supported \(supported: llama, qwen3moe\)")
 
 
 def test_split_experts_of_old_mixtral_ggufs_are_refused(tmp_path):
     """GGUFs from before llama.cpp stacked the experts (blk.N.ffn_gate.E.weight)."""
     path = tmp_path / "old-mixtral.gguf"
-    writer = gguf.GGUFWriter(str(path), "llama")
-    writer.add_expert_count(8)
-    writer.add_tensor("blk.0.ffn_gate.3.weight", np.zeros((4, 32), np.float32))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    write_with_experts(path, "llama", "blk.0.ffn_gate.3.weight")
     refused(path, r"'blk\.0\.ffn_gate\.3\.weight' is one expert's tensor, from a GGUF written "
             r"before llama.cpp stacked experts")
 
