@@ -31,7 +31,7 @@ def version() -> str:
     try:
         return installed(DISTRIBUTION)
     except PackageNotFoundError:
-        from . import __version__
+        from ._version import __version__
 
         return __version__
 

@@ -38,21 +38,20 @@ import numpy as np
 from tqdm import tqdm
 
 from .arch import FFNSpec, get_architecture, pack_records
+from .argtypes import Parser, int_in, interruptible
 from .bundle import (
     DTYPES,
     PART_DTYPES,
     Bundle,
-    BundleError,
-    BundleUpdate,
     Quantization,
     RecordFamily,
-    SegmentFile,
     layout_parts,
     quantized_parts,
 )
-from .cli import Parser, int_in, interruptible
+from .bundle_writer import BundleUpdate, SegmentFile
+from .errors import BundleError
 from .ffn import FlashEngine
-from .loader import bundle_tokenizer
+from .loader import bundle_tokenizer, open_model
 from .selection import MODE_CLASSES, MODES, LayerReads, Mode, Rows, gate_activation, hidden
 
 DEFAULT_TARGETS = {"predictor": "0.99", "gate": "0.8", "hybrid": "0.8,0.5", "teal": "0.8,0.6"}
@@ -275,8 +274,6 @@ def calibrate(path: str | Path, data: str | Path, mode: str | None = None,
               gate_bits: int = 8) -> Bundle:
     """Calibrate `mode` (default: by architecture) on `data` and write it into the bundle.
     `gate_bits`: how `gate` and `hybrid` keep the gate rows of float records (16: as stored)."""
-    from .loader import open_model
-
     bundle = Bundle.open(path)
     model = open_model(bundle, "float32", sparsity="off")
     engine: FlashEngine = model.flash

@@ -15,17 +15,16 @@ import argparse
 import sys
 from typing import Any
 
+from .argtypes import Parser, interruptible
 from .cli import (
-    Parser,
     add_engine_arguments,
     add_model_argument,
     add_sampling_arguments,
-    interruptible,
     load_model,
     make_sampler,
     print_stream,
 )
-from .memory import format_bytes, rss_bytes
+from .sysmem import format_bytes, rss_bytes
 
 DEFAULT_MAX_TOKENS = 256  # mlx_lm.chat's
 HELP = "commands: q quits (so does Ctrl-D), r starts a new conversation, h shows this help"
@@ -71,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
               "generate --no-chat takes raw text)", file=sys.stderr)
         return 1
     engine = model.flash
-    print(f"[mlx_flash] selection {engine.mode.name}; {HELP}", file=sys.stderr)
+    print(f"[mlx_flash] selection {engine.selection}; {HELP}", file=sys.stderr)
     history = make_prompt_cache(model, args.max_kv_size)
     new_conversation = True
     while True:

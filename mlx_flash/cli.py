@@ -1,93 +1,20 @@
-"""What the command lines share: argument types whose errors say what is wrong, the flash
-engine's options (generate, chat and server take the same), and a clean end on Ctrl-C."""
+"""What the model-running command lines share: the flash engine's options (generate, chat
+and server take the same), loading the model they name, and printing its stream."""
 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import functools
-import math
-import signal
 import sys
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
-from .expert_policy import DEFAULT_POLICY, POLICIES
+from .argtypes import DTYPE_CHOICES, budget, float_in, int_in
+from .errors import BundleError, ConversionError, SourceError, UnsupportedModel
+from .eviction import DEFAULT_POLICY, POLICIES
 from .loader import MAX_THREADS
-from .memory import parse_size
 
-DTYPE_CHOICES = ["float16", "bfloat16", "float32"]
 SPARSITY_CHOICES = ["auto", "off", "predictor", "gate", "hybrid", "teal"]
 PREFILL_STEP_SIZE = 2048  # mlx_lm.generate's default
-INTERRUPTED = 130  # the shell's code for a process ended by SIGINT
-
-
-class Parser(argparse.ArgumentParser):
-    """An ArgumentParser whose errors are one line (argparse prints the whole usage first,
-    which for our many flags buries the message), and that takes no abbreviations (argparse
-    read `generate --mode hybrid` as `--model hybrid`)."""
-
-    def __init__(self, *args: Any, **kwargs: Any):
-        super().__init__(*args, allow_abbrev=False, **kwargs)
-
-    def error(self, message: str) -> None:  # type: ignore[override]
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
-
-def budget(text: str) -> int | str:
-    """argparse type for --memory-budget: a size, "auto" or "off"."""
-    return text if text in ("auto", "off") else size(text)
-
-
-def size(text: str) -> int:
-    """argparse type for sizes ("250MB", "8G", "1.5GiB"). argparse replaces a type's
-    ValueError with "invalid size value"; ArgumentTypeError keeps the parser's message."""
-    try:
-        value = parse_size(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a positive size")
-    return value
-
-
-def int_in(low: int, high: int | None = None) -> Callable[[str], int]:
-    """argparse type: an integer in [low, high]."""
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-        if value < low or (high is not None and value > high):
-            bound = f"at least {low}" if high is None else f"between {low} and {high}"
-            raise argparse.ArgumentTypeError(f"must be {bound}, not {value}")
-        return value
-
-    parse.__name__ = "integer"
-    return parse
-
-
-def float_in(low: float, high: float = math.inf, low_open: bool = False
-             ) -> Callable[[str], float]:
-    """argparse type: a finite float in [low, high], or in (low, high] with `low_open`."""
-    if high == math.inf:
-        bound = f"greater than {low}" if low_open else f"at least {low}"
-    else:
-        bound = f"in {'(' if low_open else '['}{low}, {high}]"
-
-    def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-        too_low = value <= low if low_open else value < low
-        if not math.isfinite(value) or too_low or value > high:
-            raise argparse.ArgumentTypeError(f"must be {bound}, not {text}")
-        return value
-
-    parse.__name__ = "number"
-    return parse
 
 
 def add_model_argument(p: argparse.ArgumentParser) -> None:
@@ -197,12 +124,7 @@ def add_eos_tokens(tokenizer: Any, tokens: Sequence[str], vocab: int) -> None:
 
 def load_errors() -> tuple[type[BaseException], ...]:
     """What loading a model raises for a bad model or option: one line for the user, no
-    traceback (imported when called: these modules pull in MLX and transformers)."""
-    from .arch import UnsupportedModel
-    from .bundle import BundleError
-    from .convert import ConversionError
-    from .sources import SourceError
-
+    traceback."""
     return (OSError, BundleError, SourceError, UnsupportedModel, ConversionError, ValueError)
 
 
@@ -211,7 +133,7 @@ def load_model(args: argparse.Namespace) -> tuple[Any, Any] | None:
     (model, tokenizer), or None once the reason it did not load is printed."""
     import mlx.core as mx
 
-    from . import load
+    from .api import load
 
     if args.seed is not None:
         mx.random.seed(args.seed)
@@ -226,8 +148,6 @@ def print_stream(responses: Iterable[Any]) -> tuple[Any, bool]:
     """Print each of mlx-lm's generation responses' text as it comes, then a newline:
     (the last response, whether the generation ended well). A failed read or a record that
     fails its checksum ends it with a one-line error instead of a traceback."""
-    from .bundle import BundleError
-
     response = None
     try:
         for response in responses:
@@ -240,20 +160,3 @@ def print_stream(responses: Iterable[Any]) -> tuple[Any, bool]:
     return response, True
 
 
-def interruptible(main: Callable[..., int | None]) -> Callable[..., int | None]:
-    """Ctrl-C ends the command with a newline and exit code 130, no traceback. Only the main
-    thread gets KeyboardInterrupt, so the reader threads stop with the interpreter. A second
-    Ctrl-C while the interpreter shuts down kills it outright (the default action) instead of
-    printing a traceback from its shutdown."""
-
-    @functools.wraps(main)
-    def wrapper(*args: Any, **kwargs: Any) -> int | None:
-        try:
-            return main(*args, **kwargs)
-        except KeyboardInterrupt:
-            signal.signal(signal.SIGINT, signal.SIG_DFL)
-            with contextlib.suppress(OSError):  # stdout may be a closed pipe
-                print(flush=True)  # the streamed text ends on a line of its own
-            return INTERRUPTED
-
-    return wrapper

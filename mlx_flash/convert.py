@@ -29,22 +29,14 @@ from .arch import (
     pack_records,
     record_tensors,
 )
-from .bundle import (
-    DTYPES,
-    Bundle,
-    BundleError,
-    BundleWriter,
-    Quantization,
-    publish_dir,
-    staging_dir,
-)
+from .arch.base import check_finite, mlx_lm_quantization, resident_arrays
+from .arch.moe import is_moe
+from .bundle import DTYPES, Bundle, Quantization
+from .bundle_writer import BundleWriter, publish_dir, staging_dir
+from .convert_moe import convert_moe
+from .errors import BundleError, ConversionError
 from .loader import build_flash_model, default_dtype
-from .moe import convert_moe, is_moe
 from .sources import SourceError, open_source
-
-
-class ConversionError(Exception):
-    """The source's tensors do not match what its architecture needs."""
 
 
 def _plan(source) -> tuple[dict[str, Any], Architecture, dict[str, str]]:
@@ -184,40 +176,6 @@ def convert(src: str | Path, out: str | Path, dtype: str | None = "float16",
         return writer.commit()
 
 
-def check_finite(name: str, w: Weight) -> None:
-    """Refuse a weight holding NaN or infinity (a damaged file would compute garbage); one
-    reduction per tensor, nothing beside reading it."""
-    arrays = (w.scales, w.biases) if isinstance(w, QuantizedTensor) else (w,)
-    if not all(mx.all(mx.isfinite(a)).item() for a in arrays
-               if mx.issubdtype(a.dtype, mx.floating)):
-        raise ConversionError(f"{name} holds NaN or infinite values: the file is damaged")
-
-
-def resident_arrays(target: str, w: Weight, quantized: dict[str, Quantization]
-                    ) -> dict[str, mx.array]:
-    """The model parameters weight `target` is stored as: itself, or, quantized, its module's
-    weight, scales and biases as mlx-lm names them (recording the module in `quantized`)."""
-    if not isinstance(w, QuantizedTensor):
-        return {target: w}
-    module = target.removesuffix(".weight")
-    quantized[module] = Quantization(w.bits, w.group_size)
-    return {f"{module}.weight": w.weight, f"{module}.scales": w.scales,
-            f"{module}.biases": w.biases}
-
-
-def mlx_lm_quantization(modules: dict[str, Quantization]) -> dict[str, Any]:
-    """mlx-lm's config entry for quantized modules: the most common bits and group size, and
-    each module that differs under its own name."""
-    from collections import Counter
-
-    common = Counter(modules.values()).most_common(1)[0][0]
-    entry: dict[str, Any] = {"group_size": common.group_size, "bits": common.bits}
-    for module, q in sorted(modules.items()):
-        if q != common:
-            entry[module] = {"group_size": q.group_size, "bits": q.bits}
-    return entry
-
-
 def export_mlx_lm(src: str | Path, out: str | Path, dtype: str | None = "float16",
                   progress: bool = True, keep_quantization: bool = False) -> Path:
     """Write `src` as a plain, dense mlx-lm folder (config.json, model.safetensors, tokenizer)
@@ -248,6 +206,8 @@ def export_mlx_lm(src: str | Path, out: str | Path, dtype: str | None = "float16
         source.save_tokenizer(tmp)
         publish_dir(tmp, out)
     return out
+
+
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -23,11 +23,12 @@ import mlx.nn as nn
 import numpy as np
 from tqdm import tqdm
 
-from .bundle import EXPERTS, Bundle, BundleError
+from .argtypes import DTYPE_CHOICES, Parser, int_in, interruptible
+from .bundle import EXPERTS, Bundle
 from .calibrate import fit_context, layer_weights, text_tokens, true_active, windows
-from .cli import DTYPE_CHOICES, Parser, int_in, interruptible
+from .errors import BundleError
 from .ffn import FlashEngine
-from .loader import blas_hint, bundle_tokenizer
+from .loader import blas_hint, bundle_tokenizer, open_model
 from .selection import MODES, LayerReads, Mode, Oracle, load_mode
 
 # A perplexity over fewer tokens is mostly noise (and over none, a division by zero)
@@ -95,8 +96,6 @@ def run_mode(model: nn.Module, mode: Mode, tokens: list[int], ctx: int, truth: b
 def evaluate(path: str | Path, data: str | Path, tokens: int = 4096, ctx: int = 512,
              mode: str | None = None, compute_dtype: str | None = "float32",
              progress: bool = True) -> dict[str, Any]:
-    from .loader import open_model
-
     bundle = Bundle.open(path)
     if EXPERTS in bundle.families:
         return evaluate_moe(bundle, data, tokens, ctx, compute_dtype, progress)
@@ -164,8 +163,6 @@ def evaluate_moe(bundle: Bundle, data: str | Path, tokens: int, ctx: int,
                  compute_dtype: str | None, progress: bool) -> dict[str, Any]:
     """An MoE model's perplexity with the experts its router picks (the only selection: no
     lossy option exists to compare), and what a token reads of them before any cache."""
-    from .loader import open_model
-
     model = open_model(bundle, compute_dtype)
     ids = text_tokens(bundle_tokenizer(bundle), data)[-(tokens + 1):]
     if len(ids) - 1 < MIN_TOKENS:

@@ -15,14 +15,16 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Sequence
+import zlib
+from collections.abc import Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 
 import numpy as np
 
-from .bundle import BundleError, RecordFamily
-from .neuron_cache import NeuronMatrix
+from .bundle import Bundle, RecordFamily
+from .errors import BundleError
+from .neuron_matrix import NeuronMatrix
 
 # Reading up to this many unwanted bytes between two wanted ranges costs less than a second
 # read call (page cache: ~4 us per call vs ~4 GB/s; tools/flash_profile.py measures flash).
@@ -235,3 +237,61 @@ class FlashReader:
             total += n
             calls += c
         return total, calls
+
+
+class RecordChecker:
+    """Checks FFN records read from a bundle against the CRC32s stored after their segments
+    (families with `checksums`; those of bundles converted before checksums are not checked).
+
+    Each record is checked the first time this process reads it and trusted after: the
+    checks cost nothing once a model has read its records (docs/FORMAT.md measures them).
+    Thread-safe: the engine reads ahead in a background thread.
+    """
+
+    def __init__(self, bundle: Bundle):
+        self.bundle = bundle
+        self._tables: dict[tuple[str, int], tuple[np.ndarray, np.ndarray]] = {}
+        self._lock = threading.Lock()
+
+    def _table(self, family: RecordFamily, layer: int) -> tuple[np.ndarray, np.ndarray]:
+        """(the stored CRC32 of each record, which records were checked) of a segment."""
+        key = (family.name, layer)
+        with self._lock:
+            if key not in self._tables:
+                offset, length = family.segments[layer]
+                crcs = np.fromfile(self.bundle.path / family.file, dtype="<u4",
+                                   count=family.count, offset=offset + length)
+                if len(crcs) != family.count:
+                    raise BundleError(f"{family.file} is truncated: no checksums for "
+                                      f"{family.name}[{layer}]")
+                self._tables[key] = crcs, np.zeros(family.count, dtype=bool)
+            return self._tables[key]
+
+    def check(self, family: str, layer: int, ids: np.ndarray, slots: np.ndarray,
+              rows: Mapping[str, np.ndarray]) -> None:
+        """Check records `ids` of `family`'s segment for `layer`, whose parts were read into
+        rows `slots` of `rows` (part name -> `[rows, part bytes]` uint8; records are checked
+        only when every part of the family is there). Raises BundleError naming the first
+        record whose bytes differ from its checksum. Padding is taken as the zeros every
+        writer puts there (a reader does not keep it)."""
+        fam = self.bundle.families[family]
+        if fam.checksums is None or len(ids) == 0 or any(p.name not in rows for p in fam.parts):
+            return  # no checksums (an older bundle), or records read in part: not checkable
+        crcs, checked = self._table(fam, layer)
+        new = ~checked[ids]
+        if not new.any():
+            return
+        pieces, position = [], 0  # (zero bytes before, part) in record order
+        for p in sorted(fam.parts, key=lambda p: p.offset):
+            pieces.append((p.offset - position, rows[p.name]))
+            position = p.offset + p.nbytes
+        zeros = bytes(max([fam.record_bytes - position] + [gap for gap, _ in pieces]))
+        tail = zeros[:fam.record_bytes - position]
+        for i, slot in zip(ids[new].tolist(), slots[new].tolist(), strict=True):
+            crc = 0
+            for gap, part in pieces:
+                crc = zlib.crc32(part[slot], zlib.crc32(zeros[:gap], crc))
+            if zlib.crc32(tail, crc) != crcs[i]:
+                raise BundleError(f"{fam.file}: record {i} of {family}[{layer}] does not match "
+                                  "its checksum: the file is damaged (convert the model again)")
+        checked[ids[new]] = True

@@ -15,19 +15,18 @@ from typing import Any
 
 import mlx.core as mx
 
+from .argtypes import Parser, interruptible
 from .cli import (
-    Parser,
     add_engine_arguments,
     add_eos_tokens,
     add_model_argument,
     add_sampling_arguments,
-    interruptible,
     load_model,
     make_sampler,
     print_stream,
     vocab_size,
 )
-from .memory import format_bytes, peak_rss_bytes
+from .sysmem import format_bytes, peak_rss_bytes
 
 DEFAULT_PROMPT = "hello"
 DEFAULT_MAX_TOKENS = 100
@@ -60,25 +59,19 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def experts_read(decode: Any) -> str:
-    """", 2.5 experts/token" for an MoE model's engine (it counts the experts it reads)."""
-    if not hasattr(decode, "experts_read"):
-        return ""
-    return f", {decode.experts_read / max(decode.tokens, 1):.1f} experts/token"
-
-
 def print_stats(engine: Any, response: Any, verbose: bool) -> None:
     """The stats line (and with `verbose` the per-token breakdown and the memory plan), on
     stderr: stdout holds only the generated text."""
     decode, prefill = engine.stats.decode, engine.stats.prefill
     peak, runtime = peak_rss_bytes(), engine.runtime_rss
     budget_text = "" if engine.plan.budget is None else f", {engine.plan.budget_text()}"
-    lines = [f"[stats] {engine.mode.name} | prompt {response.prompt_tokens} tokens @ "
+    per_token = decode.records_read / max(decode.tokens, 1)
+    lines = [f"[stats] {engine.selection} | prompt {response.prompt_tokens} tokens @ "
              f"{response.prompt_tps:.1f} tok/s"
              f" | generation {response.generation_tokens} tokens @ "
              f"{response.generation_tps:.2f} tok/s"
              f" | flash read {format_bytes(decode.bytes_per_token)}/token"
-             f"{experts_read(decode)}"
+             f", {per_token:.{1 if per_token < 100 else 0}f} {engine.unit}/token"
              f" (prefill {format_bytes(prefill.bytes)}; FFN "
              f"{format_bytes(engine.bundle.ffn_bytes)}, cache hit rate "
              f"{engine.cache_stats().hit_rate:.0%})"

@@ -15,19 +15,17 @@ from mlx_lm.models.cache import KVCache, RotatingKVCache
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
 from .arch import Architecture, FFNSpec, get_architecture
-from .bundle import DTYPES, EXPERTS, ITEMSIZE, Bundle, BundleError
-from .expert_policy import DEFAULT_POLICY, POLICIES
+from .arch.moe import MOE_TYPES, TENSORS, check_moe_config, expert_layout, flash_model
+from .bundle import DTYPES, EXPERTS, ITEMSIZE, Bundle
+from .errors import BundleError, UnsupportedModel
+from .eviction import DEFAULT_POLICY, POLICIES
 from .ffn import FlashEngine, FlashFFN
-from .memory import (
-    AUTO_SHARE,
-    MemoryPlan,
-    available_memory,
-    loaded_bytes,
-    parse_size,
-    plan_memory,
-    return_freed_memory,
-)
+from .flash_io import FlashReader
+from .memory import AUTO_SHARE, MemoryPlan, expert_plan, loaded_bytes, plan_memory
+from .moe import ExpertEngine
+from .neuron_matrix import NeuronMatrix
 from .selection import Mode, load_mode
+from .sysmem import available_memory, parse_size, return_freed_memory
 
 
 def default_dtype() -> str:
@@ -171,12 +169,15 @@ def open_model(bundle: Bundle, compute_dtype: str | None = None,
     the bundle's default mode (dense when none is calibrated)."""
     options = options or EngineOptions()
     options.check()
+    try:  # the bundle layer knows the format, not the models: their configs are checked here
+        check_moe_config(bundle.config) if EXPERTS in bundle.families \
+            else get_architecture(bundle.config)
+    except UnsupportedModel as e:
+        raise BundleError(f"{bundle.path}: {e}") from None
     if EXPERTS in bundle.families:  # an MoE model: the router selects, experts are records
         if sparsity not in (None, "off"):
             raise BundleError(f"{bundle.path}: an MoE model's experts are the ones its router "
                               f"picks: no selection mode {sparsity!r}")
-        from .moe import open_moe_model
-
         return open_moe_model(bundle, compute_dtype, options)
     arch = get_architecture(bundle.config)
     spec = arch.ffn_spec(bundle.config)
@@ -267,66 +268,9 @@ def bundle_tokenizer(bundle: Bundle, tokenizer_config: dict[str, Any] | None = N
                           ) from None
 
 
-def load(
-    path: str | os.PathLike | None = None,
-    *,
-    compute_dtype: str | None = None,
-    verify: bool = False,
-    tokenizer_config: dict[str, Any] | None = None,
-    dtype: str | None = None,
-    sparsity: str | None = None,
-    memory_budget: int | str | None = "auto",
-    window: int = 5,
-    context: int = 2048,
-    threads: int = 8,
-    cold: bool = False,
-    rotating_kv: bool = False,
-    lookahead: bool = False,
-    expert_policy: str = DEFAULT_POLICY,
-) -> tuple[nn.Module, TokenizerWrapper]:
-    """Load a flash bundle as `(model, tokenizer)` for mlx-lm's generate / stream_generate.
-
-    `path` is a bundle, or a GGUF file / model folder that is converted (to `dtype`) into the
-    cache on first use (default: as `convert` does, a quantized source's quantization kept, a
-    float source in `default_dtype()`); None means the embedded default model, calibrated on
-    first use. `compute_dtype` (default: the bundle's dtype) is what the resident weights and
-    the records are computed in. `verify` checks every file's sha256 before use. `sparsity`
-    picks the selection mode: one calibrated in the bundle (`python -m mlx_flash.calibrate`),
-    "off", or None for the bundle's default.
-    `memory_budget` (bytes, or "150MB") bounds resident weights, selection data, KV cache for
-    `context` tokens (such a model's `make_cache` allocates it at once; past `context` it
-    rotates with `rotating_kv`, as mlx-lm's max_kv_size does, with or without a budget; else
-    it grows past the budget) and the per-layer neuron caches, which keep the neurons of the
-    last `window` tokens (BudgetError when it cannot be met). "auto" (the default): the model
-    whole when it fits in 75% of the memory available, else that share (`budget_plan`);
-    "off": no caches, every token reads what it selects (the naive engine). `threads` read in
-    parallel; `cold` bypasses the OS page cache; `lookahead` reads the next layer's likely
-    records while its attention computes (modes that can guess them: predictor; MoE models:
-    the next layer's router). `expert_policy` (MoE models) picks the resident expert that
-    makes room for a missing one: a name of `expert_policy.POLICIES`. The model's
-    `flash` attribute is its FlashEngine, whose `stats` count flash reads and whose
-    `runtime_rss` is the process's resident memory just before the model was loaded (the
-    tokenizer already was).
-    """
-    from .memory import rss_bytes
-    from .paths import resolve_bundle
-
-    bundle = Bundle.open(resolve_bundle(path, dtype=dtype), verify=verify)
-    tokenizer = bundle_tokenizer(bundle, tokenizer_config)
-    runtime = rss_bytes()
-    model = open_model(bundle, compute_dtype, sparsity, EngineOptions(
-        memory_budget, window, context, threads, cold, rotating_kv=rotating_kv,
-        lookahead=lookahead, expert_policy=expert_policy))
-    model.flash.runtime_rss = runtime
-    return model, tokenizer
-
-
 def load_dense(path: str | os.PathLike, compute_dtype: str | None = None) -> nn.Module:
     """The bundle's model with every weight in memory, its FFN read back from the records:
     the dense baseline for architectures mlx-lm lacks (OPT). No flash, no selection."""
-    from .flash_io import FlashReader
-    from .neuron_cache import NeuronMatrix
-
     bundle = Bundle.open(path)
     config = bundle.config
     arch = get_architecture(config)
@@ -360,3 +304,37 @@ def load_dense(path: str | os.PathLike, compute_dtype: str | None = None) -> nn.
     model.eval()
     mx.eval(model.parameters())
     return model
+
+
+def open_moe_model(bundle: Bundle, compute_dtype: str | None, options) -> nn.Module:
+    """mlx-lm's model for an MoE bundle, its routed experts served by an ExpertEngine."""
+    fam = bundle.families[EXPERTS]
+    if fam.count != bundle.config[MOE_TYPES[bundle.config["model_type"]]] \
+            or set(fam.tensors) != set(TENSORS):
+        raise BundleError(f"{bundle.path}: the expert records do not match the model's "
+                          f"{bundle.config[MOE_TYPES[bundle.config['model_type']]]} experts")
+    name = compute_dtype or compute_dtype_for(bundle)
+    if not mx.metal.is_available() and not fam.quantization:
+        name = "float32"  # MLX's CPU gather_mm multiplies float32 only
+    dtype = DTYPES[name]
+    budget = options.memory_budget
+    plan = expert_plan(bundle, ITEMSIZE[name], budget, options.context, options.expert_policy)
+    keep_within(plan)
+    k = int(bundle.config["num_experts_per_tok"])
+    engine = ExpertEngine(bundle, plan, dtype, options.threads, options.cold, options.use_mmap,
+                          naive=budget == "off",
+                          lookahead=k + (k + 1) // 2 if options.lookahead else 0,
+                          policy=options.expert_policy)
+    model, routed = flash_model(dict(bundle.config), engine)
+    expected = expert_layout(next(iter(routed.values())).shapes, bundle.dtype,
+                             fam.quantization)
+    if tuple(p.name for p in fam.parts) != tuple(p.name for p in expected[0]) \
+            or fam.record_bytes != expected[1] \
+            or sorted(routed) != [i for i, (_, n) in enumerate(fam.segments) if n]:
+        raise BundleError(f"{bundle.path}: the expert records do not match the model's "
+                          "experts (layout or layers)")
+    engine.shapes = {i: r.shapes for i, r in routed.items()}
+    # the routers as the model holds them once loaded (maybe quantized)
+    engine.routers = {i: (lambda x, block=r.parent: block.gate(x)) for i, r in routed.items()
+                      if hasattr(r.parent, "gate")}
+    return finish_model(model, bundle, engine, dtype, len(model.layers), options)

@@ -9,26 +9,17 @@
 
 from __future__ import annotations
 
-import math
-import os
-import re
-import resource
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
 
-from .bundle import Bundle
+from .bundle import EXPERTS, Bundle, RecordFamily
+from .errors import BudgetError
+from .eviction import DEFAULT_POLICY, POLICIES
 from .neuron_cache import NeuronCache
-
-# As mlx-lm and llama.cpp write sizes: K, M, G, T (with or without B) are powers of 1000,
-# KiB, MiB, GiB, TiB powers of 1024; case does not matter.
-UNITS = {"": 1, "b": 1,
-         **{p + b: 1000 ** (i + 1) for i, p in enumerate("kmgt") for b in ("", "b")},
-         **{p + "ib": 1024 ** (i + 1) for i, p in enumerate("kmgt")}}
-
+from .sysmem import available_memory, format_bytes, parse_size
 
 # Caches smaller than this share of a layer's records are not kept: measured on the default
 # model at 75% of its bundle (page cache warm), caches of 0.7% of the records hit 0.4% of the
@@ -43,127 +34,9 @@ MIN_CACHE_FRACTION = 1 / 16
 WINDOW_SHARE = 0.3
 
 
-class BudgetError(ValueError):
-    """The memory budget is below what the model needs at the least."""
-
-
-def parse_size(text: str | int) -> int:
-    """Bytes from "250MB", "8G", "1.5GiB", "2e8" or an int (units: `UNITS`)."""
-    if isinstance(text, int):
-        return text
-    m = re.fullmatch(r"\s*([0-9.]+(?:[eE][+-]?[0-9]+)?)\s*([a-zA-Z]*)\s*", text)
-    try:
-        value = float(m.group(1)) * UNITS[m.group(2).lower()] if m else math.nan
-    except (ValueError, KeyError):
-        value = math.nan
-    if not math.isfinite(value):
-        raise ValueError(f"not a size: {text!r} (try 250MB, 8G or 1.5GiB)")
-    return int(value)
-
-
-def format_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if abs(n) < 1000 or unit == "GB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{n:.0f} B"
-        n /= 1000
-    raise AssertionError
-
-
-def _status_kib(key: str, path: str = "/proc/self/status") -> int | None:
-    try:
-        with open(path) as f:
-            for line in f:
-                if line.startswith(key):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
-
-def peak_rss_bytes() -> int:
-    """This process's peak resident set size (Linux: VmHWM, which starts afresh at exec;
-    ru_maxrss would carry over a forking parent's peak)."""
-    peak = _status_kib("VmHWM:")
-    if peak is not None:
-        return peak
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return rss if sys.platform == "darwin" else rss * 1024  # macOS: bytes, Linux: KiB
-
-
-def rss_bytes() -> int:
-    """This process's resident set size now (where the OS tells; else the peak so far)."""
-    now = _status_kib("VmRSS:")
-    return now if now is not None else peak_rss_bytes()
-
-
 # Without --memory-budget the model may take this share of the memory available: the rest is
 # left to the OS page cache (which serves the bundle's reads) and to other programs.
 AUTO_SHARE = 0.75
-
-
-def _read_int(path: Path) -> int | None:
-    try:
-        text = path.read_text().split()[0]
-    except (OSError, IndexError):
-        return None
-    return int(text) if text.isdigit() else None
-
-
-def _stat(path: Path, key: str) -> int:
-    """A value of a cgroup's memory.stat (0 when absent)."""
-    try:
-        for line in path.read_text().splitlines():
-            name, _, value = line.partition(" ")
-            if name == key and value.isdigit():
-                return int(value)
-    except OSError:
-        pass
-    return 0
-
-
-def cgroup_room() -> int | None:
-    """Memory this process's cgroups — its own and every one above it — may still take: the
-    least, over those with a limit, of the limit minus the usage, the usage without the
-    inactive page cache the kernel drops first. cgroup v2: memory.max, memory.current,
-    inactive_file; v1: memory.limit_in_bytes, memory.usage_in_bytes, total_inactive_file. A
-    container that sees only its own cgroup finds it at the hierarchy's root."""
-    try:
-        lines = Path("/proc/self/cgroup").read_text().splitlines()
-    except OSError:
-        return None
-    rooms = []
-    for line in lines:
-        _, controllers, rel = line.split(":", 2)
-        if controllers == "":
-            root, files = Path("/sys/fs/cgroup"), ("memory.max", "memory.current",
-                                                   "inactive_file")
-        elif "memory" in controllers.split(","):
-            root, files = Path("/sys/fs/cgroup/memory"), (
-                "memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file")
-        else:
-            continue
-        folder = root / rel.lstrip("/")
-        if not folder.is_dir():
-            folder = root
-        for d in (folder, *folder.parents):
-            limit, usage = _read_int(d / files[0]), _read_int(d / files[1])
-            if limit is not None and usage is not None and limit < 2**60:
-                rooms.append(max(0, limit - usage + _stat(d / "memory.stat", files[2])))
-            if d == root:
-                break
-    return min(rooms) if rooms else None
-
-
-def available_memory() -> int:
-    """Memory this process can take without pushing others out: Linux's MemAvailable (free
-    memory plus the page cache it can drop), within the process's cgroup limit; elsewhere
-    (macOS has no such figure) half the physical memory."""
-    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    available = _status_kib("MemAvailable:", "/proc/meminfo")
-    if available is None:
-        return total // 2
-    room = cgroup_room()
-    return available if room is None else min(available, room)
 
 
 def kv_bytes_per_token(config: dict[str, Any], itemsize: int) -> int:
@@ -214,23 +87,6 @@ class MemoryPlan:
                 f"{self.layers} layers complete)")
 
 
-def return_freed_memory() -> None:
-    """Make the C allocator hand large freed blocks back to the OS. glibc raises its mmap
-    threshold (up to 32 MiB) each time a large block is freed, after which blocks of that size
-    come from the heap and stay in the process when freed: measured on the scale benchmark,
-    RSS crept 60 MB past what MLX held. A fixed 1 MiB threshold keeps RSS with MLX's own
-    accounting. No-op where there is no glibc."""
-    if not sys.platform.startswith("linux"):
-        return
-    import ctypes
-
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
-    except (OSError, AttributeError):
-        pass
-
-
 def loaded_bytes(path: Path, compute_itemsize: int) -> int:
     """Memory the tensors of a safetensors file take once loaded for compute: float tensors
     in the compute dtype, the rest (quantized weights) as stored. Reads only the header."""
@@ -257,8 +113,6 @@ def plan_memory(bundle: Bundle, compute_itemsize: int, selection_bytes: int,
     config = bundle.config
     n_layers = int(config["num_hidden_layers"])
     resident = loaded_bytes(bundle.resident_path, compute_itemsize)
-    from .ffn import staging_rows
-
     families = {family for family, _ in cache_keys} | {"neuron"}
     staging = sum(staging_rows(bundle.families[f]) * bundle.families[f].record_bytes
                   for f in families)
@@ -305,3 +159,70 @@ def plan_memory(bundle: Bundle, compute_itemsize: int, selection_bytes: int,
                                for i in range(n_layers)) if cache_keys else 0
     plan.whole = bool(cache_keys) and plan.complete_layers == n_layers
     return plan
+
+
+def _expert_sizes(bundle: Bundle, itemsize: int, context: int, policy: str
+                  ) -> tuple[MemoryPlan, int, int]:
+    """The plan without expert slots, the bytes of the caches' slot maps, and of one slot
+    in every MoE layer."""
+    fam = bundle.families[EXPERTS]
+    layers = sum(1 for _, n in fam.segments if n)
+    k = int(bundle.config["num_experts_per_tok"])
+    # compute takes a token's k experts (converted to the compute dtype) and intermediates;
+    # 32 MiB for what lives outside MLX (the engine's index arrays, Python objects, reader
+    # threads' stacks): the benchmark measured model RSS 6-10 MB past a budget its caches
+    # filled with 16 MiB here (docs/BENCHMARKS.md)
+    float_row = sum(p.length * itemsize if p.dtype != "uint32" else p.nbytes for p in fam.parts)
+    plan = MemoryPlan(None, loaded_bytes(bundle.resident_path, itemsize), 0, 0,
+                      context * kv_bytes_per_token(bundle.config, itemsize), context,
+                      work=2 * k * float_row + 32 * 2**20)
+    # the caches' slot maps, and their policy's state
+    return (plan, layers * (NeuronCache.index_bytes(fam.count, 0)
+                            + POLICIES[policy].state_bytes(fam.count)),
+            layers * (fam.tensor_bytes(fam.tensors) + NeuronCache.index_bytes(0, 1)))
+
+
+def expert_budget(bundle: Bundle, itemsize: int, context: int, slots: int,
+                  policy: str = DEFAULT_POLICY) -> int:
+    """The memory budget that gives each MoE layer `slots` expert slots."""
+    plan, index, slot_bytes = _expert_sizes(bundle, itemsize, context, policy)
+    return plan.minimum + index + slots * slot_bytes
+
+
+def expert_plan(bundle: Bundle, itemsize: int, budget: int | str | None, context: int,
+                policy: str = DEFAULT_POLICY) -> MemoryPlan:
+    """Size the per-layer expert matrices. A set budget: as many slots per layer as it
+    leaves (at least the experts a token routes to: BudgetError naming the minimum); "auto":
+    every expert when the model fits in AUTO_SHARE of the memory available, else that share;
+    None: every expert; "off": the experts of one token, read anew every token (naive)."""
+    fam = bundle.families[EXPERTS]
+    k = int(bundle.config["num_experts_per_tok"])
+    plan, index, slot_bytes = _expert_sizes(bundle, itemsize, context, policy)
+    n = fam.count if budget is None else k
+    if budget == "auto":
+        plan.automatic = True
+        budget = max(plan.minimum + index + k * slot_bytes,
+                     min(plan.minimum + index + fam.count * slot_bytes,
+                         int(AUTO_SHARE * available_memory())))
+    if budget not in (None, "off"):
+        plan.budget = parse_size(budget)
+        n = min(fam.count, max(0, plan.budget - plan.minimum - index) // slot_bytes)
+        if n < k:
+            raise BudgetError(
+                f"memory budget {format_bytes(plan.budget)} is below the minimum "
+                f"{format_bytes(plan.minimum + index + k * slot_bytes)} for this model: "
+                f"{plan.describe().rsplit(' + neuron caches', 1)[0]} + the {k} experts a "
+                f"token routes to, in each MoE layer")
+    plan.capacity[(EXPERTS, fam.tensors)] = [int(n) if size else 0 for _, size in fam.segments]
+    plan.cache_bytes = index + int(n) * slot_bytes
+    plan.layers = sum(1 for _, size in fam.segments if size)
+    plan.whole = n == fam.count
+    plan.complete_layers = plan.layers if plan.whole else 0
+    return plan
+
+
+STAGING_BYTES = 16 * 2**20  # a staging matrix holds a whole layer, or this much of one
+
+
+def staging_rows(family: RecordFamily) -> int:
+    return min(family.count, max(1, STAGING_BYTES // family.record_bytes))

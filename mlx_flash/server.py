@@ -32,15 +32,8 @@ from typing import Any
 import mlx.core as mx
 from mlx_lm import server as mlx_server
 
-from .cli import (
-    Parser,
-    add_engine_arguments,
-    add_model_argument,
-    interruptible,
-    load_errors,
-    load_options,
-    vocab_size,
-)
+from .argtypes import Parser, interruptible
+from .cli import add_engine_arguments, add_model_argument, load_errors, load_options, vocab_size
 
 DEFAULT_HOST = "127.0.0.1"
 # Fixed, whatever was asked: the answer must not tell whether some path exists.

@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 
 import mlx_flash
-from mlx_flash.bundle import ALIGNMENT, VERSION, Bundle, BundleError, _manifest_digest
+from mlx_flash.bundle import ALIGNMENT, VERSION, Bundle, manifest_digest
+from mlx_flash.errors import BundleError
 
 
 @pytest.fixture
@@ -27,7 +28,7 @@ def rewrite_manifest(path: Path, edit, reseal: bool = True) -> None:
     manifest = json.loads((path / "manifest.json").read_text())
     edit(manifest)
     if reseal:
-        manifest["manifest_sha256"] = _manifest_digest(manifest)
+        manifest["manifest_sha256"] = manifest_digest(manifest)
     (path / "manifest.json").write_text(json.dumps(manifest))
 
 
@@ -193,6 +194,6 @@ def test_records_read_at_runtime_not_loaded_whole(tiny_bundle):
     params = dict(tree_flatten(model.parameters()))
     assert not any("gate_proj" in k or "down_proj" in k for k in params)
     b = Bundle.open(tiny_bundle)
-    before = model.flash.reader.counters.bytes
+    before = model.flash.reader_for("neuron").counters.bytes
     mx.eval(model(mx.array([[5, 6, 7]])))
-    assert model.flash.reader.counters.bytes - before == b.ffn_bytes
+    assert model.flash.reader_for("neuron").counters.bytes - before == b.ffn_bytes

@@ -20,7 +20,8 @@ def run(*args: str, timeout: int = 300, **kw) -> subprocess.CompletedProcess:
 SIZE = r"[\d.]+ [KMG]?B"
 STATS = re.compile(rf"^\[stats\] \w+ \| prompt \d+ tokens @ [\d.]+ tok/s \| "
                    rf"generation (\d+) tokens @ [\d.]+ tok/s \| "
-                   rf"flash read ({SIZE})/token \(prefill {SIZE}; FFN {SIZE}, cache hit rate "
+                   rf"flash read ({SIZE})/token, [\d.]+ (?:neurons|experts)/token "
+                   rf"\(prefill {SIZE}; FFN {SIZE}, cache hit rate "
                    rf"\d+%\) \| "
                    rf"peak RSS {SIZE} \(runtime {SIZE} \+ model {SIZE}"
                    rf"(, budget {SIZE}( auto)?)?\) \| "
@@ -211,7 +212,7 @@ def test_out_of_range_numbers_are_one_line_errors(args, message, capsys):
                                         ("8GB", 8 * 10**9), ("512KiB", 512 * 1024)])
 def test_sizes_as_mlx_lm_and_llama_cpp_write_them(text, size):
     from mlx_flash.generate import build_parser
-    from mlx_flash.memory import parse_size
+    from mlx_flash.sysmem import parse_size
 
     assert parse_size(text) == size
     assert build_parser().parse_args(["--memory-budget", text]).memory_budget == size
@@ -256,7 +257,7 @@ def custom_code_tokenizer(bundle: Path, dest: Path) -> Path:
     import json
     import shutil
 
-    from mlx_flash.bundle import _manifest_digest, sha256_file
+    from mlx_flash.bundle import manifest_digest, sha256_file
 
     shutil.copytree(bundle, dest)
     name = "tokenizer/tokenizer_config.json"
@@ -267,7 +268,7 @@ def custom_code_tokenizer(bundle: Path, dest: Path) -> Path:
     manifest = json.loads((dest / "manifest.json").read_text())
     manifest["files"][name] = {"bytes": (dest / name).stat().st_size,
                                "sha256": sha256_file(dest / name)}
-    manifest["manifest_sha256"] = _manifest_digest(manifest)
+    manifest["manifest_sha256"] = manifest_digest(manifest)
     (dest / "manifest.json").write_text(json.dumps(manifest))
     return dest
 

@@ -245,7 +245,7 @@ def test_damaged_model_folder_is_a_clear_error(tiny_llama, tmp_path, damage):
     """A config entry replaced (or a whole file, by text or by an edit of its bytes): an
     error the command lines report in one line, before anything is written."""
     from mlx_flash.arch import UnsupportedModel
-    from mlx_flash.convert import ConversionError
+    from mlx_flash.errors import ConversionError
 
     folder = tmp_path / "damaged"
     shutil.copytree(tiny_llama[0], folder)

@@ -14,9 +14,11 @@ from mlx_lm.models.cache import make_prompt_cache
 
 import mlx_flash
 from mlx_flash.bundle import Bundle, RecordFamily, RecordPart
+from mlx_flash.errors import BudgetError
+from mlx_flash.eviction import POLICIES
 from mlx_flash.flash_io import FlashReader
-from mlx_flash.memory import BudgetError, parse_size
 from mlx_flash.neuron_cache import NeuronCache
+from mlx_flash.sysmem import parse_size
 
 COUNT, D = 40, 4
 FAMILY = RecordFamily("neuron", "ffn.bin", COUNT, 2 * D * 4, "float32",
@@ -32,35 +34,43 @@ def segment(tmp_path_factory):
     return path, records
 
 
-@settings(max_examples=100, deadline=None)
+@pytest.mark.parametrize("policy", sorted(POLICIES))
+@settings(max_examples=60, deadline=None)
 @given(capacity=st.integers(1, COUNT), window=st.integers(1, 6),
        tokens=st.lists(st.sets(st.integers(0, COUNT - 1), max_size=COUNT), min_size=1,
                        max_size=25))
-def test_cache_agrees_with_a_dict(segment, capacity, window, tokens):
-    """Random token sequences through a NeuronCache, against a brute-force reference (a dict
-    neuron -> row): every resident neuron's row holds its record, every neuron a token needs
-    is resident unless it was spilled for lack of room, neurons unused for `window` tokens are
-    gone (unless the cache has room for all), and the matrix is never reallocated."""
+def test_cache_agrees_with_a_dict(segment, policy, capacity, window, tokens):
+    """Random token sequences through a NeuronCache under every eviction policy, against a
+    brute-force reference (a dict record -> row): every resident record's row holds its
+    record, every record a token needs is resident unless it was spilled for lack of room,
+    nothing is evicted that the token needs, the matrix is never reallocated; and with the
+    sliding window, records unused for `window` tokens are gone (unless the cache has room
+    for all)."""
     path, records = segment
     reader = FlashReader(path, max_gap=0)
-    cache = NeuronCache(FAMILY, ("up", "down"), capacity, window)
+    kwargs = {"window": window} if policy == "window" else {}
+    cache = NeuronCache(FAMILY, ("up", "down"), capacity,
+                        POLICIES[policy](COUNT, capacity, **kwargs))
     addresses = {p: cache.matrix.buffer_address(p) for p in ("up", "down")}
     reference: dict[int, np.ndarray] = {}
     last_used: dict[int, int] = {}
     for t, needed in enumerate(tokens, start=1):
         ids = np.array(sorted(needed), dtype=np.int64)
+        before = set(cache.resident())
         load, slots, spill = cache.admit(ids, t)
         reader.read_records(FAMILY, 0, load, slots, cache.matrix, ("up", "down"))
         for n in ids:
             last_used[int(n)] = t
-        for n in list(reference):
-            if last_used[n] <= t - window and capacity < COUNT:  # out of the window (a cache
-                del reference[n]  # with room for every neuron keeps them all)
+        if policy == "window":
+            for n in list(reference):
+                if last_used[n] <= t - window and capacity < COUNT:  # out of the window (a
+                    del reference[n]  # cache with room for every record keeps them all)
         for n in load:
             reference[int(n)] = records[n]
         resident = cache.resident()
         assert len(resident) == cache.size <= capacity
         assert set(reference) >= set(resident)  # nothing resident that the window dropped
+        assert set(needed) & before <= set(resident)  # what the token needs is never evicted
         for n in set(reference) - set(resident):  # dropped early: only to make room
             assert n not in needed and len(needed) + len(reference) > capacity
             del reference[n]
@@ -137,9 +147,9 @@ def test_cold_reads_reach_the_storage(relu_bundle):
     model, _ = mlx_flash.load(relu_bundle, memory_budget=None, window=0, cold=True)
     prompt = [40, 41, 42, 43]
     for _ in range(2):  # the second pass reads the same records again: still from storage
-        counted, before = model.flash.reader.counters.bytes, storage_reads()
+        counted, before = model.flash.reader_for("neuron").counters.bytes, storage_reads()
         decode(model, prompt, 8)
-        counted = model.flash.reader.counters.bytes - counted
+        counted = model.flash.reader_for("neuron").counters.bytes - counted
         actual = storage_reads() - before
         calls = model.flash.read_calls
         assert counted <= actual <= counted + 2 * 4096 * calls

@@ -178,10 +178,10 @@ def test_selections_larger_than_the_staging_matrix(relu_bundle, monkeypatch):
     """A staging matrix smaller than a token's selection (as on large models, where it holds
     16 MiB of a layer): the predictor computes in slices of it, with or without caches, and
     every budget still decodes the same logits (the minimum, without caches, failed)."""
-    import mlx_flash.ffn
+    import mlx_flash.memory
 
     record = Bundle.open(relu_bundle).families["neuron"].record_bytes
-    monkeypatch.setattr(mlx_flash.ffn, "STAGING_BYTES", 24 * record)
+    monkeypatch.setattr(mlx_flash.memory, "STAGING_BYTES", 24 * record)
     expected, engine = decode(relu_bundle, "predictor", EngineOptions())
     assert engine.matrices["neuron"].capacity == 24
     for budget in budgets(relu_bundle, "predictor")[1:]:

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mlx_flash.expert_policy import (
+from mlx_flash.eviction import (
     DEFAULT_POLICY,
     LRU,
     POLICIES,
@@ -247,7 +247,7 @@ def test_default_policy_near_belady_in_every_layer(fixture_traces):
 def test_context_table_is_capped():
     """A long generation never grows the context policy's table past its cap (its memory is
     in the plan: state_bytes)."""
-    from mlx_flash.expert_policy import Context
+    from mlx_flash.eviction import Context
 
     rng = np.random.default_rng(0)
     policy = Context(32, 8, max_contexts=50)

@@ -16,10 +16,11 @@ import numpy as np
 import pytest
 from tiny_models import greedy_logits
 
-from mlx_flash.bundle import Bundle, BundleError
+from mlx_flash.bundle import Bundle
+from mlx_flash.errors import BundleError
 from mlx_flash.flash_io import FlashReader
 from mlx_flash.loader import EngineOptions, open_model
-from mlx_flash.neuron_cache import NeuronMatrix
+from mlx_flash.neuron_matrix import NeuronMatrix
 
 PROMPT = [5, 40, 77, 100, 9, 33, 61]
 STEPS = 10
@@ -98,7 +99,7 @@ def test_faults_never_poison_later_answers(calibrated, site, monkeypatch):
     np.testing.assert_array_equal(logits_of(model), fresh)
     total = counting.calls - loaded
     if site == "ahead":
-        assert model.flash.caches == {} and model.flash._ahead._threads  # it did read ahead
+        assert model.flash.caches == {} and model.flash._ahead_pool._threads  # read ahead
     if site == "lookahead":  # the next layer's predicted neurons, read in the background
         assert model.flash.read_ahead > 0
     rng = np.random.default_rng(len(site))
@@ -123,12 +124,13 @@ def test_a_token_past_cache_and_staging_leaves_the_cache_as_the_file(calibrated,
     an error (raise the budget), and the records its cache admitted for it are not left
     resident unread (hybrid's selections churn, and the plan gives it complete caches or
     none: here it is planned as a mode whose partial caches pay would be)."""
-    import mlx_flash.ffn
+    import mlx_flash.memory
     from mlx_flash.selection import Hybrid
 
     monkeypatch.setattr(Hybrid, "churns", False)
     bundle = Bundle.open(calibrated["hybrid"])
-    monkeypatch.setattr(mlx_flash.ffn, "STAGING_BYTES", 8 * bundle.families["up"].record_bytes)
+    monkeypatch.setattr(mlx_flash.memory, "STAGING_BYTES",
+                        8 * bundle.families["up"].record_bytes)
     plan = open_model(bundle, None, "hybrid", EngineOptions(10**12, 5, 64)).flash.plan
     model = open_model(bundle, None, "hybrid", EngineOptions(
         plan.minimum + (plan.total - plan.minimum) // 4, 5, 64))

@@ -11,9 +11,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mlx_flash import flash_io
-from mlx_flash.bundle import BundleError, RecordFamily, RecordPart
+from mlx_flash.bundle import RecordFamily, RecordPart
+from mlx_flash.errors import BundleError
 from mlx_flash.flash_io import FlashReader, coalesce
-from mlx_flash.neuron_cache import NeuronMatrix
+from mlx_flash.neuron_matrix import NeuronMatrix
 
 COUNT, D = 64, 8
 # an OPT-like record: up row, down column, one bias, padding to 24 elements

@@ -31,15 +31,11 @@ import pytest
 from tiny_models import TINY_LLAMA, write_llama_gguf
 
 import mlx_flash
-from mlx_flash.bundle import (
-    STAGING,
-    Bundle,
-    BundleError,
-    BundleUpdate,
-    RecordChecker,
-    write_manifest,
-)
-from mlx_flash.convert import ConversionError, convert
+from mlx_flash.bundle import Bundle
+from mlx_flash.bundle_writer import STAGING, BundleUpdate, write_manifest
+from mlx_flash.convert import convert
+from mlx_flash.errors import BundleError, ConversionError
+from mlx_flash.flash_io import RecordChecker
 from mlx_flash.sources import SourceError
 
 ROOT = Path(__file__).parent.parent
@@ -512,7 +508,7 @@ def read_layer(bundle: Bundle, family: str, layer: int):
     import mlx.core as mx
 
     from mlx_flash.flash_io import FlashReader
-    from mlx_flash.neuron_cache import NeuronMatrix
+    from mlx_flash.neuron_matrix import NeuronMatrix
 
     fam = bundle.families[family]
     matrix = NeuronMatrix(fam, fam.count)
@@ -652,7 +648,7 @@ def test_staging_left_by_a_killed_convert_is_removed_by_the_next(tiny_llama, tmp
     assert r.returncode == -signal.SIGKILL, r.stderr[-2000:]
     stale = [p for p in tmp_path.iterdir() if STAGING in p.name]
     assert len(stale) == 1 and (stale[0] / "ffn.bin").is_file()
-    from mlx_flash.bundle import staging_dir
+    from mlx_flash.bundle_writer import staging_dir
 
     with staging_dir(tmp_path / "other") as live:  # what a conversion starts with
         assert not stale[0].exists()

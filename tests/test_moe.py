@@ -16,12 +16,13 @@ import pytest
 from tiny_models import greedy_logits
 from tiny_moe import CONFIGS, mlx_lm_model, write_hf_experts, write_tiny_moe
 
-from mlx_flash.bundle import EXPERTS, Bundle, BundleError, write_manifest
+from mlx_flash.api import load
+from mlx_flash.bundle import EXPERTS, Bundle
+from mlx_flash.bundle_writer import write_manifest
 from mlx_flash.convert import convert
-from mlx_flash.expert_policy import DEFAULT_POLICY
-from mlx_flash.loader import load
-from mlx_flash.memory import BudgetError
-from mlx_flash.moe import expert_budget
+from mlx_flash.errors import BudgetError, BundleError
+from mlx_flash.eviction import DEFAULT_POLICY
+from mlx_flash.memory import expert_budget
 
 PROMPT = [5, 6, 7, 8, 9, 10, 11, 12, 40, 41, 42, 43]
 STEPS = 32
@@ -64,14 +65,14 @@ def test_greedy_equals_mlx_lm_at_every_budget(moe_models, model_type, bits):
         assert engine.stats.decode.tokens == STEPS
         if budget == "off":  # naive: every token reads its experts anew
             assert engine.cache_stats().hits == 0
-            assert engine.stats.decode.experts_read == STEPS * engine.plan.layers * 2
+            assert engine.stats.decode.records_read == STEPS * engine.plan.layers * 2
         elif budget is None or budget == "auto":  # held whole: nothing read after loading
             assert engine.plan.whole and engine.stats.decode.bytes == 0
         elif not lookahead:
             assert engine.cache_stats().evictions > 0  # 3 of 8 slots: the cache evicted
         if lookahead:  # the next layer's router guessed some of its experts
             ahead = engine.lookahead_stats
-            assert ahead.needed > 0 and ahead.found > 0 and 0 <= ahead.unused <= ahead.read
+            assert ahead.needed > 0 and ahead.found > 0 and 0 <= ahead.unused <= engine.read_ahead
 
 
 def test_hugging_face_names_convert_to_the_same_model(moe_models, tmp_path):
@@ -144,7 +145,7 @@ def test_expert_records_not_matching_the_model_are_refused(moe_models, tmp_path)
 
 def test_unsupported_moe_architecture_names_the_supported(tmp_path):
     from mlx_flash.arch import UnsupportedModel
-    from mlx_flash.moe import check_moe_config
+    from mlx_flash.arch.moe import check_moe_config
 
     with pytest.raises(UnsupportedModel, match="qwen3_moe"):
         check_moe_config({"model_type": "gpt_oss", "hidden_size": 64})
@@ -206,7 +207,7 @@ def test_trained_fixture_equals_mlx_lm(tmp_path):
 
 
 def engine_read_ahead(model) -> bool:
-    return model.flash.lookahead_stats.read > 0
+    return model.flash.read_ahead > 0
 
 
 @pytest.mark.parametrize("kind", ["eio", "eof", "short"])
@@ -220,7 +221,7 @@ def test_read_faults_never_poison_the_expert_caches(moe_models, monkeypatch, kin
     from test_faults import Faulty
 
     from mlx_flash.flash_io import FlashReader
-    from mlx_flash.neuron_cache import NeuronMatrix
+    from mlx_flash.neuron_matrix import NeuronMatrix
 
     _, path, reference = moe_models[("qwen3_moe", 4)]
     model, _ = load(path, memory_budget=slots_budget(path, 3), lookahead=lookahead)

@@ -16,7 +16,8 @@ from mlx.utils import tree_flatten
 from tiny_models import greedy_logits
 from tiny_moe_gguf import MOE_ARCHS, write_moe_gguf
 
-from mlx_flash.sources import QuantizedTensor, SourceError, open_source
+from mlx_flash.arch import QuantizedTensor
+from mlx_flash.sources import SourceError, open_source
 
 ARCHS = list(MOE_ARCHS)
 QTYPES = ["F32", "F16", "Q8_0", "Q4_0", "Q4_1"]
@@ -308,9 +309,9 @@ def test_converted_moe_gguf_decodes_as_mlx_lm(moe_files, tmp_path, arch, qtype):
     the same weights (experts kept quantized as the GGUF stores them), all experts held or a
     few slots per layer that evict."""
     pytest.importorskip("mlx_flash.moe")
+    from mlx_flash.api import load
     from mlx_flash.convert import convert
-    from mlx_flash.loader import load
-    from mlx_flash.moe import expert_budget
+    from mlx_flash.memory import expert_budget
 
     path, _ = moe_files(arch, qtype)
     source = open_source(path)

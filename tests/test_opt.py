@@ -62,7 +62,7 @@ def test_ffn_records_hold_fc1_bias_and_fc2_column(opt_pair):
     layer = reference.model.decoder.layers[1]
     d = layer.fc1.weight.shape[1]
     offset, length = fam.segments[1]
-    raw = np.fromfile(model.flash.reader.path, dtype=np.float32, count=length // 4,
+    raw = np.fromfile(model.flash.reader_for("neuron").path, dtype=np.float32, count=length // 4,
                       offset=offset).reshape(fam.count, fam.record_bytes // 4)
     np.testing.assert_array_equal(raw[:, :d], layer.fc1.weight.detach().numpy())
     np.testing.assert_array_equal(raw[:, d:2 * d], layer.fc2.weight.detach().numpy().T)

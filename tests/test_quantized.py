@@ -17,10 +17,12 @@ from numpy_ffn import brute_force, dequantized
 from tiny_models import write_llama_gguf
 
 import mlx_flash
-from mlx_flash.bundle import Bundle, BundleError, Quantization
+from mlx_flash.arch import QuantizedTensor
+from mlx_flash.bundle import Bundle, Quantization
 from mlx_flash.calibrate import calibrate, collect_inputs, text_tokens
 from mlx_flash.convert import convert, export_mlx_lm
-from mlx_flash.sources import QuantizedTensor, open_source
+from mlx_flash.errors import BundleError
+from mlx_flash.sources import open_source
 
 DATA = Path(__file__).parent / "data"
 TAIL = DATA / "wikitext-2-valid-tail.txt"
@@ -124,7 +126,7 @@ def test_teal_needs_float_records(quantized_tiny, tmp_path):
 
 def test_version_2_bundles_still_open(tiny_bundle, tmp_path):
     """Bundles of format version 2 (float records, offsets in elements) read as before."""
-    from mlx_flash.bundle import write_manifest
+    from mlx_flash.bundle_writer import write_manifest
 
     path = tmp_path / "v2"
     shutil.copytree(tiny_bundle, path)

@@ -145,7 +145,8 @@ def build_synthetic_opt(out: Path, layers: int, d: int = 4096, ffn: int = 16384,
     from mlx.utils import tree_flatten
 
     from mlx_flash.arch import get_architecture
-    from mlx_flash.bundle import DTYPES, ITEMSIZE, BundleWriter
+    from mlx_flash.bundle import DTYPES, ITEMSIZE
+    from mlx_flash.bundle_writer import BundleWriter
     from mlx_flash.loader import build_flash_model
 
     config = {"model_type": "opt", "vocab_size": 259, "hidden_size": d, "ffn_dim": ffn,
@@ -193,7 +194,7 @@ def worker(spec: dict) -> dict:
     import mlx.core as mx
     from mlx_lm.generate import generate_step
 
-    from mlx_flash.memory import peak_rss_bytes, rss_bytes
+    from mlx_flash.sysmem import peak_rss_bytes, rss_bytes
 
     engine_name, path, tokens = spec["engine"], spec["path"], spec["tokens"]
     t0 = time.perf_counter()

@@ -427,7 +427,7 @@ def worker(spec: dict) -> dict:
     from mlx_lm.utils import load_model
 
     import mlx_flash
-    from mlx_flash.memory import peak_rss_bytes, rss_bytes
+    from mlx_flash.sysmem import peak_rss_bytes, rss_bytes
 
     engine = spec["engine"]
     runtime = rss_bytes()  # every import done: what follows is the model's
@@ -459,9 +459,9 @@ def worker(spec: dict) -> dict:
     if flash is not None:
         d = flash.stats.decode
         routed = d.tokens * spec["k"] * moe_layers
-        row.update(experts_per_token=d.experts_read / d.tokens,
+        row.update(experts_per_token=d.records_read / d.tokens,
                    ffn_bytes_per_token=d.bytes / d.tokens,
-                   hit_rate=1 - d.experts_read / routed,
+                   hit_rate=1 - d.records_read / routed,
                    stall_ms_per_token=1e3 * d.io_seconds / d.tokens,
                    mem_ms_per_token=1e3 * d.mem_seconds / d.tokens,
                    ffn_ms_per_token=1e3 * d.ffn_seconds / d.tokens,
@@ -531,8 +531,8 @@ def combine(engine: str, rounds: list[dict], budget: int | None) -> dict:
 
 def moe_run(args: argparse.Namespace, work: Path) -> dict:
     from mlx_flash.bundle import EXPERTS, Bundle
-    from mlx_flash.memory import format_bytes, parse_size
-    from mlx_flash.moe import expert_budget, expert_plan
+    from mlx_flash.sysmem import format_bytes, parse_size
+    from mlx_flash.memory import expert_budget, expert_plan
 
     layers = args.layers or (4 if args.quick else 8)
     tokens = args.tokens or (16 if args.quick else 32)

@@ -25,7 +25,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from mlx_flash.flash_io import FlashReader  # noqa: E402
-from mlx_flash.memory import parse_size  # noqa: E402
+from mlx_flash.sysmem import parse_size
 
 CHUNKS = [4 << 10, 8 << 10, 16 << 10, 32 << 10, 64 << 10, 128 << 10, 256 << 10, 512 << 10,
           1 << 20]

@@ -37,7 +37,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from mlx_flash.expert_policy import (  # noqa: E402
+from mlx_flash.eviction import (  # noqa: E402
     POLICIES,
     belady_hit_rate,
     simulate,

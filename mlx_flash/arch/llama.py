@@ -6,7 +6,8 @@ from typing import Any
 
 import mlx.nn as nn
 
-from . import FFNSpec, UnsupportedModel
+from ..errors import UnsupportedModel
+from .base import FFNSpec
 
 # silu: SwiGLU; relu: ReluLLaMA; fatrelu: ProSparse (threshold in "hidden_act_param");
 # drelu: TurboSparse's relu on gate and on up (set "hidden_act": "drelu" in its config.json)

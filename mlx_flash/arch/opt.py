@@ -16,7 +16,8 @@ from mlx_lm.models.base import (
     scaled_dot_product_attention,
 )
 
-from . import FFNSpec, UnsupportedModel
+from ..errors import UnsupportedModel
+from .base import FFNSpec
 
 # transformers' OPT places learned positions at index position + 2 (a fairseq legacy).
 POSITION_OFFSET = 2

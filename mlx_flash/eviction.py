@@ -1,21 +1,26 @@
-"""Eviction policies for the per-layer expert cache of a Mixture-of-Experts model.
+"""Eviction policies: which records a full cache gives up for the ones a token needs.
 
-An MoE layer holds `count` experts on flash and a fixed number of slots (`capacity`) in memory.
-Each decode token needs its router's top-k experts of the layer; those not resident are read
-from flash, evicting residents when the slots are full. Which residents to evict decides how
-many bytes each token reads, so the policies here are compared on real routing traces against
-Belady's MIN (the offline optimum: evict the expert whose next use is farthest away).
-
-The online interface, one instance per layer (expert ids are ints 0..count-1):
+A cache (mlx_flash.neuron_cache.NeuronCache) holds, per layer, up to `capacity` of a record
+family's `count` records; what a token needs and the cache lacks is read from flash, and the
+policy picks which residents make room. One interface serves both engines:
 
     policy = POLICIES[name](count, capacity)
-    policy.victims(resident, n, t, keep)  # before token t's reads: n of `resident` to evict,
-                                          # never one of `keep` (the experts token t needs)
-    policy.touch(ids, t)                  # after token t's reads: it used `ids`, all resident
-    policy.expire(resident, t)            # after touch: residents to drop now (usually none)
+    policy.expire(resident, t)            # before token t's reads: residents to drop although
+                                          # no room is needed (the sliding window's; else
+                                          # none); the cache keeps those token t needs
+    policy.victims(resident, n, t, keep)  # then: at most n of `resident` to evict for room,
+                                          # never one of `keep` (what token t needs) nor one
+                                          # token t already used
+    policy.touch(ids, t)                  # then: token t used `ids`, all resident
+
+The dense engine's caches use `Window`, the paper's sliding window (LLM in a flash, section
+3.1). For a Mixture-of-Experts layer (records = experts, each token needs its router's top-k)
+the choice decides how many bytes each token reads, so the policies here are compared on real
+routing traces against Belady's MIN (the offline optimum: evict the expert whose next use is
+farthest away), docs/MOE.md.
 
 A trace is a list over tokens of sorted int arrays: the experts one layer used at each token.
-`simulate` replays a trace through a policy the way the engine drives it; `belady_hits` gives
+`simulate` replays a trace through a policy the way the cache drives it; `belady_hits` gives
 the optimum hits for the same trace and capacity. NumPy only; every call is O(count).
 """
 
@@ -61,22 +66,21 @@ class Policy:
         raise NotImplementedError
 
     def victims(self, resident: np.ndarray, n: int, t: int, keep: np.ndarray) -> np.ndarray:
-        """n experts of `resident` to evict so that token t's missing experts fit.
+        """Up to n records of `resident` to evict so that token t's missing records fit.
 
-        Never one of `keep` (what token t needs); raises if fewer than n residents are
-        evictable, which only happens when capacity < top-k (a configuration error).
+        Never one of `keep` (what token t needs) nor one token t used already (a read ahead
+        for it); fewer than n when fewer are evictable: what then finds no room is read past
+        the cache (an expert cache is sized so that a token's top-k always fit).
         """
         resident = np.asarray(resident, dtype=np.int64)
-        cand = resident[~np.isin(resident, keep)]
+        cand = resident[~np.isin(resident, keep) & (self.last[resident] < t)]
         if n <= 0:
             return cand[:0]
-        if n > len(cand):
-            raise ValueError(f"cannot evict {n} experts: only {len(cand)} not needed by token {t}")
         order = np.lexsort((cand, self.last[cand], self.score(cand, t)))
         return cand[order[:n]]
 
     def expire(self, resident: np.ndarray, t: int) -> np.ndarray:
-        """Residents to drop after token t although no slot is needed (none by default)."""
+        """Residents to drop before token t although no room is needed (none by default)."""
         return np.asarray(resident, dtype=np.int64)[:0]
 
 
@@ -107,18 +111,26 @@ class LFU(Policy):
 
 
 class Window(Policy):
-    """The paper's sliding window (LLM in a flash, section 3.1) applied to experts.
+    """The paper's sliding window (LLM in a flash, section 3.1): keep what the last `window`
+    tokens used, the current one included.
 
-    Keep only the experts used in the last `window` tokens: older ones are dropped eagerly
-    after each token (`expire`), which frees memory but can only lose hits at a fixed
-    capacity; when the window holds more experts than the slots, evict the least recently
-    used. At equal occupancy this is LRU; its point is the smaller mean occupancy.
+    Before token t reads, records no token of t-window+1 .. t-1 used are dropped (`expire`),
+    which frees memory but can only lose hits at a fixed capacity; when the window holds more
+    than the capacity, the least recently used make room. The dense engine's caches use it
+    (a cache that holds every record of its layer never drops any); for experts, at equal
+    occupancy it is LRU, and its point is the smaller mean occupancy.
     """
 
     name = "window"
 
+    @classmethod
+    def state_bytes(cls, count: int) -> int:
+        return 8 * count  # the last use of each record
+
     def __init__(self, count: int, capacity: int, window: int = 5) -> None:
         super().__init__(count, capacity)
+        if window < 1:  # a window of 0 tokens would drop what the token being read needs
+            raise ValueError(f"a window keeps the last window >= 1 tokens, not {window}")
         self.window = window
 
     def score(self, cand: np.ndarray, t: int) -> np.ndarray:
@@ -297,9 +309,10 @@ def simulate_detail(trace: Trace, capacity: int, policy_cls: type[Policy] | str,
                     count: int | None = None, **kw: Any) -> dict[str, float]:
     """Replay `trace` through a policy as the engine drives it; hits, misses, occupancy.
 
-    Per token: the needed experts already resident are hits; the rest are read (misses),
-    first into free slots, then into slots the policy's `victims` frees; then `touch`, then
-    `expire`. The cache starts empty, so first uses count as misses.
+    Per token: `expire` drops what it names; the needed experts already resident are hits; the
+    rest are read (misses), first into free slots, then into slots the policy's `victims`
+    frees; then `touch`. The cache starts empty, so first uses count as misses. Occupancy is
+    counted at the end of each token.
     """
     _check_trace(trace, capacity)
     if isinstance(policy_cls, str):
@@ -312,6 +325,8 @@ def simulate_detail(trace: Trace, capacity: int, policy_cls: type[Policy] | str,
     occupancy = 0
     for t, ids in enumerate(trace):
         ids = np.asarray(ids, dtype=np.int64)
+        stale = policy.expire(np.flatnonzero(resident), t)
+        resident[stale[~np.isin(stale, ids)]] = False  # what token t needs stays
         present = resident[ids]
         hits += int(present.sum())
         missing = ids[~present]
@@ -324,7 +339,6 @@ def simulate_detail(trace: Trace, capacity: int, policy_cls: type[Policy] | str,
             resident[out] = False
         resident[missing] = True
         policy.touch(ids, t)
-        resident[policy.expire(np.flatnonzero(resident), t)] = False
         occupancy += int(resident.sum())
     total = hits + misses
     return {"hits": hits, "misses": misses, "hit_rate": hits / total if total else 1.0,

@@ -1,0 +1,66 @@
+"""The public Python API: `mlx_flash.load`, a model by name, ready for mlx-lm's generate."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import mlx.nn as nn
+from mlx_lm.tokenizer_utils import TokenizerWrapper
+
+from .bundle import Bundle
+from .eviction import DEFAULT_POLICY
+from .loader import EngineOptions, bundle_tokenizer, open_model
+from .paths import resolve_bundle
+from .sysmem import rss_bytes
+
+
+def load(
+    path: str | os.PathLike | None = None,
+    *,
+    compute_dtype: str | None = None,
+    verify: bool = False,
+    tokenizer_config: dict[str, Any] | None = None,
+    dtype: str | None = None,
+    sparsity: str | None = None,
+    memory_budget: int | str | None = "auto",
+    window: int = 5,
+    context: int = 2048,
+    threads: int = 8,
+    cold: bool = False,
+    rotating_kv: bool = False,
+    lookahead: bool = False,
+    expert_policy: str = DEFAULT_POLICY,
+) -> tuple[nn.Module, TokenizerWrapper]:
+    """Load a flash bundle as `(model, tokenizer)` for mlx-lm's generate / stream_generate.
+
+    `path` is a bundle, or a GGUF file / model folder that is converted (to `dtype`) into the
+    cache on first use (default: as `convert` does, a quantized source's quantization kept, a
+    float source in `default_dtype()`); None means the embedded default model, calibrated on
+    first use. `compute_dtype` (default: the bundle's dtype) is what the resident weights and
+    the records are computed in. `verify` checks every file's sha256 before use. `sparsity`
+    picks the selection mode: one calibrated in the bundle (`python -m mlx_flash.calibrate`),
+    "off", or None for the bundle's default.
+    `memory_budget` (bytes, or "150MB") bounds resident weights, selection data, KV cache for
+    `context` tokens (such a model's `make_cache` allocates it at once; past `context` it
+    rotates with `rotating_kv`, as mlx-lm's max_kv_size does, with or without a budget; else
+    it grows past the budget) and the per-layer neuron caches, which keep the neurons of the
+    last `window` tokens (BudgetError when it cannot be met). "auto" (the default): the model
+    whole when it fits in 75% of the memory available, else that share (`budget_plan`);
+    "off": no caches, every token reads what it selects (the naive engine). `threads` read in
+    parallel; `cold` bypasses the OS page cache; `lookahead` reads the next layer's likely
+    records while its attention computes (modes that can guess them: predictor; MoE models:
+    the next layer's router). `expert_policy` (MoE models) picks the resident expert that
+    makes room for a missing one: a name of `expert_policy.POLICIES`. The model's
+    `flash` attribute is its FlashEngine, whose `stats` count flash reads and whose
+    `runtime_rss` is the process's resident memory just before the model was loaded (the
+    tokenizer already was).
+    """
+    bundle = Bundle.open(resolve_bundle(path, dtype=dtype), verify=verify)
+    tokenizer = bundle_tokenizer(bundle, tokenizer_config)
+    runtime = rss_bytes()
+    model = open_model(bundle, compute_dtype, sparsity, EngineOptions(
+        memory_budget, window, context, threads, cold, rotating_kv=rotating_kv,
+        lookahead=lookahead, expert_policy=expert_policy))
+    model.flash.runtime_rss = runtime
+    return model, tokenizer
