@@ -7,16 +7,14 @@ what the converter made of them against the originals.
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
 
-SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-CHAT_TEMPLATE = (
-    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
-    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
+from fixtures import CHAT_TEMPLATE, SPECIAL, byte_vocab, save_byte_tokenizer  # noqa: E402
 
 TINY_LLAMA = {
     "model_type": "llama",
@@ -34,32 +32,6 @@ TINY_LLAMA = {
     "bos_token_id": 1,
     "eos_token_id": 2,
 }
-
-
-def byte_vocab() -> tuple[list[str], list[str]]:
-    """A byte-level BPE vocabulary: specials, the 256 byte symbols, a few merges."""
-    from transformers.convert_slow_tokenizer import bytes_to_unicode
-
-    tokens = SPECIAL + list(bytes_to_unicode().values()) + ["Ġt", "he", "Ġthe", "in", "Ġa"]
-    merges = ["Ġ t", "h e", "Ġt he", "i n", "Ġ a"]
-    return tokens, merges
-
-
-def save_byte_tokenizer(folder: Path) -> int:
-    """Write a byte-level tokenizer (tokenizer.json & co.) into `folder`; returns vocab size."""
-    from transformers import PreTrainedTokenizerFast
-    from transformers.integrations.gguf.gguf_tokenizer_mapping import convert_gguf_tokenizer
-
-    tokens, merges = byte_vocab()
-    backend, _ = convert_gguf_tokenizer("llama", {
-        "tokenizer_type": "gpt2", "pre_tokenizer_type": "smollm", "tokens": tokens,
-        "token_type": [3] * len(SPECIAL) + [1] * (len(tokens) - len(SPECIAL)),
-        "merges": merges})
-    tok = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token=SPECIAL[1],
-                                  eos_token=SPECIAL[2], unk_token=SPECIAL[0],
-                                  chat_template=CHAT_TEMPLATE)
-    tok.save_pretrained(str(folder))
-    return len(tokens)
 
 
 def random_llama_weights(config: dict, seed: int = 0, attention_bias: bool = False
