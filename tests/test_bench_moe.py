@@ -1,16 +1,14 @@
-"""The MoE benchmark's pieces (tools/bench_moe.py): the trace, the routers that follow it, the
-safetensors writer and the memory cgroup."""
+"""The MoE benchmark's pieces (tools/bench_moe.py): the trace, the routers that follow it and the
+safetensors writer (its harness, tools/benchlib.py: test_benchlib.py)."""
 
 from __future__ import annotations
 
-import subprocess
 import sys
 from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
-import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
 
@@ -67,20 +65,3 @@ def test_safetensors_writer(tmp_path: Path) -> None:
     assert np.array_equal(np.array(got["a"]), arrays["a"])
     assert got["b"].dtype == mx.bfloat16
     assert np.array_equal(np.array(got["b"].astype(mx.float32)), [1.0, -2.5, 0.125, 3.0])
-
-
-def test_memory_cgroup() -> None:
-    group = bench_moe.MemoryCgroup(f"mlx_flash_test_{id(object())}", 256 * 2**20)
-    if group.error:
-        pytest.skip(f"no memory cgroup here: {group.error}")
-    try:
-        ok = subprocess.run(group.command([sys.executable, "-c", "x = bytearray(32 << 20)"]))
-        assert ok.returncode == 0 and group.peak() >= 32 << 20
-        big = subprocess.run(group.command([sys.executable, "-c",
-                                            "x = bytearray(1 << 30); x[::4096] = b'1' * "
-                                            "len(x[::4096])"]), capture_output=True)
-        assert big.returncode == -9 and group.oom_kills() >= 1
-    finally:
-        path = group.path
-        group.close()
-    assert not path.exists()

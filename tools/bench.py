@@ -9,8 +9,9 @@
                                        # the budget curve: flash from its minimum budget to
                                        # 1.2x the model, against dense and naive
 
-Engines, each in its own process (so its peak RSS is its own), all decoding the same prompt
-for the same number of tokens; the page cache of the model's files is emptied before each, and
+Engines, each in its own process and memory cgroup (tools/benchlib.py: so its peak RSS, and
+the cgroup's peak usage, page cache included, are its own), all decoding the same prompt for
+the same number of tokens; the page cache of the model's files is emptied before each, and
 every engine that reads records reads them with the same threads (--threads; the paper, too,
 credits its naive baseline with the storage's best throughput):
 
@@ -53,9 +54,10 @@ the largest), and a budget the engine fails at is listed as failed. --quick: 6 b
 "model_rss_bytes", ...}], "failed": [...], "checks": {...}}]}.
 
 Reports ms per decode token (median), FFN MB read per token, peak RSS (and the model's part of
-it: peak minus the process's memory before loading the model), the per-token breakdown (flash
-I/O, cache management, the rest = compute), as a Markdown table, JSON (--json) and a bar chart
-(--png, needs matplotlib). Timings compare only within one run on one machine.
+it: peak minus the process's memory before loading the model; the JSON also has the cgroup's
+peak, "cgroup_peak_bytes"), the per-token breakdown (flash I/O, cache management, the rest =
+compute), as a Markdown table, JSON (--json) and a bar chart (--png, needs matplotlib).
+Timings compare only within one run on one machine.
 """
 
 from __future__ import annotations
@@ -65,17 +67,14 @@ import dataclasses
 import json
 import os
 import shutil
-import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 
+import benchlib
 import numpy as np
-
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from benchlib import ROOT, median_row, num
 
 ENGINES = ("dense", "naive", "mmap", "hybrid", "flash", "flash-q4")  # and flash-ahead
 SWEEP_TOP = 1.2  # the sweep's largest budget, as a multiple of what the model needs whole
@@ -84,19 +83,6 @@ PROMPT = "Write a short story about a lighthouse keeper who finds a message in a
 SHARED_TEXT = ROOT.parent / "shared" / "data" / "wikitext-2-valid.txt"
 TEST_TEXT = ROOT / "tests" / "data" / "wikitext-2-valid-slice.txt"
 TRACE = {"active": 0.10, "keep": 0.6, "pool": 0.5, "cold": 0.05}  # tuned: see opt_like_trace
-
-
-def drop_page_cache(folder: Path) -> None:
-    """Ask the OS to forget the cached pages of every file under `folder` (no root needed)."""
-    if not hasattr(os, "posix_fadvise"):
-        return
-    for path in folder.rglob("*"):
-        if path.is_file():
-            fd = os.open(path, os.O_RDONLY)
-            try:
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-            finally:
-                os.close(fd)
 
 
 def opt_like_trace(n_layers: int, n: int, tokens: int, seed: int) -> list[list[np.ndarray]]:
@@ -191,23 +177,19 @@ def build_synthetic_opt(out: Path, layers: int, d: int = 4096, ffn: int = 16384,
 
 def worker(spec: dict) -> dict:
     """Run one engine in this process: load, decode, measure."""
-    import mlx.core as mx
-    from mlx_lm.generate import generate_step
-
-    from mlx_flash.sysmem import peak_rss_bytes, rss_bytes
-
-    engine_name, path, tokens = spec["engine"], spec["path"], spec["tokens"]
+    benchlib.decode_imports()  # before the clock starts
+    engine_name, path = spec["engine"], spec["path"]
     t0 = time.perf_counter()
     flash = None
     if engine_name == "dense" and spec["dense_mlx_lm"]:
         from mlx_lm import load
 
-        runtime = rss_bytes()
+        runtime = benchlib.runtime_rss()
         model, _ = load(path)
     elif engine_name == "dense":
         from mlx_flash.loader import load_dense
 
-        runtime = rss_bytes()
+        runtime = benchlib.runtime_rss()
         model = load_dense(path, spec["compute_dtype"])
     else:
         from mlx_flash.bundle import Bundle
@@ -220,7 +202,7 @@ def worker(spec: dict) -> dict:
             # before measuring, as generating it takes transient memory a predictor does not
             fam = bundle.families["neuron"]
             trace = opt_like_trace(fam.layers, fam.count, 64, seed=0)
-        runtime = rss_bytes()
+        runtime = benchlib.runtime_rss()
         options = EngineOptions(  # "off": no caches, every token reads what it selects
             memory_budget=spec["budget"] if engine_name == "hybrid" or flash_engine else "off",
             window=spec["window"] if flash_engine else 10**9,
@@ -246,17 +228,9 @@ def worker(spec: dict) -> dict:
             # selections in slices of the staging matrix, as the engine sets its own mode's
             # (at the scale model's minimum, without caches, 1638 rows did not fit its 1023)
             flash.mode.rows_per_fetch = flash.dense.rows_per_fetch
-    load_s = time.perf_counter() - t0
-    stamps = []
-    for _ in generate_step(mx.array(spec["prompt_ids"]), model, max_tokens=tokens):
-        stamps.append(time.perf_counter())
-    gaps = [b - a for a, b in zip(stamps, stamps[1:], strict=False)]
-    peak = peak_rss_bytes()
-    row = {"engine": engine_name, "ms_per_token": 1e3 * statistics.median(gaps),
-           "decode_tokens": len(gaps), "load_seconds": load_s, "peak_rss_bytes": peak,
-           "runtime_rss_bytes": runtime, "model_rss_bytes": peak - runtime,
-           "mlx_peak_bytes": mx.get_peak_memory(), "ffn_bytes_per_token": None,
-           "io_ms": None, "mem_ms": None, "compute_ms": None}
+    row, _ = benchlib.decode_row(engine_name, model, spec["prompt_ids"], spec["tokens"],
+                                 runtime, time.perf_counter() - t0)
+    row.update(ffn_bytes_per_token=None, io_ms=None, mem_ms=None, compute_ms=None)
     if flash is not None:
         d = flash.stats.decode
         row.update(ffn_bytes_per_token=d.bytes / d.tokens,
@@ -275,39 +249,20 @@ def worker(spec: dict) -> dict:
 
 
 def run_engine(folder: Path, spec: dict, fail: bool = True) -> dict:
-    """One engine in a process of its own, its model's page cache emptied first. When it
-    fails: exit, or with `fail` False, {"error": its last line}."""
-    drop_page_cache(folder)
-    spec = dict(spec, path=str(folder))
-    r = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)],
-                       capture_output=True, text=True)
-    if r.returncode != 0:
-        if fail:
-            raise SystemExit(f"{spec['engine']} failed:\n{r.stderr[-3000:]}")
-        return {"error": (r.stderr.strip().splitlines() or ["no output"])[-1]}
-    return json.loads(r.stdout.strip().splitlines()[-1])
-
-
-def median_row(rounds: list[dict]) -> dict:
-    """A point's row over its rounds: its median round's (ms/token: the lower median), with
-    every round's ms/token and the largest model RSS."""
-    ms = [r["ms_per_token"] for r in rounds]
-    row = dict(next(r for r in rounds if r["ms_per_token"] == statistics.median_low(ms)))
-    row.update(ms_per_token_rounds=ms, model_rss_bytes=max(r["model_rss_bytes"] for r in rounds))
-    return row
+    """One engine in a process (and memory cgroup) of its own, its model's page cache emptied
+    first. When it fails: exit, or with `fail` False, its row with "error" or "status"."""
+    return benchlib.run_worker(Path(__file__), dict(spec, path=str(folder)), [folder],
+                               check=fail)
 
 
 def run_engines(folders: dict[str, Path], base: dict, engines: list[str],
                 repeat: int = 1) -> list[dict]:
     """Each engine in its own process, `repeat` rounds interleaved, each its median round."""
     engines = [e for e in engines if e != "flash-q4" or e in folders]  # a 4-bit bundle or not
-    got: dict[str, list[dict]] = {e: [] for e in engines}
-    for i in range(repeat):
-        for engine in engines:
-            got[engine].append(run_engine(folders.get(engine, folders["bundle"]),
-                                          dict(base, engine=engine)))
-            print(f"  [{i + 1}/{repeat}] {engine}: {got[engine][-1]['ms_per_token']:.1f} "
-                  "ms/token", flush=True)
+    got = benchlib.interleaved(
+        engines, repeat,
+        lambda e: run_engine(folders.get(e, folders["bundle"]), dict(base, engine=e)),
+        lambda e, row: f"{e}: {row['ms_per_token']:.1f} ms/token")
     return [median_row(rounds) for rounds in got.values()]
 
 
@@ -391,23 +346,19 @@ def prepare_scale(work: Path, layers: int, name: str) -> tuple[Path, int]:
     return bundle, b.resident_bytes + b.ffn_bytes
 
 
-def num(v: float | None, scale: float = 1.0, fmt: str = ".1f") -> str:
-    return "–" if v is None else format(v * scale, fmt)
-
-
 def table(run: dict) -> str:
+    naive = next((r["ms_per_token"] for r in run["rows"] if r["engine"] == "naive"), None)
     lines = [f"**{run['model']}** — budget {run['budget_bytes'] / 1e6:.0f} MB, "
              f"{run['tokens']} tokens, computed in {run.get('compute_dtype', 'the bundle dtype')}",
-             "", "| engine | ms/token | vs naive | FFN MB read/token | peak RSS MB (model) | "
-             "I/O ms | cache ms | compute ms |", "|---|---|---|---|---|---|---|---|"]
-    naive = next((r["ms_per_token"] for r in run["rows"] if r["engine"] == "naive"), None)
-    for r in run["rows"]:
-        speed = "–" if not naive else f"{naive / r['ms_per_token']:.2f}×"
-        lines.append(
-            f"| {r['engine']} | {r['ms_per_token']:.1f} | {speed} | "
-            f"{num(r['ffn_bytes_per_token'], 1e-6)} | {r['peak_rss_bytes'] / 1e6:.0f} "
-            f"({r['model_rss_bytes'] / 1e6:.0f}) | {num(r['io_ms'])} | {num(r['mem_ms'])} | "
-            f"{num(r['compute_ms'])} |")
+             "", *benchlib.md_table(
+                 ["engine", "ms/token", "vs naive", "FFN MB read/token", "peak RSS MB (model)",
+                  "I/O ms", "cache ms", "compute ms"],
+                 ([r["engine"], f"{r['ms_per_token']:.1f}",
+                   "–" if not naive else f"{naive / r['ms_per_token']:.2f}×",
+                   num(r["ffn_bytes_per_token"], 1e-6),
+                   f"{r['peak_rss_bytes'] / 1e6:.0f} ({r['model_rss_bytes'] / 1e6:.0f})",
+                   num(r["io_ms"]), num(r["mem_ms"]), num(r["compute_ms"])]
+                  for r in run["rows"]))]
     flash = next((r for r in run["rows"] if r["engine"] == "flash"), None)
     if flash and flash.get("read_calls"):
         lines.append("")
@@ -453,31 +404,7 @@ def profile_figure(mean_read: float, threads: int) -> dict | None:
     return {"chunk_kib": int(chunk) >> 10, "threads": int(t), "mb_per_s": data[chunk][t]}
 
 
-def pyplot():
-    """matplotlib.pyplot (headless), or None when matplotlib is not installed."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: no chart (pip install matplotlib)")
-        return None
-    return plt
-
-
-def chart(runs: list[dict], path: Path) -> None:
-    plt = pyplot()
-    if plt is None:
-        return
-    fig, axes = plt.subplots(1, len(runs), figsize=(5 * len(runs), 4), squeeze=False)
-    for ax, run in zip(axes[0], runs, strict=True):
-        names = [r["engine"] for r in run["rows"]]
-        ax.bar(names, [r["ms_per_token"] for r in run["rows"]], color="#4a7ab5")
-        ax.set_title(f"{run['model']}: ms per decode token")
-        ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+chart = benchlib.engine_chart
 
 
 # ----------------------------------------------------------------------------- the sweep
@@ -503,24 +430,20 @@ def sweep_run(model: str, folders: dict[str, Path], base: dict, points: int,
           f"{', '.join(f'{b / 1e6:.1f}' for b in budgets)}; {base['tokens']} tokens, "
           f"{repeat} round(s)", flush=True)
     cases = [("dense", None), ("naive", None)] + [("flash", b) for b in budgets]
-    got: dict[tuple[str, int | None], list[dict]] = {case: [] for case in cases}
-    failed: dict[int, str] = {}
-    for i in range(repeat):
-        for engine, budget in cases:
-            if budget in failed:
-                continue
-            row = run_engine(folders.get(engine, bundle),
-                             dict(base, engine=engine, budget=budget), fail=budget is None)
-            if "error" in row:
-                failed[budget] = row["error"]
-                print(f"  [{i + 1}/{repeat}] {engine} @ {budget / 1e6:.1f} MB fails: "
-                      f"{row['error']}", flush=True)
-                continue
-            got[(engine, budget)].append(row)
-            print(f"  [{i + 1}/{repeat}] {engine}"
-                  + (f" @ {budget / 1e6:.1f} MB" if budget else "")
-                  + f": {row['ms_per_token']:.1f} ms/token, model RSS "
-                  f"{row['model_rss_bytes'] / 1e6:.1f} MB", flush=True)
+
+    def line(case: tuple[str, int | None], row: dict) -> str:
+        engine, budget = case
+        if row["status"] != "ok":
+            return f"{engine} @ {budget / 1e6:.1f} MB fails: {row.get('error', row['status'])}"
+        return (engine + (f" @ {budget / 1e6:.1f} MB" if budget else "")
+                + f": {row['ms_per_token']:.1f} ms/token, model RSS "
+                f"{row['model_rss_bytes'] / 1e6:.1f} MB")
+
+    got = benchlib.interleaved(cases, repeat, lambda case: run_engine(
+        folders.get(case[0], bundle), dict(base, engine=case[0], budget=case[1]),
+        fail=case[1] is None), line)
+    failed = {budget: rounds[-1].get("error", rounds[-1]["status"])
+              for (_, budget), rounds in got.items() if rounds[-1]["status"] != "ok"}
     rows = []
     for (engine, budget), rounds in got.items():
         if budget in failed:
@@ -557,29 +480,30 @@ def sweep_table(run: dict) -> str:
     dense = next(r["ms_per_token"] for r in run["rows"] if r["engine"] == "dense")
     flash = sorted([r for r in run["rows"] if r["engine"] == "flash"] + run["failed"],
                    key=lambda r: r["budget_bytes"])
-    lines = [f"**{run['model']}** — {run['bundle']}, minimum {run['minimum_bytes'] / 1e6:.1f} "
-             f"MB, whole {run['whole_bytes'] / 1e6:.1f} MB, {run['tokens']} tokens, "
-             f"{run['repeat']} round(s), computed in {run['compute_dtype']}", "",
-             "| engine | budget MB | budget / whole | ms/token | vs dense | vs next smaller "
-             "budget | FFN MB read/token | model RSS MB | RSS within budget | cache hit rate | "
-             "I/O ms | cache ms | compute ms |", "|---" * 13 + "|"]
-    prev = None
+    cells, prev = [], None
     for r in [r for r in run["rows"] if r["engine"] != "flash"] + flash:
         b = r["budget_bytes"]
-        head = f"| {r['engine']} | {num(b, 1e-6)} | {num(b, 1 / run['whole_bytes'], '.2f')} | "
+        head = [r["engine"], num(b, 1e-6), num(b, 1 / run["whole_bytes"], ".2f")]
         if "error" in r:
-            lines.append(head + f"fails: {r['error']} |" + " |" * 9)
+            cells.append([*head, f"fails: {r['error']}"] + [""] * 9)
             continue
         step = "–"
         if r["engine"] == "flash":
             step = "–" if prev is None else f"{r['ms_per_token'] / prev:.2f}×"
             prev = r["ms_per_token"]
         within = "–" if b is None else "yes" if r["rss_within_budget"] else "**no**"
-        lines.append(
-            head + f"{r['ms_per_token']:.1f} | {r['ms_per_token'] / dense:.2f}× | {step} | "
-            f"{num(r['ffn_bytes_per_token'], 1e-6)} | {r['model_rss_bytes'] / 1e6:.1f} | "
-            f"{within} | {num(r.get('cache_hit_rate'), 1, '.0%')} | {num(r['io_ms'])} | "
-            f"{num(r['mem_ms'])} | {num(r['compute_ms'])} |")
+        cells.append([*head, f"{r['ms_per_token']:.1f}", f"{r['ms_per_token'] / dense:.2f}×",
+                      step, num(r["ffn_bytes_per_token"], 1e-6),
+                      f"{r['model_rss_bytes'] / 1e6:.1f}", within,
+                      num(r.get("cache_hit_rate"), 1, ".0%"), num(r["io_ms"]),
+                      num(r["mem_ms"]), num(r["compute_ms"])])
+    lines = [f"**{run['model']}** — {run['bundle']}, minimum {run['minimum_bytes'] / 1e6:.1f} "
+             f"MB, whole {run['whole_bytes'] / 1e6:.1f} MB, {run['tokens']} tokens, "
+             f"{run['repeat']} round(s), computed in {run['compute_dtype']}", "",
+             *benchlib.md_table(["engine", "budget MB", "budget / whole", "ms/token", "vs dense",
+                                 "vs next smaller budget", "FFN MB read/token", "model RSS MB",
+                                 "RSS within budget", "cache hit rate", "I/O ms", "cache ms",
+                                 "compute ms"], cells)]
     c = run["checks"]
     lines += ["", f"flash at the largest budget: {c['largest_vs_dense']:.2f}× dense's ms/token "
               f"({c['largest_vs_naive']:.2f}× naive's); slowest step up in budget: "
@@ -591,7 +515,7 @@ def sweep_table(run: dict) -> str:
 
 
 def sweep_chart(runs: list[dict], path: Path) -> None:
-    plt = pyplot()
+    plt = benchlib.pyplot()
     if plt is None:
         return
     fig, axes = plt.subplots(1, len(runs), figsize=(6 * len(runs), 4.2), squeeze=False)
@@ -639,26 +563,11 @@ def sweep_main(args: argparse.Namespace, work: Path, compute: str) -> int:
             raise SystemExit(f"--sweep runs default and scale, not {name!r}")
         runs.append(sweep_run(f"{name}-sweep", folders, base, points, repeat))
         print(sweep_table(runs[-1]) + "\n", flush=True)
-    return write_outputs(args, runs, sweep_table, sweep_chart)
-
-
-def write_outputs(args: argparse.Namespace, runs: list[dict],
-                  to_markdown: Callable[[dict], str],
-                  to_chart: Callable[[list[dict], Path], None]) -> int:
-    """The runs as --json, --md (one table a run) and --png, as asked."""
-    if args.json:
-        Path(args.json).write_text(json.dumps({"runs": runs}, indent=2))
-    if args.md:
-        Path(args.md).write_text("\n\n".join(to_markdown(r) for r in runs) + "\n")
-    if args.png:
-        to_chart(runs, Path(args.png))
-    return 0
+    return benchlib.write_outputs(args, runs, sweep_table, sweep_chart)
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog=__doc__.split("\n", 2)[2])
+    p = benchlib.parser(__doc__)
     p.add_argument("--runs", default="default,scale", help="default, scale (comma-separated)")
     p.add_argument("--quick", action="store_true", help="few tokens, short calibration (CI)")
     p.add_argument("--big", action="store_true", help="the 1.3x-RAM run (by hand, slow)")
@@ -675,26 +584,17 @@ def main() -> int:
                    help=f"comma-separated (default {','.join(ENGINES)}; --big: "
                         f"{','.join(BIG_ENGINES)})")
     p.add_argument("--threads", type=int, default=8, help="read threads, every engine")
-    p.add_argument("--json", default=None)
-    p.add_argument("--md", default=None)
-    p.add_argument("--png", default=None)
-    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    benchlib.add_output_args(p)
     p.add_argument("--moe", action="store_true",
                    help="the Mixture-of-Experts benchmark, tools/bench_moe.py (its options: "
                         "python tools/bench_moe.py --help)")
     if "--moe" in sys.argv[1:]:  # its own options (--layers, --ram, --budget, ...)
-        import bench_moe
-
-        return bench_moe.main([a for a in sys.argv[1:] if a != "--moe"])
+        return subprocess.call([sys.executable, str(Path(__file__).with_name("bench_moe.py")),
+                                *(a for a in sys.argv[1:] if a != "--moe")])
     args = p.parse_args()
     if args.worker:
-        print(json.dumps(worker(json.loads(args.worker))))
-        return 0
-
-    from mlx_flash.paths import home
-
-    work = home() / "bench"
-    work.mkdir(parents=True, exist_ok=True)
+        return benchlib.serve_worker(worker, args.worker)
+    work = benchlib.work_dir()
     engines = args.engines.split(",") if args.engines else list(
         BIG_ENGINES if args.big else ENGINES)
     # Every engine computes in the platform's fastest 16-bit type (float16 on Metal; bfloat16
@@ -747,7 +647,7 @@ def main() -> int:
                                                       n, 64, 0), n)
         runs.append(run)
         print(table(run) + "\n", flush=True)
-    return write_outputs(args, runs, table, chart)
+    return benchlib.write_outputs(args, runs, table, chart)
 
 
 if __name__ == "__main__":

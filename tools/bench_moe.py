@@ -20,7 +20,8 @@ probability tuned to a mean Jaccard of --jaccard); --routing takes both from a t
 measured routing (tools/moe_routing.py --json). Its measured statistics are printed with the
 table.
 
-Engines, each in its own process, the page cache of the model's files emptied before each:
+Engines, each in its own process (tools/benchlib.py), the page cache of the model's files
+emptied before each:
 
   naive     memory budget "off": each token reads its k experts per layer anew
   flash     the expert engine in a memory budget (--budget; else --ram minus --headroom; else
@@ -51,23 +52,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import signal
-import statistics
+import shutil
 import struct
-import subprocess
 import sys
 import time
 from pathlib import Path
 
+import benchlib
 import numpy as np
-
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import bench  # noqa: E402
-from bench import drop_page_cache, num, write_outputs  # noqa: E402
+from benchlib import median_row, num
 
 ENGINES = ("naive", "flash", "mlx-lm", "llama.cpp")
 # Qwen3-30B-A3B (config.json of Qwen/Qwen3-30B-A3B), the vocabulary cut to save time
@@ -161,10 +154,8 @@ def _write_safetensors(path: Path, tensors: dict[str, tuple[tuple[int, ...], str
 
 def build_folder(folder: Path, layers: int, vocab: int, seed: int = 0) -> dict:
     """The scale model as an mlx-lm folder (one shard per layer, the rest in one more)."""
+    from fixtures import save_byte_tokenizer
     from mlx_lm.utils import save_config
-
-    sys.path.insert(0, str(ROOT / "tests"))
-    from tiny_models import save_byte_tokenizer
 
     config = scale_config(layers, vocab)
     tensors, qconfig = _tensors(config)
@@ -176,8 +167,6 @@ def build_folder(folder: Path, layers: int, vocab: int, seed: int = 0) -> dict:
             packed = tensors[f"{base}.weight"][0][-1]
             fan_in[f"{base}.bits"] = packed * 32 // fan_in[base]
     tmp = folder.with_name(f".{folder.name}.tmp")
-    import shutil
-
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     shards: dict[str, dict] = {}
@@ -219,8 +208,6 @@ def prepare(work: Path, layers: int, vocab: int) -> tuple[Path, Path]:
     if not bundle.exists():
         print(f"converting to {bundle} ...", flush=True)
         tmp = bundle.with_name(f".{bundle.name}.tmp")
-        import shutil
-
         shutil.rmtree(tmp, ignore_errors=True)
         convert(folder, tmp, dtype=None, progress=False)
         tmp.rename(bundle)
@@ -334,103 +321,18 @@ def install_trace(model, trace: np.ndarray, n: int) -> int:
     return count
 
 
-# ----------------------------------------------------------------------------- cgroups
-
-
-class MemoryCgroup:
-    """A memory cgroup under this process's own (v1 or v2), limited to `limit` bytes (None: no
-    limit, for its peak usage). `error` says why none could be made."""
-
-    def __init__(self, name: str, limit: int | None):
-        self.path: Path | None = None
-        self.version = 0
-        self.error = None
-        try:
-            lines = Path("/proc/self/cgroup").read_text().splitlines()
-            v1 = [ln.split(":", 2)[2] for ln in lines if ln.split(":")[1] == "memory"]
-            v2 = [ln.split(":", 2)[2] for ln in lines if ln.startswith("0::")]
-            if v1 and Path("/sys/fs/cgroup/memory").is_dir():
-                base, self.version = Path("/sys/fs/cgroup/memory") / v1[0].lstrip("/"), 1
-            elif v2 and Path("/sys/fs/cgroup/cgroup.controllers").exists():
-                base, self.version = Path("/sys/fs/cgroup") / v2[0].lstrip("/"), 2
-            else:
-                raise OSError("no memory cgroup hierarchy found")
-            path = base / name
-            if path.exists():
-                path.rmdir()
-            path.mkdir()
-            self.path = path
-            if limit is not None:
-                self._write("memory.limit_in_bytes" if self.version == 1 else "memory.max",
-                            str(limit))
-            if self.version == 2:
-                self._write("memory.swap.max", "0", missing_ok=True)
-        except OSError as e:
-            self.error = f"{type(e).__name__}: {e}"
-            self.close()
-
-    def _write(self, name: str, value: str, missing_ok: bool = False) -> None:
-        try:
-            (self.path / name).write_text(value)
-        except FileNotFoundError:
-            if not missing_ok:
-                raise
-
-    def _read(self, name: str) -> str | None:
-        try:
-            return (self.path / name).read_text()
-        except OSError:
-            return None
-
-    def command(self, cmd: list[str]) -> list[str]:
-        """`cmd`, started inside the cgroup (it moves itself in, then execs)."""
-        if self.path is None:
-            return cmd
-        return ["/bin/sh", "-c", 'echo $$ > "$0" && exec "$@"',
-                str(self.path / "cgroup.procs"), *cmd]
-
-    def peak(self) -> int | None:
-        if self.path is None:
-            return None
-        v = self._read("memory.max_usage_in_bytes" if self.version == 1 else "memory.peak")
-        return int(v) if v and v.strip().isdigit() else None
-
-    def oom_kills(self) -> int:
-        if self.path is None:
-            return 0
-        text = self._read("memory.oom_control" if self.version == 1 else "memory.events") or ""
-        for line in text.splitlines():
-            key, _, value = line.partition(" ")
-            if key == "oom_kill":
-                return int(value)
-        return 0
-
-    def close(self) -> None:
-        if self.path is None:
-            return
-        for _ in range(50):
-            try:
-                self.path.rmdir()
-                break
-            except OSError:
-                time.sleep(0.1)
-        self.path = None
-
-
 # ----------------------------------------------------------------------------- workers
 
 
 def worker(spec: dict) -> dict:
     """One engine in this process: load, install the trace, decode greedily, measure."""
     import mlx.core as mx
-    from mlx_lm.generate import generate_step
     from mlx_lm.utils import load_model
 
     import mlx_flash
-    from mlx_flash.sysmem import peak_rss_bytes, rss_bytes
 
     engine = spec["engine"]
-    runtime = rss_bytes()  # every import done: what follows is the model's
+    runtime = benchlib.runtime_rss()  # every import done: what follows is the model's
     t0 = time.perf_counter()
     flash = None
     if engine == "mlx-lm":
@@ -444,24 +346,16 @@ def worker(spec: dict) -> dict:
     load_s = time.perf_counter() - t0
     trace = np.load(spec["trace"])
     moe_layers = install_trace(model, trace, spec["experts"])
-    stamps, tokens = [], []
-    for token, _ in generate_step(mx.array(spec["prompt"]), model,
-                                  max_tokens=spec["tokens"]):
-        stamps.append(time.perf_counter())
-        tokens.append(int(token))
-    gaps = [b - a for a, b in zip(stamps, stamps[1:], strict=False)]
-    peak = peak_rss_bytes()
-    row = {"engine": engine, "ms_per_token": 1e3 * statistics.median(gaps),
-           "tokens": tokens, "load_seconds": load_s, "peak_rss_bytes": peak,
-           "runtime_rss_bytes": runtime, "model_rss_bytes": peak - runtime,
-           "mlx_peak_bytes": mx.get_peak_memory(), "experts_per_token": None,
-           "ffn_bytes_per_token": None, "hit_rate": None, "stall_ms_per_token": None}
+    row, tokens = benchlib.decode_row(engine, model, spec["prompt"], spec["tokens"], runtime,
+                                      load_s)
+    row.update(tokens=tokens, experts_per_token=None, ffn_bytes_per_token=None, hit_rate=None,
+               stall_ms_per_token=None)
     if flash is not None:
         d = flash.stats.decode
         routed = d.tokens * spec["k"] * moe_layers
-        row.update(experts_per_token=d.records_read / d.tokens,
+        row.update(experts_per_token=d.experts_read / d.tokens,
                    ffn_bytes_per_token=d.bytes / d.tokens,
-                   hit_rate=1 - d.records_read / routed,
+                   hit_rate=1 - d.experts_read / routed,
                    stall_ms_per_token=1e3 * d.io_seconds / d.tokens,
                    mem_ms_per_token=1e3 * d.mem_seconds / d.tokens,
                    ffn_ms_per_token=1e3 * d.ffn_seconds / d.tokens,
@@ -476,22 +370,7 @@ def worker(spec: dict) -> dict:
 def run_engine(spec: dict, folders: list[Path], ram: int | None) -> dict:
     """One engine in a process (and memory cgroup) of its own, its files' page cache emptied
     first."""
-    for f in folders:
-        drop_page_cache(f)
-    group = MemoryCgroup(f"mlx_flash_bench_{os.getpid()}_{spec['engine']}", ram)
-    cmd = group.command([sys.executable, __file__, "--worker", json.dumps(spec)])
-    try:
-        r = subprocess.run(cmd, capture_output=True, text=True)
-        peak, kills = group.peak(), group.oom_kills()
-    finally:
-        group.close()
-    base = {"engine": spec["engine"], "cgroup_peak_bytes": peak, "cgroup_error": group.error}
-    if r.returncode == -signal.SIGKILL or r.returncode == 128 + signal.SIGKILL or kills:
-        return dict(base, status="out of memory", returncode=r.returncode, oom_kills=kills)
-    if r.returncode != 0:
-        return dict(base, status="failed", returncode=r.returncode,
-                    error=(r.stderr.strip().splitlines() or ["no output"])[-1])
-    return dict(json.loads(r.stdout.strip().splitlines()[-1]), **base, status="ok")
+    return benchlib.run_worker(Path(__file__), spec, folders, ram)
 
 
 def llama_cpp_installed() -> bool:
@@ -519,20 +398,15 @@ def combine(engine: str, rounds: list[dict], budget: int | None) -> dict:
         row.update(bad[0], engine=engine, budget_bytes=budget, exact=None)
         row.pop("tokens", None)
         return row
-    ms = [r["ms_per_token"] for r in rounds]
-    row = dict(next(r for r in rounds if r["ms_per_token"] == statistics.median_low(ms)))
-    peaks = [r["cgroup_peak_bytes"] for r in rounds if r["cgroup_peak_bytes"] is not None]
-    row.update(budget_bytes=budget, ms_per_token_rounds=ms,
-               model_rss_bytes=max(r["model_rss_bytes"] for r in rounds),
-               cgroup_peak_bytes=max(peaks) if peaks else None,
-               all_tokens=[r["tokens"] for r in rounds])
+    row = median_row(rounds)
+    row.update(budget_bytes=budget, all_tokens=[r["tokens"] for r in rounds])
     return row
 
 
 def moe_run(args: argparse.Namespace, work: Path) -> dict:
     from mlx_flash.bundle import EXPERTS, Bundle
-    from mlx_flash.sysmem import format_bytes, parse_size
     from mlx_flash.memory import expert_budget, expert_plan
+    from mlx_flash.sysmem import format_bytes, parse_size
 
     layers = args.layers or (4 if args.quick else 8)
     tokens = args.tokens or (16 if args.quick else 32)
@@ -573,22 +447,20 @@ def moe_run(args: argparse.Namespace, work: Path) -> dict:
             "experts": n, "k": k}
     engines = args.engines.split(",") if args.engines else list(ENGINES)
     budgets = {"naive": "off", "flash": budget, "mlx-lm": None}
-    got: dict[str, list[dict]] = {e: [] for e in engines}
-    cgroup_error = None
-    for i in range(rounds):
-        for engine in engines:
-            if engine == "llama.cpp":
-                continue
-            r = run_engine(dict(base, engine=engine, budget=budgets[engine]),
-                           [folder, bundle_path], ram)
-            cgroup_error = cgroup_error or r.get("cgroup_error")
-            got[engine].append(r)
-            what = (f"{r['ms_per_token']:.1f} ms/token, model RSS "
-                    f"{r['model_rss_bytes'] / 1e6:.0f} MB" if r["status"] == "ok"
-                    else r["status"] + (f" ({r['error']})" if r.get("error") else ""))
-            peak = r.get("cgroup_peak_bytes")
-            print(f"  [{i + 1}/{rounds}] {engine}: {what}"
-                  + (f", cgroup peak {peak / 1e6:.0f} MB" if peak else ""), flush=True)
+
+    def line(engine: str, r: dict) -> str:
+        what = (f"{r['ms_per_token']:.1f} ms/token, model RSS "
+                f"{r['model_rss_bytes'] / 1e6:.0f} MB" if r["status"] == "ok"
+                else r["status"] + (f" ({r['error']})" if r.get("error") else ""))
+        peak = r.get("cgroup_peak_bytes")
+        return f"{engine}: {what}" + (f", cgroup peak {peak / 1e6:.0f} MB" if peak else "")
+
+    got = benchlib.interleaved(
+        [e for e in engines if e != "llama.cpp"], rounds,
+        lambda e: run_engine(dict(base, engine=e, budget=budgets[e]), [folder, bundle_path], ram),
+        line)
+    cgroup_error = next((r["cgroup_error"] for rs in got.values() for r in rs
+                         if r["cgroup_error"]), None)
     rows = []
     for engine in engines:
         if engine == "llama.cpp":
@@ -643,28 +515,29 @@ def checks(run: dict) -> dict:
 def table(run: dict) -> str:
     t = run["trace"]
     ram = f"--ram {run['ram_bytes'] / 1e9:.2f} GB" if run["ram_bytes"] else "no --ram"
+    naive = next((r["ms_per_token"] for r in run["rows"]
+                  if r["engine"] == "naive" and r["status"] == "ok"), None)
+    cells = []
+    for r in run["rows"]:
+        ok = r["status"] == "ok"
+        cells.append([
+            r["engine"], num(r["ms_per_token"]),
+            f"{naive / r['ms_per_token']:.2f}×" if ok and naive else "–",
+            num(r["experts_per_token"]), num(r["ffn_bytes_per_token"], 1e-6),
+            num(r["hit_rate"], 1, ".0%"), num(r["stall_ms_per_token"]),
+            f"{r['peak_rss_bytes'] / 1e6:.0f} ({r['model_rss_bytes'] / 1e6:.0f})" if ok else "–",
+            num(r["cgroup_peak_bytes"], 1e-6, ".0f"),
+            "–" if r.get("exact") is None else "yes" if r["exact"] else "**no**", r["status"]])
     lines = [f"**moe** — {run['folder']}: {run['layers']} layers, {run['experts']} experts "
              f"(top-{run['k']}, {run['record_bytes'] / 1e6:.2f} MB each), "
              f"{run['expert_bytes'] / 1e9:.2f} GB of experts; flash budget "
              f"{run['budget_bytes'] / 1e6:.0f} MB ({run['slots_per_layer']} experts per layer); "
              f"{ram} (cgroup: {run['cgroup']}); {run['tokens']} tokens, {run['rounds']} "
              "round(s), medians", "",
-             "| engine | ms/token | vs naive | experts read/token | MB read/token | hit rate | "
-             "read stall ms/token | peak RSS MB (model) | cgroup peak MB | exact | status |",
-             "|---" * 11 + "|"]
-    naive = next((r["ms_per_token"] for r in run["rows"]
-                  if r["engine"] == "naive" and r["status"] == "ok"), None)
-    for r in run["rows"]:
-        ok = r["status"] == "ok"
-        speed = f"{naive / r['ms_per_token']:.2f}×" if ok and naive else "–"
-        rss = (f"{r['peak_rss_bytes'] / 1e6:.0f} ({r['model_rss_bytes'] / 1e6:.0f})"
-               if ok else "–")
-        exact = "–" if r.get("exact") is None else "yes" if r["exact"] else "**no**"
-        lines.append(
-            f"| {r['engine']} | {num(r['ms_per_token'])} | {speed} | "
-            f"{num(r['experts_per_token'])} | {num(r['ffn_bytes_per_token'], 1e-6)} | "
-            f"{num(r['hit_rate'], 1, '.0%')} | {num(r['stall_ms_per_token'])} | {rss} | "
-            f"{num(r['cgroup_peak_bytes'], 1e-6, '.0f')} | {exact} | {r['status']} |")
+             *benchlib.md_table(["engine", "ms/token", "vs naive", "experts read/token",
+                                 "MB read/token", "hit rate", "read stall ms/token",
+                                 "peak RSS MB (model)", "cgroup peak MB", "exact", "status"],
+                                cells)]
     lines += ["", f"trace ({t['source']}; seed {t['seed']}; {t['tokens']} positions): Zipf "
               f"skew {t['skew']:.2f}: {t['top25_share']:.1%} of routings go to each layer's "
               f"top 25% of experts ({t['long_top25_share']:.1%} over 2000 tokens; uniform "
@@ -682,16 +555,15 @@ def table(run: dict) -> str:
 
 
 def chart(runs: list[dict], path: Path) -> None:
-    """bench.py's engine chart, of the engines that ran, each run titled with its layers."""
-    bench.chart([{**run, "model": f"{run['model']} ({run['layers']} layers)",
-                  "rows": [r for r in run["rows"] if r["status"] == "ok"]} for run in runs],
-                path)
+    """The engine chart (benchlib's), of the engines that ran, each run titled with its
+    layers."""
+    benchlib.engine_chart([{**run, "model": f"{run['model']} ({run['layers']} layers)",
+                            "rows": [r for r in run["rows"] if r["status"] == "ok"]}
+                           for run in runs], path)
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog=__doc__.split("\n", 2)[2])
+    p = benchlib.parser(__doc__)
     p.add_argument("--quick", action="store_true", help="4 layers, 16 tokens, 1 round")
     p.add_argument("--layers", type=int, default=None, help="of Qwen3-30B-A3B's 48 (8)")
     p.add_argument("--vocab", type=int, default=32000)
@@ -714,21 +586,13 @@ def main(argv: list[str] | None = None) -> int:
                         "reproduce its measured top-25%% share and Jaccard (over --skew, "
                         "--jaccard)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", default=None)
-    p.add_argument("--md", default=None)
-    p.add_argument("--png", default=None)
-    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    benchlib.add_output_args(p)
     args = p.parse_args(argv)
     if args.worker:
-        print(json.dumps(worker(json.loads(args.worker))))
-        return 0
-    from mlx_flash.paths import home
-
-    work = home() / "bench"
-    work.mkdir(parents=True, exist_ok=True)
-    run = moe_run(args, work)
+        return benchlib.serve_worker(worker, args.worker)
+    run = moe_run(args, benchlib.work_dir())
     print(table(run) + "\n", flush=True)
-    return write_outputs(args, [run], table, chart)
+    return benchlib.write_outputs(args, [run], table, chart)
 
 
 if __name__ == "__main__":
