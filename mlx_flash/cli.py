@@ -133,7 +133,7 @@ def load_model(args: argparse.Namespace) -> tuple[Any, Any] | None:
     (model, tokenizer), or None once the reason it did not load is printed."""
     import mlx.core as mx
 
-    from .api import load
+    from . import load  # the package's: what a caller (or a test) set there
 
     if args.seed is not None:
         mx.random.seed(args.seed)

@@ -595,10 +595,10 @@ def test_generate_on_altered_records_is_an_error(tiny_bundle, tmp_path):
 
 KILL_AT_MANIFEST = """
 import os, signal, sys
-from mlx_flash import bundle, calibrate
+from mlx_flash import bundle_writer, calibrate
 def killed(folder, manifest):
     os.kill(os.getpid(), signal.SIGKILL)
-bundle.write_manifest = killed
+bundle_writer.write_manifest = killed
 calibrate.main(sys.argv[1:])
 """
 

@@ -92,7 +92,7 @@ def test_recalibration_replaces_and_cleans_up(calibrated, tmp_path):
 
 
 def test_interrupted_calibration_leaves_the_bundle_valid(calibrated, tmp_path, monkeypatch):
-    from mlx_flash import bundle as bundle_module
+    from mlx_flash import bundle_writer as bundle_module
 
     path = tmp_path / "b"
     shutil.copytree(calibrated["hybrid"], path)
