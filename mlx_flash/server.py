@@ -10,12 +10,20 @@ never reaches the filesystem; token ids in `logit_bias`, `top_k` and the prompt 
 against the vocabulary (an index past it crashes MLX); prompts longer than the model's context
 are refused; the work of a client that has gone away stops between prefill chunks and tokens.
 Without --model it serves the embedded default model. Binds 127.0.0.1 unless told otherwise.
+
+What mlx-lm's server itself lets through, refused here (issue 23): a body that does not arrive
+(a Content-Length that is negative, past MAX_BODY_BYTES, or longer than what is sent within
+--request-timeout), that is not UTF-8, not JSON (NaN, Infinity, nesting past the parser's
+recursion), or has lone surrogates; `n` other than 1; `stop`, `messages` and the other fields
+in shapes mlx-lm fails on. Each is answered with its status and a one-line message, and the
+connection closed.
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
+import io
 import json
 import logging
 import math
@@ -32,7 +40,7 @@ from typing import Any
 import mlx.core as mx
 from mlx_lm import server as mlx_server
 
-from .argtypes import Parser, interruptible
+from .argtypes import Parser, float_in, interruptible
 from .cli import add_engine_arguments, add_model_argument, load_errors, load_options, vocab_size
 
 DEFAULT_HOST = "127.0.0.1"
@@ -40,6 +48,13 @@ DEFAULT_HOST = "127.0.0.1"
 UNKNOWN_MODEL = "model not found (GET /v1/models lists the models this server serves)"
 # mlx-lm's name for the model the server was started with (a request without `model`).
 DEFAULT_MODEL_KEY = "default_model"
+# A request's body: at most this large (a larger one is answered 413), all of it within
+# --request-timeout (or 408), read in chunks (mlx-lm reads Content-Length bytes at once).
+MAX_BODY_BYTES = 64 * 2**20
+BODY_CHUNK = 2**20
+DEFAULT_REQUEST_TIMEOUT = 30.0
+# Nesting deeper than this is refused: mlx-lm's templates and copies recurse through a body.
+MAX_DEPTH = 100
 
 
 class RequestRefused(ValueError):
@@ -85,6 +100,93 @@ class ClientRequest(mlx_server.CompletionRequest):
     """mlx-lm's request, with the connection of the client waiting for it."""
 
     client: socket.socket | None = None
+
+
+def _no_constant(name: str) -> Any:
+    raise RequestRefused(400, f"the body is not JSON: {name} is not a JSON number")
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise RequestRefused(400, f"the body has a number out of range: {text[:40]}")
+    return value
+
+
+def parse_body(raw: bytes) -> Any:
+    """The JSON value of a request's body, or RequestRefused(400) saying in one line why not:
+    bytes that are not UTF-8; not JSON, including Python's NaN, Infinity and numbers too large
+    for a float (mlx-lm's json.loads accepts them; a NaN temperature sampled garbage); nesting
+    deeper than MAX_DEPTH (past the parser's recursion, mlx-lm dropped the connection); strings
+    with lone surrogates (valid JSON escapes, but no text: the tokenizer fails on them)."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise RequestRefused(400, f"the body is not UTF-8 (byte {e.start})") from None
+    try:
+        body = json.loads(text, parse_constant=_no_constant, parse_float=_finite)
+    except RequestRefused:
+        raise
+    except RecursionError:
+        raise RequestRefused(400, f"the body nests deeper than {MAX_DEPTH} levels") from None
+    except json.JSONDecodeError as e:
+        raise RequestRefused(400, f"the body is not JSON: {e}") from None
+    except ValueError:  # an int past Python's limit on digits
+        raise RequestRefused(400, "the body has a number too long to read") from None
+    stack = [(body, 0)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, (dict, list)):
+            if depth >= MAX_DEPTH:
+                raise RequestRefused(400, f"the body nests deeper than {MAX_DEPTH} levels")
+            items = [*item.keys(), *item.values()] if isinstance(item, dict) else item
+            stack.extend((i, depth + 1) for i in items)
+        elif isinstance(item, str) and not item.isascii():
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                raise RequestRefused(400, "the body has a string with a lone surrogate "
+                                     "(\\ud800 to \\udfff unpaired): not text") from None
+    return body
+
+
+def check_fields(body: dict, path: str) -> None:
+    """Refuse (ValueError, mlx-lm's 400) the fields mlx-lm reads without checking, in shapes
+    it fails on deep in generation (it answered those 404, with Python's words) or ignores."""
+    n = body.get("n")
+    if n is not None and not (type(n) is int and n == 1):
+        raise ValueError("n must be 1: this server answers with one choice")
+    stop = body.get("stop")
+    if stop is not None and not isinstance(stop, str) and not (
+            isinstance(stop, list) and all(isinstance(s, str) and s for s in stop)):
+        raise ValueError("stop must be a string or a list of non-empty strings")
+    for name in ("stream_options", "chat_template_kwargs", "role_mapping"):
+        if body.get(name) is not None and not isinstance(body[name], dict):
+            raise ValueError(f"{name} must be an object")
+    if not all(isinstance(v, str) for v in (body.get("role_mapping") or {}).values()):
+        raise ValueError("role_mapping's values must be strings")
+    if body.get("tools") is not None and not isinstance(body["tools"], list):
+        raise ValueError("tools must be a list")
+    if path == "/v1/completions":
+        return
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise ValueError("messages must be a non-empty list of messages")
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict):
+            raise ValueError(f"messages[{i}] must be an object with a role and a content")
+        if not isinstance(message.get("role"), str):
+            raise ValueError(f"messages[{i}].role must be a string")
+        content = message.get("content")
+        if content is None or isinstance(content, str):
+            continue
+        if not isinstance(content, list):
+            raise ValueError(f"messages[{i}].content must be a string or a list of parts")
+        for j, part in enumerate(content):
+            if not isinstance(part, dict) or not isinstance(part.get("type"), str):
+                raise ValueError(f"messages[{i}].content[{j}] must be an object with a type")
+            if part["type"] == "text" and not isinstance(part.get("text"), str):
+                raise ValueError(f"messages[{i}].content[{j}].text must be a string")
 
 
 def short_id(path: Path) -> str:
@@ -215,7 +317,12 @@ class FlashResponseGenerator(mlx_server.ResponseGenerator):
         super()._run_generate()
 
     def _tokenize(self, tokenizer: Any, request: Any, args: Any) -> Any:
-        tokenized = super()._tokenize(tokenizer, request, args)
+        try:
+            tokenized = super()._tokenize(tokenizer, request, args)
+        except Exception as e:  # the request's messages, as the template or tokenizer saw them
+            message = str(e).strip().splitlines()
+            raise RequestRefused(400, "the prompt could not be made from the request: "
+                                 + (message[0] if message else type(e).__name__)) from e
         check_generation(self.model_provider, tokenized[0], args)
         return tokenized
 
@@ -228,20 +335,97 @@ class FlashResponseGenerator(mlx_server.ResponseGenerator):
 
 
 class FlashAPIHandler(mlx_server.APIHandler):
-    """mlx-lm's request handler; /v1/models lists the served models by short id."""
+    """mlx-lm's request handler, given only requests whose body has arrived whole and is JSON
+    (see do_POST); /v1/models lists the served models by short id."""
 
     response_generator: FlashResponseGenerator
 
+    def setup(self) -> None:
+        # bounds each read of the request line and headers (http.server closes the connection
+        # on a timeout); the body has a deadline of its own (read_body)
+        self.timeout = getattr(self.response_generator.cli_args, "request_timeout",
+                               DEFAULT_REQUEST_TIMEOUT)
+        super().setup()
+
     def _set_completion_headers(self, status_code: int = 200) -> None:
         # mlx-lm answers 404 to any error raised while a request is queued (it calls this in
-        # its `except` block); a request refused here carries its own status
+        # its `except` block); a request refused here carries its own status, anything else
+        # failed in the server (500)
         error = sys.exc_info()[1]
         if isinstance(error, RequestRefused):
             status_code = error.status
+        elif error is not None and status_code == 404:
+            status_code = 500
         super()._set_completion_headers(status_code)
+
+    def read_body(self) -> bytes:
+        """The request's body, all of it within the request timeout. mlx-lm reads it with
+        rfile.read(Content-Length), no timeout: a length of -1 reads to the end of a stream
+        the client keeps open, one longer than the body waits for bytes that never come."""
+        length = self.headers.get("Content-Length")
+        if length is None:
+            raise RequestRefused(411, "Content-Length header is required")
+        length = length.strip()
+        if not (length.isascii() and length.isdigit()):
+            raise RequestRefused(400, "Invalid Content-Length header: not a number of bytes")
+        size = int(length)
+        if size > MAX_BODY_BYTES:
+            raise RequestRefused(413, f"the body is larger than {MAX_BODY_BYTES} bytes")
+        deadline = time.monotonic() + self.timeout
+        chunks, got = [], 0
+        while got < size:
+            left = deadline - time.monotonic()
+            try:
+                if left <= 0:
+                    raise TimeoutError
+                self.connection.settimeout(left)
+                chunk = self.rfile.read1(min(size - got, BODY_CHUNK))
+            except TimeoutError:
+                raise RequestRefused(408, f"the body did not arrive within {self.timeout:g} s "
+                                     f"({got} of its {size} bytes)") from None
+            if not chunk:
+                raise RequestRefused(400, f"the body ended after {got} of its {size} bytes")
+            chunks.append(chunk)
+            got += len(chunk)
+        return b"".join(chunks)
+
+    def refuse(self, error: RequestRefused) -> None:
+        """Answer `error` in one line and close the connection (the client may be gone)."""
+        body = json.dumps({"error": str(error)}).encode()
+        self.close_connection = True
+        try:
+            super()._set_completion_headers(error.status)
+            self.send_header("Content-Length", str(len(body)))
+            self.send_header("Connection", "close")
+            self.end_headers()
+            self.wfile.write(body)
+        except OSError:
+            pass
+
+    def do_POST(self) -> None:
+        # The body is read and checked here, then mlx-lm's do_POST reads it again from memory
+        # (it reads and parses the socket's stream itself; its faults are listed in read_body
+        # and parse_body)
+        raw = b""
+        try:
+            try:
+                raw = self.read_body()
+                parse_body(raw)
+            except RequestRefused as e:
+                self.refuse(e)
+                return
+            self.connection.settimeout(None)  # the answer is mlx-lm's, written as it writes it
+            stream, self.rfile = self.rfile, io.BytesIO(raw)
+            try:
+                super().do_POST()
+            finally:
+                self.rfile, self.body = stream, None
+        finally:
+            del raw
 
     def validate_model_parameters(self) -> None:
         super().validate_model_parameters()
+        check_fields(self.body, self.path)
         if self.seed is not None and not 0 <= self.seed < 2**64:
             raise ValueError("seed must be between 0 and 2**64 - 1")
         if self.path == "/v1/completions" and not isinstance(self.body.get("prompt"), str):
@@ -289,6 +473,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_argument(p)
     p.add_argument("--host", default=DEFAULT_HOST,
                    help=f"address to listen on (default {DEFAULT_HOST}: this machine only)")
+    p.add_argument("--request-timeout", type=float_in(0, low_open=True),
+                   default=DEFAULT_REQUEST_TIMEOUT, metavar="SECONDS",
+                   help="the time a client has to send its request's headers, and then its "
+                   f"body (default {DEFAULT_REQUEST_TIMEOUT:g}); a slower one is answered 408")
     add_engine_arguments(p)
     return p
 

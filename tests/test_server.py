@@ -1,15 +1,19 @@
 """The HTTP server (mlx-lm's, loading through mlx_flash), as a client on 127.0.0.1 uses it and
-as a hostile one tries it (issue 13): it serves only its own models, never opens what a request
-names, refuses token ids past the vocabulary and prompts past the context, and stops the work
-of a client that has gone."""
+as a hostile one tries it (issues 13 and 23): it serves only its own models, never opens what a
+request names, refuses token ids past the vocabulary and prompts past the context, stops the
+work of a client that has gone, answers a malformed request 400 (or 408, 411, 413) in one line
+and goes on serving."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
+import select
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -21,6 +25,7 @@ from mlx_flash.server import UNKNOWN_MODEL, ClientGone, WatchedQueue
 
 ROOT = Path(__file__).parent.parent
 CONTEXT = 200  # the served tiny model's --max-kv-size: its prompts' bound
+REQUEST_TIMEOUT = 2  # the served model's --request-timeout, seconds
 
 
 def free_port() -> int:
@@ -31,9 +36,10 @@ def free_port() -> int:
 
 def start(*args: str) -> tuple[subprocess.Popen, str]:
     port = free_port()
+    # its log: a pipe no one reads would fill, and block the server
+    log = tempfile.TemporaryFile("w+")  # noqa: SIM115 (open while the server runs)
     proc = subprocess.Popen([sys.executable, "-m", "mlx_flash", "server", "--port", str(port),
-                             *args], cwd=ROOT, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
+                             *args], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=log, text=True)
     base = f"http://127.0.0.1:{port}"
     deadline = time.time() + 90
     while time.time() < deadline:
@@ -42,20 +48,28 @@ def start(*args: str) -> tuple[subprocess.Popen, str]:
             return proc, base
         except OSError:
             if proc.poll() is not None:
-                raise AssertionError(f"the server exited: {proc.stderr.read()}") from None
+                log.seek(0)
+                raise AssertionError(f"the server exited: {log.read()}") from None
             time.sleep(0.2)
     proc.kill()
     raise AssertionError("the server did not start within 90 s")
 
 
 @pytest.fixture(scope="module")
-def server(tiny_bundle):
-    """The tiny model served with the engine's options, on 127.0.0.1 (the default host)."""
+def served(tiny_bundle):
+    """(process, URL) of the tiny model served with the engine's options, on 127.0.0.1 (the
+    default host)."""
     proc, base = start("--model", str(tiny_bundle), "--max-kv-size", str(CONTEXT),
-                       "--window", "2", "--threads", "2", "--sparsity", "off")
-    yield base
+                       "--window", "2", "--threads", "2", "--sparsity", "off",
+                       "--request-timeout", str(REQUEST_TIMEOUT))
+    yield proc, base
     proc.terminate()
     proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def server(served):
+    return served[1]
 
 
 def post(base: str, body: dict, path: str = "/v1/chat/completions",
@@ -76,6 +90,36 @@ def chat(content: str = "the theme", **fields) -> dict:
 def assert_answers(base: str) -> None:
     status, reply = post(base, chat())
     assert status == 200 and reply["usage"]["completion_tokens"] >= 1, reply
+
+
+def exchange(base: str, body: bytes = b"", length: str | None = "",
+             path: str = "/v1/chat/completions", timeout: float = 30,
+             linger: float = 0) -> tuple[int | None, dict | None]:
+    """POST `body` as it is, with a Content-Length header of `length` ("": the body's length,
+    None: no header), and read the answer until the server closes the connection: its status
+    and JSON body, or (None, None) if it closed without answering. `linger`: seconds to wait
+    before reading (the server answers as soon as it can; the client is still sending)."""
+    port = int(base.rsplit(":", 1)[1])
+    header = b"" if length is None else b"Content-Length: %s\r\n" % (
+        str(len(body)) if length == "" else length).encode()
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+        s.sendall(b"POST %s HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n%s"
+                  b"\r\n" % (path.encode(), header) + body)
+        time.sleep(linger)
+        answer = b""
+        while chunk := s.recv(65536):  # socket.timeout if the server neither answers nor closes
+            answer += chunk
+    if not answer:
+        return None, None
+    head, _, content = answer.partition(b"\r\n\r\n")
+    return int(head.split()[1]), json.loads(content)
+
+
+def assert_refused(reply: dict | None, *words: str) -> None:
+    """A one-line message that names what was wrong (`words`), and no Python in it."""
+    message = reply["error"]
+    assert "\n" not in message and all(w in message for w in words), message
+    assert not any(w in message for w in ("Traceback", "object is not", "Error")), message
 
 
 def test_models_lists_short_ids(server, tiny_bundle):
@@ -272,3 +316,153 @@ def test_server_answers_as_before_after_read_errors(tiny_bundle, tmp_path, monke
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def test_nan_temperature_is_400_and_the_server_keeps_serving(server):
+    """mlx-lm's json.loads reads NaN, and `NaN < 0` is false: a NaN temperature passed its check
+    and answered 200 with garbage."""
+    status, reply = post(server, chat(temperature=math.nan))
+    assert status == 400, reply
+    assert_refused(reply, "NaN")
+    assert_answers(server)
+
+
+@pytest.mark.parametrize("field", [
+    b'"temperature": Infinity', b'"temperature": -Infinity', b'"temperature": 1e999',
+    b'"top_p": NaN', b'"min_p": NaN', b'"repetition_penalty": NaN', b'"presence_penalty": 1e400',
+    b'"logit_bias": {"5": NaN}', b'"xtc_threshold": NaN'])
+def test_numbers_that_are_not_finite_are_400(server, field):
+    body = b'{"messages": [{"role": "user", "content": "the"}], "max_tokens": 2, %s}' % field
+    status, reply = exchange(server, body)
+    assert status == 400, reply
+    assert_refused(reply, "the body")
+
+
+@pytest.mark.parametrize("n", [2, 1000000, 0, -1, "1", True, 1.5])
+def test_n_other_than_one_is_400(server, n):
+    """mlx-lm ignored `n`: n=2 and n=1000000 answered one choice."""
+    status, reply = post(server, chat(n=n))
+    assert status == 400, reply
+    assert_refused(reply, "n must be 1")
+
+
+def test_n_of_one_is_served(server):
+    status, reply = post(server, chat(n=1))
+    assert status == 200 and len(reply["choices"]) == 1, reply
+
+
+@pytest.mark.parametrize("body, words", [
+    (b'{"messages": [{"role": "user", "content": "\xff\xfe"}]}', ["UTF-8"]),
+    (b"[" * 100000 + b"]" * 100000, ["nests deeper"]),
+    (b'{"a": ' * 150 + b"1" + b"}" * 150, ["nests deeper"]),
+    (b'{"messages": [', ["not JSON"]),
+    (b'{"max_tokens": ' + b"9" * 5000 + b"}", ["number too long"]),
+    (b"[1, 2]", ["JSON dictionary"]),
+])
+def test_bodies_that_are_not_json_objects_are_400(server, body, words):
+    """Bytes that are not UTF-8 and nesting past the parser's recursion closed the connection
+    with no answer (UnicodeDecodeError, RecursionError in mlx-lm's do_POST)."""
+    status, reply = exchange(server, body)
+    assert status == 400, reply
+    assert_refused(reply, *words)
+    assert_answers(server)
+
+
+@pytest.mark.parametrize("fields, words", [
+    ({"messages": [{"role": "user", "content": "\ud800 the"}]}, ["lone surrogate"]),
+    ({"stop": 5}, ["stop"]),
+    ({"stop": ["the", 5]}, ["stop"]),
+    ({"stop": [""]}, ["stop"]),
+    ({"messages": []}, ["messages"]),
+    ({"messages": "the theme"}, ["messages"]),
+    ({"messages": [5]}, ["messages[0]"]),
+    ({"messages": [{"role": 5, "content": "the"}]}, ["messages[0].role"]),
+    ({"messages": [{"content": "the"}]}, ["messages[0].role"]),
+    ({"messages": [{"role": "user", "content": 5}]}, ["messages[0].content"]),
+    ({"messages": [{"role": "user", "content": [{"type": "text", "text": 5}]}]},
+     ["messages[0].content[0].text"]),
+    ({"messages": [{"role": "user", "content": [5]}]}, ["messages[0].content[0]"]),
+    ({"stream_options": "yes"}, ["stream_options"]),
+    ({"chat_template_kwargs": [1]}, ["chat_template_kwargs"]),
+    ({"tools": "x"}, ["tools"]),
+    ({"role_mapping": 5}, ["role_mapping"]),
+    ({"role_mapping": {"assistant": 5}}, ["role_mapping"]),
+])
+def test_fields_in_shapes_mlx_lm_fails_on_are_400_in_one_line(server, fields, words):
+    """These reached mlx-lm's generation thread and came back 404, with Python's words
+    ("'int' object is not iterable", "TextEncodeInput must be Union[...]")."""
+    status, reply = post(server, chat(**fields))
+    assert status == 400, reply
+    assert_refused(reply, *words)
+
+
+def test_lone_surrogate_in_a_completion_prompt_is_400(server):
+    status, reply = exchange(server, b'{"prompt": "the \\udc80", "max_tokens": 2}',
+                             path="/v1/completions")
+    assert status == 400, reply
+    assert_refused(reply, "lone surrogate")
+
+
+@pytest.mark.parametrize("length, expected", [
+    ("-1", 400), ("abc", 400), ("1_0", 400), ("+2", 400), (str(2**40), 413), (None, 411)])
+def test_content_length_that_is_no_length_is_answered_at_once(server, length, expected):
+    """Content-Length: -1 made mlx-lm read to the end of a stream the client keeps open: the
+    connection waited forever. The answer comes at once, with the client still connected."""
+    started = time.time()
+    status, reply = exchange(server, b'{"messages": []}', length=length, timeout=10)
+    assert (status, time.time() - started < 5) == (expected, True), reply
+    assert "error" in reply
+    assert_answers(server)
+
+
+def test_body_shorter_than_its_content_length_is_408_within_the_timeout(server):
+    """A Content-Length past the body left the connection waiting for bytes that never come.
+    The server answers 408 after --request-timeout and closes the connection."""
+    body = json.dumps(chat()).encode()
+    started = time.time()
+    status, reply = exchange(server, body, length=str(len(body) + 100),
+                             timeout=REQUEST_TIMEOUT + 20)
+    took = time.time() - started
+    assert status == 408 and REQUEST_TIMEOUT - 0.5 < took < REQUEST_TIMEOUT + 10, (reply, took)
+    assert_refused(reply, "did not arrive", f"{len(body)} of its {len(body) + 100} bytes")
+    assert_answers(server)
+
+
+def test_a_body_that_trickles_in_is_408_within_the_timeout(server):
+    """The timeout bounds the whole body, not each read: a byte a second is not a body."""
+    port = int(server.rsplit(":", 1)[1])
+    started = time.time()
+    with socket.create_connection(("127.0.0.1", port), timeout=REQUEST_TIMEOUT + 20) as s:
+        s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n")
+        while not select.select([s], [], [], 0.5)[0]:  # a byte each half second
+            assert time.time() - started < REQUEST_TIMEOUT + 10, "no answer"
+            s.sendall(b" ")
+        answer = s.recv(65536)
+    assert answer.startswith(b"HTTP/1.0 408"), answer
+    assert time.time() - started < REQUEST_TIMEOUT + 5
+
+
+def test_a_prompt_the_chat_template_refuses_is_400_in_one_line():
+    """A chat template's own error (roles that do not alternate, say) came back 404."""
+    from types import SimpleNamespace
+
+    from jinja2 import TemplateError
+
+    from mlx_flash.server import FlashResponseGenerator, RequestRefused
+
+    class Tokenizer:
+        has_chat_template = True
+
+        def apply_chat_template(self, *args, **kwargs):
+            raise TemplateError("Conversation roles must alternate user/assistant\n(line 2)")
+
+    generator = object.__new__(FlashResponseGenerator)
+    generator.model_provider = SimpleNamespace(
+        processor=None, cli_args=SimpleNamespace(chat_template_args={}))
+    request = SimpleNamespace(request_type="chat", tools=None, role_mapping=None,
+                              messages=[{"role": "user", "content": "the"}] * 2)
+    with pytest.raises(RequestRefused) as refused:
+        generator._tokenize(Tokenizer(), request, SimpleNamespace(chat_template_kwargs=None))
+    assert refused.value.status == 400
+    assert str(refused.value) == ("the prompt could not be made from the request: "
+                                  "Conversation roles must alternate user/assistant")
