@@ -15,7 +15,7 @@ layer's router top-k per token by wrapping the MoE block's router. From those tr
 * lookahead: layer L+1's router run on layer L's output (layer L+1's input before its
   attention, through layer L+1's post-attention norm): recall of the true top-k in the
   predicted top-k, top-(k+2), top-2k and top-3k;
-* cache policies (mlx_flash.expert_policy) against Belady's MIN at capacities k .. 4k per
+* cache policies (mlx_flash.eviction) against Belady's MIN at capacities k .. 4k per
   layer. The LRFU decay, the Markov horizon and the context order are tuned here on routing
   of training text (the first 8 KiB of a slice of the training split) and reported on the
   held-out text.
