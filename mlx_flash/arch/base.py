@@ -76,8 +76,14 @@ def check_config(config: Any, required: tuple[str, ...] = ()) -> None:
                     or not 0 <= i < config["vocab_size"]:
                 raise UnsupportedModel(f"config {key} {i!r:.40} is not a token of the "
                                        f"{config['vocab_size']}-token vocabulary")
-    if not isinstance(config.get("rope_scaling") or {}, dict):
+    scaling = config.get("rope_scaling") or {}
+    if not isinstance(scaling, dict):
         raise UnsupportedModel("config rope_scaling must be a JSON object")
+    for key, value in scaling.items():  # factors, lists of factors (longrope), names
+        for v in value if isinstance(value, list) else [value]:
+            if isinstance(v, float) and not math.isfinite(v):
+                raise UnsupportedModel(f"config rope_scaling {key!r:.40} must be finite, not "
+                                       f"{v!r}")
 
 
 @dataclass(frozen=True)
@@ -220,11 +226,20 @@ class Architecture(Protocol):
 
 
 def check_finite(name: str, w: Weight) -> None:
-    """Refuse a weight holding NaN or infinity (a damaged file would compute garbage); one
-    reduction per tensor, nothing beside reading it."""
-    arrays = (w.scales, w.biases) if isinstance(w, QuantizedTensor) else (w,)
-    if not all(mx.all(mx.isfinite(a)).item() for a in arrays
-               if mx.issubdtype(a.dtype, mx.floating)):
+    """Refuse a weight that is not floats (quantized: packed uint32 words, float scales and
+    biases) or holds NaN or infinity: a damaged file would compute something else than its
+    model (integers cast to float) or garbage. One reduction per tensor, nothing beside
+    reading it."""
+    if isinstance(w, QuantizedTensor):
+        arrays, packed = (w.scales, w.biases), w.weight.dtype == mx.uint32
+    else:
+        arrays, packed = (w,), True
+    if not packed or not all(mx.issubdtype(a.dtype, mx.floating) for a in arrays):
+        stored = ", ".join(str(a.dtype).rsplit(".", 1)[-1] for a in (
+            (w.weight, w.scales, w.biases) if isinstance(w, QuantizedTensor) else (w,)))
+        raise ConversionError(f"{name} is stored as {stored}, not as a float weight (or "
+                              "uint32 words with float scales): the file is damaged")
+    if not all(mx.all(mx.isfinite(a)).item() for a in arrays):
         raise ConversionError(f"{name} holds NaN or infinite values: the file is damaged")
 
 

@@ -15,6 +15,7 @@ greedy output is mlx-lm's on the same weights.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -71,6 +72,51 @@ def check_moe_config(config: dict[str, Any]) -> None:
     if config["num_experts_per_tok"] > config[MOE_TYPES[model_type]]:
         raise UnsupportedModel("config num_experts_per_tok is larger than the number of "
                                "experts")
+    scale = config.get("routed_scaling_factor")
+    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))
+                              or not math.isfinite(scale) or scale <= 0):
+        raise UnsupportedModel(f"config routed_scaling_factor must be a positive number, not "
+                               f"{scale!r:.40}")
+    _check_groups(config)
+
+
+def _check_groups(config: dict[str, Any]) -> None:
+    """DeepSeek's routing by groups, as mlx-lm computes it: deepseek_v3 always (topk_method
+    noaux_tc, sigmoid scores), deepseek_v2 with topk_method group_limited_greedy. The experts
+    split into n_group equal groups (of two or more in v3, whose group score is its two best
+    experts), of which topk_group (1 to n_group) are kept. Else mlx-lm fails on the first
+    token, or routes among masked groups."""
+    model_type = config["model_type"]
+    if model_type == "deepseek_v3":
+        method = config.get("topk_method", "noaux_tc")
+        if method != "noaux_tc":
+            raise UnsupportedModel(f"config topk_method {method!r:.40} is not deepseek_v3's "
+                                   "(mlx-lm routes it by noaux_tc only)")
+        scoring = config.get("scoring_func", "sigmoid")
+        if scoring != "sigmoid":
+            raise UnsupportedModel(f"config scoring_func {scoring!r:.40} is not deepseek_v3's "
+                                   "(mlx-lm scores its experts by sigmoid only)")
+        n_group, topk_group = config.get("n_group", 1), config.get("topk_group", 1)
+    elif model_type == "deepseek_v2" and config.get("topk_method") == "group_limited_greedy":
+        n_group, topk_group = config.get("n_group"), config.get("topk_group")
+    else:
+        return
+    experts = config[MOE_TYPES[model_type]]
+    for key, value in (("n_group", n_group), ("topk_group", topk_group)):
+        if not isinstance(value, int) or value < 1:  # (a bool or above 2^20: refused above)
+            raise UnsupportedModel(f"config {key} must be a positive integer for "
+                                   f"{model_type}'s routing by groups, not {value!r:.40}")
+    if experts % n_group:
+        raise UnsupportedModel(f"config n_group {n_group} does not divide the {experts} routed "
+                               "experts into equal groups")
+    if n_group == 1 and model_type == "deepseek_v3":
+        return  # one group: no grouping (topk_group unused)
+    if model_type == "deepseek_v3" and experts // n_group < 2:
+        raise UnsupportedModel(f"config n_group {n_group} makes groups of one expert "
+                               "(deepseek_v3 scores a group by its two best experts)")
+    if topk_group > n_group:
+        raise UnsupportedModel(f"config topk_group {topk_group} is larger than n_group "
+                               f"{n_group}: it keeps more groups than there are")
 
 
 def build_model(config: dict[str, Any]) -> nn.Module:
