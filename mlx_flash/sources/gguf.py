@@ -16,6 +16,7 @@ import numpy as np
 from ..arch import QuantizedTensor, Weight
 from ..bundle import whole
 from ..errors import SourceError
+from .tokenizer import check_tokenizer
 
 # A GGUF header is read here, not by gguf-py's GGUFReader, which takes counts at their word
 # (an array count of 2^32 grew it to 5.8 GB; one case aborted in std::bad_alloc) and makes a
@@ -532,6 +533,7 @@ class GGUFSource:
             raise SourceError(f"cannot rebuild the tokenizer of {self.path.name}: "
                               f"{type(e).__name__}: {e}") from None
         tokenizer_fast.save_pretrained(str(dest))
+        check_tokenizer(dest, self.config.get("eos_token_id"), self.path.name)
 
     def describe(self) -> dict[str, Any]:
         return {"kind": self.kind, "name": self.path.name, "bytes": self.path.stat().st_size,

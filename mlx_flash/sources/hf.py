@@ -13,6 +13,8 @@ import mlx.core as mx
 from ..arch import QuantizedTensor, Weight
 from ..bundle import check_safetensors, read_json
 from ..errors import SourceError
+from ..hub import snapshot_name
+from .tokenizer import check_tokenizer
 
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
@@ -36,6 +38,10 @@ def _mlx_lm_quantization(quant: Any, path: Path) -> dict[str, Any]:
         if isinstance(entry, dict):
             check(entry, f"quantization of {key}")
     return quant
+
+
+def _dtype(a: mx.array) -> str:
+    return str(a.dtype).rsplit(".", 1)[-1]
 
 
 class HFSource:
@@ -80,7 +86,7 @@ class HFSource:
         """The float dtype tensor `name` (a quantized one: its scales) is stored in."""
         base = name.removesuffix(".weight")
         a = self._arrays[f"{base}.scales" if self._quantized(name) else name]
-        return str(a.dtype).rsplit(".", 1)[-1]
+        return _dtype(a)
 
     def get_weight(self, name: str) -> Weight:
         if not self._quantized(name):
@@ -89,19 +95,30 @@ class HFSource:
         own = self._quant.get(base.removeprefix("model."), self._quant.get(base))
         bits = (own if isinstance(own, dict) else self._quant)["bits"]
         w, scales = self._arrays[name], self._arrays[f"{base}.scales"]
+        biases = self._arrays.get(f"{base}.biases")
+        # packed uint32 words, float scales and biases: anything else would be reinterpreted
+        if w.dtype != mx.uint32 or biases is None or not all(
+                mx.issubdtype(a.dtype, mx.floating) for a in (scales, biases)):
+            raise SourceError(
+                f"{self.path.name}: {base} is no mlx-lm quantization (its weight is "
+                f"{_dtype(w)}, its scales {_dtype(scales)}, its biases "
+                f"{'missing' if biases is None else _dtype(biases)}: uint32 and floats expected)")
         columns = w.shape[-1] * 32 // bits
         # 2-D, or 3-D: experts stacked `[E, out, in]` (mlx-lm's SwitchLinear)
         if w.ndim not in (2, 3) or scales.ndim != w.ndim or scales.shape[-1] < 1 \
-                or columns % scales.shape[-1]:
+                or columns % scales.shape[-1] or biases.shape != scales.shape:
             raise SourceError(f"{self.path.name}: {name} {tuple(w.shape)} and its scales "
                               f"{tuple(scales.shape)} are no {bits}-bit quantization")
-        return QuantizedTensor(w, scales, self._arrays[f"{base}.biases"], bits,
-                               columns // scales.shape[-1])
+        return QuantizedTensor(w, scales, biases, bits, columns // scales.shape[-1])
 
     def get(self, name: str) -> mx.array:
+        """Tensor `name` as float32 (dequantized if quantized). A weight stored as integers
+        is refused: cast to float it would compute something else than its model."""
         w = self.get_weight(name).dequantize() if self._quantized(name) else self._arrays[name]
-        if mx.issubdtype(w.dtype, mx.floating):
-            w = w.astype(mx.float32)
+        if not mx.issubdtype(w.dtype, mx.floating):
+            raise SourceError(f"{self.path.name}: {name} is stored as {_dtype(w)}, not as a "
+                              "float weight: the file is damaged")
+        w = w.astype(mx.float32)
         mx.eval(w)
         return w
 
@@ -112,6 +129,8 @@ class HFSource:
             raise SourceError(f"{self.path} has no tokenizer files")
         for name in found:
             shutil.copyfile(self.path / name, dest / name)
+        check_tokenizer(dest, self.config.get("eos_token_id"), str(self.path))
 
     def describe(self) -> dict[str, Any]:
-        return {"kind": self.kind, "name": self.path.name}
+        # a model of the Hugging Face cache is named by its repository, not its commit
+        return {"kind": self.kind, "name": snapshot_name(self.path) or self.path.name}
