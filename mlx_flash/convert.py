@@ -31,10 +31,11 @@ from .arch import (
 )
 from .arch.base import check_finite, mlx_lm_quantization, resident_arrays
 from .arch.moe import is_moe
-from .bundle import DTYPES, Bundle, Quantization
+from .bundle import DTYPES, EXPERTS, Bundle, Quantization
 from .bundle_writer import BundleWriter, publish_dir, staging_dir
 from .convert_moe import convert_moe
 from .errors import BundleError, ConversionError
+from .hub import is_hub_id, resolve_hub_model
 from .loader import build_flash_model, default_dtype
 from .sources import SourceError, open_source
 
@@ -183,6 +184,13 @@ def export_mlx_lm(src: str | Path, out: str | Path, dtype: str | None = "float16
     `keep_quantization`, a quantized source's weights as it stores them (an mlx-lm quantized
     model: the reference for quantized bundles)."""
     source = open_source(src)
+    if is_moe(source.config):
+        raise ConversionError(
+            f"--format mlx-lm exports dense models only, and {source.path.name} is a "
+            f"{source.config['model_type']} Mixture-of-Experts model: "
+            + ("this folder already is one mlx-lm loads (mlx_lm.load takes it as it is)"
+               if source.kind == "hf" else "mlx-lm does not read GGUF experts")
+            + "; without --format it converts into a flash bundle")
     config, arch, names = _plan(source)
     if arch.name != "llama" or arch.ffn_spec(config).activation != "silu":
         raise ConversionError("mlx-lm has no equivalent of this model (it has no OPT, and its "
@@ -208,6 +216,32 @@ def export_mlx_lm(src: str | Path, out: str | Path, dtype: str | None = "float16
     return out
 
 
+def _how(quantization: dict[str, Quantization], dtype: str) -> str:
+    """How records store their tensors: `dtype`, or each quantized one's bits and group size
+    (once when all are alike), the rest `dtype`."""
+    if not quantization:
+        return dtype
+    kinds = {(q.bits, q.group_size) for q in quantization.values()}
+    if len(kinds) == 1:
+        ((bits, group),) = kinds
+        return f"{bits}-bit/{group}, scales {dtype}"
+    return ", ".join(f"{t} {q.bits}-bit/{q.group_size}" for t, q in quantization.items()) \
+        + f", scales {dtype}"
+
+
+def summary(b: Bundle) -> str:
+    """The line the command prints for a bundle it wrote: resident bytes, and the FFN records
+    (dense: neurons; MoE: experts per layer, each layer's bytes) and how they are stored."""
+    head = f"wrote bundle {b.path}: resident {b.resident_bytes / 1e6:.1f} MB"
+    if "neuron" in b.families:
+        q = b.families["neuron"].quantization
+        how = ", ".join(f"{t} {v.bits}-bit/{v.group_size}" for t, v in q.items()) or b.dtype
+        return f"{head}, FFN records {b.ffn_bytes / 1e6:.1f} MB ({how})"
+    fam = b.families[EXPERTS]
+    layers = sum(1 for _, length in fam.segments if length)
+    return (f"{head}, {fam.count} experts in each of {layers} layers, "
+            f"{fam.count * fam.record_bytes / 1e6:.1f} MB per layer "
+            f"({_how(fam.quantization, fam.dtype)}), {b.ffn_bytes / 1e6:.1f} MB in all")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -215,8 +249,12 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m mlx_flash.convert",
         description="Convert a model into a flash bundle: resident weights (embeddings, "
         "attention, norms) plus FFN neuron records that are read from flash on demand.")
-    parser.add_argument("src", help="a GGUF file (llama/qwen2, any GGML tensor type), or a "
-                        "Hugging Face / mlx-lm model folder (llama, mistral, qwen2, opt)")
+    parser.add_argument("src", help="a GGUF file (llama/qwen2, any GGML tensor type; "
+                        "qwen3_moe and mixtral with experts), a Hugging Face / mlx-lm model folder "
+                        "(llama, mistral, qwen2, opt; the "
+                        "Mixture-of-Experts models mlx-lm runs: qwen3_moe, qwen2_moe, mixtral, "
+                        "olmoe, deepseek_v2, deepseek_v3), or a Hugging Face hub id (org/name"
+                        "[@revision], org/repo:Q4_K_M for a repository of GGUF files)")
     parser.add_argument("out", help="the bundle folder to create (must not exist)")
     parser.add_argument("--dtype", choices=list(DTYPES), default=None,
                         help="dtype of the stored float weights. Given, a quantized source is "
@@ -243,17 +281,16 @@ def main(argv: list[str] | None = None) -> int:
     keep = args.dtype is None and not args.quantize
     quantize = Quantization(args.q_bits, args.q_group_size) if args.quantize else None
     try:
+        # org/name[@revision][:tag], when it is not a path: fetched as mlx-lm and llama.cpp do
+        src = resolve_hub_model(args.src) if is_hub_id(args.src) else args.src
         if args.format == "mlx-lm":
-            export_mlx_lm(args.src, args.out, args.dtype, progress=not args.quiet,
+            export_mlx_lm(src, args.out, args.dtype, progress=not args.quiet,
                           keep_quantization=keep)
             print(f"wrote mlx-lm folder {args.out}")
         else:
-            b = convert(args.src, args.out, args.dtype, progress=not args.quiet,
+            b = convert(src, args.out, args.dtype, progress=not args.quiet,
                         quantize=quantize, keep_quantization=keep, down_bits=args.down_bits)
-            q = b.families["neuron"].quantization
-            how = ", ".join(f"{t} {v.bits}-bit/{v.group_size}" for t, v in q.items()) or b.dtype
-            print(f"wrote bundle {b.path}: resident {b.resident_bytes / 1e6:.1f} MB, "
-                  f"FFN records {b.ffn_bytes / 1e6:.1f} MB ({how})")
+            print(summary(b))
     except (SourceError, UnsupportedModel, ConversionError, BundleError, FileExistsError,
             OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

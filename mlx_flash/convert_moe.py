@@ -143,7 +143,7 @@ def convert_moe(source, out: str | Path, dtype: str | None = None,
                 elif not isinstance(w, QuantizedTensor) or (w.bits, w.group_size) != (
                         q.bits, q.group_size):
                     raise ConversionError(f"layer {i}'s {t} experts are not quantized as "
-                                          "layer {first}'s")
+                                          f"layer {first}'s")
                 else:
                     for part, a in zip(quantized_parts(t), (w.weight, w.scales, w.biases),
                                        strict=True):
