@@ -121,7 +121,7 @@ class EngineCgroup:
             if read_bps is not None:
                 devices = sorted({block_device(f) for f in folders})
                 io_base, io_version = cgroup_base("blkio", own, root)
-                io = self.path if io_version == 2 else self._make(io_base / name)
+                io = self.path if io_base == base else self._make(io_base / name)
                 for dev in devices:
                     if io_version == 1:
                         self._write(io, "blkio.throttle.read_bps_device", f"{dev} {read_bps}")
