@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import shutil
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -41,6 +42,7 @@ from .arch import FFNSpec, get_architecture, pack_records
 from .argtypes import Parser, int_in, interruptible
 from .bundle import (
     DTYPES,
+    EXPERTS,
     PART_DTYPES,
     Bundle,
     Quantization,
@@ -53,6 +55,7 @@ from .errors import BundleError
 from .ffn import FlashEngine
 from .loader import bundle_tokenizer, open_model
 from .selection import MODE_CLASSES, MODES, LayerReads, Mode, Rows, gate_activation, hidden
+from .sysmem import format_bytes
 
 DEFAULT_TARGETS = {"predictor": "0.99", "gate": "0.8", "hybrid": "0.8,0.5", "teal": "0.8,0.6"}
 GATE_GROUP = 64  # group size of gate rows quantized for gate / hybrid
@@ -275,6 +278,10 @@ def calibrate(path: str | Path, data: str | Path, mode: str | None = None,
     """Calibrate `mode` (default: by architecture) on `data` and write it into the bundle.
     `gate_bits`: how `gate` and `hybrid` keep the gate rows of float records (16: as stored)."""
     bundle = Bundle.open(path)
+    if EXPERTS in bundle.families:
+        raise ValueError(f"{bundle.path} is a Mixture-of-Experts model: its router already "
+                         "selects the experts each token reads, so there is nothing to "
+                         "calibrate (run it as it is; --memory-budget sizes its expert slots)")
     model = open_model(bundle, "float32", sparsity="off")
     engine: FlashEngine = model.flash
     spec = engine.spec
@@ -330,31 +337,47 @@ def calibrate(path: str | Path, data: str | Path, mode: str | None = None,
             arrays_of = {"gate": w["gate"].T, "up": w["up"].T} if layout == "columns" else raw
             records[name].append(pack_records(fam.parts, fam.record_bytes, {
                 p.name: arrays_of[p.name].astype(PART_DTYPES[p.dtype]) for p in fam.parts}))
-    with BundleUpdate(bundle) as update:
-        m = update.manifest
-        info: dict[str, Any] = {"target": goals, "layers": layers, "calibration": {
-            "data": Path(data).name, "tokens": len(ids), "ctx": ctx,
-            "seconds": round(time.time() - started)}}
-        if mode in ("gate", "hybrid") and gate_q is not None:
-            info["gate_quantization"] = {"bits": gate_q.bits, "group_size": gate_q.group_size}
-        if arrays:
-            staging, info["file"] = update.new_file(f"selection-{mode}", ".safetensors")
-            mx.save_safetensors(str(staging), {
-                k: v.astype(DTYPES[bundle.dtype]) if mx.issubdtype(v.dtype, mx.floating) else v
-                for k, v in arrays.items()})
-        if records:
-            staging, name = update.new_file(f"ffn-{mode}", ".bin")
-            out = SegmentFile(staging)
-            for family in layouts:
-                segments = tuple(out.write(r) for r in records[family])
-                m["ffn"]["families"][family] = dataclasses.replace(
-                    derived[family], file=name, segments=segments,
-                    checksums=out.checksums).to_json()
-            out.close()
-        selection = m.setdefault("selection", {"default": None, "modes": {}})
-        selection["modes"][mode] = info
-        selection["default"] = mode
-        return update.commit()
+    try:
+        with BundleUpdate(bundle) as update:
+            m = update.manifest
+            info: dict[str, Any] = {"target": goals, "layers": layers, "calibration": {
+                "data": Path(data).name, "tokens": len(ids), "ctx": ctx,
+                "seconds": round(time.time() - started)}}
+            if mode in ("gate", "hybrid") and gate_q is not None:
+                info["gate_quantization"] = {"bits": gate_q.bits, "group_size": gate_q.group_size}
+            if arrays:
+                staging, info["file"] = update.new_file(f"selection-{mode}", ".safetensors")
+                save_safetensors(staging, {
+                    k: v.astype(DTYPES[bundle.dtype]) if mx.issubdtype(v.dtype, mx.floating) else v
+                    for k, v in arrays.items()})
+            if records:
+                staging, name = update.new_file(f"ffn-{mode}", ".bin")
+                out = SegmentFile(staging)
+                for family in layouts:
+                    segments = tuple(out.write(r) for r in records[family])
+                    m["ffn"]["families"][family] = dataclasses.replace(
+                        derived[family], file=name, segments=segments,
+                        checksums=out.checksums).to_json()
+                out.close()
+            selection = m.setdefault("selection", {"default": None, "modes": {}})
+            selection["modes"][mode] = info
+            selection["default"] = mode
+            return update.commit()
+    except OSError as e:  # a full disk, most likely: the manifest was never replaced
+        free = shutil.disk_usage(bundle.path).free
+        reason = str(e.strerror or e).rstrip(".")
+        raise OSError(f"cannot write the calibration into {bundle.path}: {reason} "
+                      f"({format_bytes(free)} free on its disk); the bundle is as it was"
+                      ) from None
+
+
+def save_safetensors(path: Path, arrays: dict[str, mx.array]) -> None:
+    """mx.save_safetensors, its failure an OSError: MLX raises RuntimeError ("[write] Unable
+    to write 977 bytes to file.") on a full disk."""
+    try:
+        mx.save_safetensors(str(path), arrays)
+    except RuntimeError as e:
+        raise OSError(str(e)) from None
 
 
 def resident_gate(neuron: RecordFamily, w: dict[str, mx.array], raw: dict[str, mx.array],

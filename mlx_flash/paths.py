@@ -78,8 +78,14 @@ def resolve_bundle(model: str | os.PathLike | None, dtype: str | None = None,
     if not is_bundle(out):
         import sys
 
+        from .arch import get_architecture
+        from .arch.moe import check_moe_config, is_moe
         from .convert import convert
+        from .sources import open_source
 
+        # what is not a model we convert is said before a conversion is announced
+        config = open_source(source).config
+        check_moe_config(config) if is_moe(config) else get_architecture(config)
         if progress:
             print(f"mlx_flash: first use of {name}: converting it "
                   f"({dtype or 'its quantization kept'}) into {out}", file=sys.stderr)
