@@ -11,6 +11,7 @@ from mlx_lm.tokenizer_utils import TokenizerWrapper
 from .bundle import Bundle
 from .eviction import DEFAULT_POLICY
 from .loader import EngineOptions, bundle_tokenizer, open_model
+from .memory import KVQuantization
 from .paths import resolve_bundle
 from .sysmem import rss_bytes
 
@@ -25,12 +26,15 @@ def load(
     sparsity: str | None = None,
     memory_budget: int | str | None = "auto",
     window: int = 5,
-    context: int = 2048,
+    context: int | None = 2048,
     threads: int = 8,
     cold: bool = False,
     rotating_kv: bool = False,
     lookahead: bool = False,
     expert_policy: str = DEFAULT_POLICY,
+    kv_bits: int | None = None,
+    kv_group_size: int = 64,
+    quantized_kv_start: int = 5000,
 ) -> tuple[nn.Module, TokenizerWrapper]:
     """Load a flash bundle as `(model, tokenizer)` for mlx-lm's generate / stream_generate.
 
@@ -47,7 +51,13 @@ def load(
     it grows past the budget) and the per-layer neuron caches, which keep the neurons of the
     last `window` tokens (BudgetError when it cannot be met). "auto" (the default): the model
     whole when it fits in 75% of the memory available, else that share (`budget_plan`);
-    "off": no caches, every token reads what it selects (the naive engine). `threads` read in
+    "off": no caches, every token reads what it selects (the naive engine). `context` None:
+    2048 tokens, or as many as the budget leaves when it holds fewer (at least 256, before
+    any neuron cache; the model's `flash.plan.context` says how many). `kv_bits`,
+    `kv_group_size`, `quantized_kv_start`: the KV cache quantization you will ask mlx-lm's
+    generate for (same names and defaults), for the plan to count: from token 0 the model's
+    `make_cache` gives quantized caches itself; from a later token within `context` the plan
+    counts the float cache and mlx-lm's quantized copy of it. `threads` read in
     parallel; `cold` bypasses the OS page cache; `lookahead` reads the next layer's likely
     records while its attention computes (modes that can guess them: predictor; MoE models:
     the next layer's router). `expert_policy` (MoE models) picks the resident expert that
@@ -59,8 +69,10 @@ def load(
     bundle = Bundle.open(resolve_bundle(path, dtype=dtype), verify=verify)
     tokenizer = bundle_tokenizer(bundle, tokenizer_config)
     runtime = rss_bytes()
+    kv_quantization = None if kv_bits is None else KVQuantization(kv_bits, kv_group_size,
+                                                                  quantized_kv_start)
     model = open_model(bundle, compute_dtype, sparsity, EngineOptions(
         memory_budget, window, context, threads, cold, rotating_kv=rotating_kv,
-        lookahead=lookahead, expert_policy=expert_policy))
+        lookahead=lookahead, expert_policy=expert_policy, kv_quantization=kv_quantization))
     model.flash.runtime_rss = runtime
     return model, tokenizer

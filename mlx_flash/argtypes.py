@@ -48,6 +48,17 @@ def size(text: str) -> int:
     return value
 
 
+def boolean(text: str) -> bool:
+    """argparse type for a boolean flag's value, as mlx_lm writes it (`--verbose False`):
+    True/T/False/F in any case, and 1/0, yes/no."""
+    value = text.strip().lower()
+    if value in ("true", "t", "1", "yes", "y"):
+        return True
+    if value in ("false", "f", "0", "no", "n"):
+        return False
+    raise argparse.ArgumentTypeError(f"expects True or False, not {text!r}")
+
+
 def int_in(low: int, high: int | None = None) -> Callable[[str], int]:
     """argparse type: an integer in [low, high]."""
 

@@ -2,24 +2,32 @@
 
     python -m mlx_flash chat [--model BUNDLE_OR_MODEL] [--memory-budget 250MB] [--max-tokens 256]
 
-Type a message and press Enter: `q` quits (so does Ctrl-D), `r` starts a new conversation,
-`h` shows this help. The conversation stays in mlx-lm's prompt cache, so each turn processes
-only the new message. Under each answer, on stderr: the process's memory against the budget,
-MB read from flash per token, the share of the neurons a token needed that the sliding window
-already held (hit rate), and tokens per second: the paper's method at work.
+Type a message and press Enter: `q` quits (so does Ctrl-D, or Ctrl-C at the prompt), `r`
+starts a new conversation, `h` shows this help. Ctrl-C during an answer stops that answer and
+returns to the prompt (a second one, before the answer stops, quits). The conversation stays
+in mlx-lm's prompt cache, so each turn processes only the new message. Under each answer, on
+stderr: the process's memory against the budget, MB read from flash per token, the share of
+the neurons a token needed that the sliding window already held (hit rate), and tokens per
+second: the paper's method at work.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import signal
 import sys
+from collections.abc import Iterator
 from typing import Any
 
 from .argtypes import Parser, interruptible
 from .cli import (
     add_engine_arguments,
+    add_kv_arguments,
     add_model_argument,
     add_sampling_arguments,
+    context_text,
+    kv_options,
     load_model,
     make_sampler,
     print_stream,
@@ -27,7 +35,8 @@ from .cli import (
 from .sysmem import format_bytes, rss_bytes
 
 DEFAULT_MAX_TOKENS = 256  # mlx_lm.chat's
-HELP = "commands: q quits (so does Ctrl-D), r starts a new conversation, h shows this help"
+HELP = ("commands: q quits (so does Ctrl-D), r starts a new conversation, h shows this help; "
+        "Ctrl-C stops an answer")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -38,7 +47,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--system-prompt", default=None,
                    help="system prompt, at the start of each conversation")
     add_engine_arguments(p)
+    add_kv_arguments(p)
     return p
+
+
+class AnswerInterrupt:
+    """Ctrl-C during an answer: `requested` turns true, and the answer stops after the token
+    being computed (stopping mid-token would leave the KV cache and the engine's caches half
+    updated); a second Ctrl-C before then raises KeyboardInterrupt, which ends the chat."""
+
+    def __init__(self) -> None:
+        self.requested = False
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    @contextlib.contextmanager
+    def watching(self) -> Iterator[AnswerInterrupt]:
+        self.requested = False
+        try:
+            previous = signal.signal(signal.SIGINT, self._handle)
+        except ValueError:  # not the main thread: Ctrl-C stays as it is
+            yield self
+            return
+        if previous == signal.SIG_IGN:  # started ignoring Ctrl-C (a background job): keep it
+            signal.signal(signal.SIGINT, previous)
+        try:
+            yield self
+        finally:
+            signal.signal(signal.SIGINT, previous)
 
 
 def turn_summary(engine: Any, before: Any, response: Any) -> str:
@@ -70,7 +109,10 @@ def main(argv: list[str] | None = None) -> int:
               "generate --no-chat takes raw text)", file=sys.stderr)
         return 1
     engine = model.flash
-    print(f"[mlx_flash] selection {engine.selection}; {HELP}", file=sys.stderr)
+    context = context_text(engine.plan, args.max_kv_size is not None)
+    print(f"[mlx_flash] selection {engine.selection}; {context + '; ' if context else ''}"
+          f"{HELP}", file=sys.stderr)
+    interrupt = AnswerInterrupt()
     history = make_prompt_cache(model, args.max_kv_size)
     new_conversation = True
     while True:
@@ -97,11 +139,16 @@ def main(argv: list[str] | None = None) -> int:
         prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
         engine.stats.reset()
         before = engine.cache_stats()
-        response, ok = print_stream(stream_generate(
-            model, tokenizer, prompt, max_tokens=args.max_tokens, sampler=make_sampler(args),
-            prompt_cache=history, prefill_step_size=args.prefill_step_size))
+        with interrupt.watching():
+            response, ok = print_stream(stream_generate(
+                model, tokenizer, prompt, max_tokens=args.max_tokens,
+                sampler=make_sampler(args), prompt_cache=history,
+                prefill_step_size=args.prefill_step_size, **kv_options(args)),
+                stop=lambda: interrupt.requested)
         if not ok:
             return 1
+        if interrupt.requested:
+            print("[answer stopped: Ctrl-C]", file=sys.stderr)
         print(turn_summary(engine, before, response), file=sys.stderr)
 
 

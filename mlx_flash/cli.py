@@ -15,6 +15,7 @@ from .loader import MAX_THREADS
 
 SPARSITY_CHOICES = ["auto", "off", "predictor", "gate", "hybrid", "teal"]
 PREFILL_STEP_SIZE = 2048  # mlx_lm.generate's default
+DEFAULT_QUANTIZED_KV_START = 5000  # mlx_lm.generate's
 
 
 def add_model_argument(p: argparse.ArgumentParser) -> None:
@@ -44,8 +45,9 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
                    "cache)")
     g.add_argument("--max-kv-size", type=int_in(1), default=None,
                    help="bound the KV cache to this many tokens (rotating, as mlx_lm does); "
-                   "the budget reserves it (default: reserves 2048 tokens, unbounded; a "
-                   "budget you set allocates them at once)")
+                   "the budget reserves it (default: unbounded; the budget reserves 2048 "
+                   "tokens, or what a budget you set leaves when it holds fewer, at least 256 "
+                   "(--verbose says how many); a budget you set allocates them at once)")
     g.add_argument("--threads", type=int_in(1, MAX_THREADS), default=8,
                    help="parallel flash reads (default 8: what tools/flash_profile.py found "
                    f"best; at most {MAX_THREADS})")
@@ -68,6 +70,29 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
                    help="dtype to compute in (default: the bundle's)")
     g.add_argument("--verify", action="store_true",
                    help="check every bundle file's sha256 before loading")
+
+
+def add_kv_arguments(p: argparse.ArgumentParser) -> None:
+    """mlx_lm.generate's KV cache quantization flags (same names and defaults); the memory
+    budget counts the quantized cache."""
+    g = p.add_argument_group("KV cache")
+    g.add_argument("--kv-bits", type=int, choices=[2, 3, 4, 5, 6, 8], default=None,
+                   help="quantize the KV cache to this many bits (default: no quantization); "
+                   "with --quantized-kv-start 0 a budget holds more tokens of context in it")
+    g.add_argument("--kv-group-size", type=int, choices=[32, 64, 128], default=64,
+                   help="group size for KV cache quantization (default 64)")
+    g.add_argument("--quantized-kv-start", type=int_in(0), default=DEFAULT_QUANTIZED_KV_START,
+                   help="with --kv-bits, quantize the KV cache from this token on (default "
+                   f"{DEFAULT_QUANTIZED_KV_START}, as mlx_lm; 0: from the first, the only way "
+                   "the budget's 2048 tokens get smaller)")
+
+
+def kv_options(args: argparse.Namespace) -> dict[str, Any]:
+    """stream_generate's KV quantization arguments from the flags of `add_kv_arguments`."""
+    return {"kv_bits": getattr(args, "kv_bits", None),
+            "kv_group_size": getattr(args, "kv_group_size", 64),
+            "quantized_kv_start": getattr(args, "quantized_kv_start",
+                                          DEFAULT_QUANTIZED_KV_START)}
 
 
 def add_sampling_arguments(p: argparse.ArgumentParser, max_tokens: int) -> None:
@@ -99,9 +124,22 @@ def load_options(args: argparse.Namespace) -> dict[str, Any]:
     return {"dtype": args.dtype, "compute_dtype": args.compute_dtype, "verify": args.verify,
             "sparsity": None if args.sparsity == "auto" else args.sparsity,
             "memory_budget": args.memory_budget, "window": args.window,
-            "context": args.max_kv_size or 2048, "threads": args.threads, "cold": args.cold,
+            # no --max-kv-size: 2048 tokens, or what a budget leaves (`memory.choose_context`)
+            "context": args.max_kv_size, "threads": args.threads, "cold": args.cold,
             "lookahead": args.lookahead, "expert_policy": args.expert_policy,
-            "rotating_kv": args.max_kv_size is not None}
+            "rotating_kv": args.max_kv_size is not None, **kv_options(args)}
+
+
+def context_text(plan: Any, rotating: bool) -> str:
+    """How many tokens of context the KV cache holds, for the chat's banner and --verbose:
+    "" when nothing bounds or reserves it (no budget you set: mlx-lm's cache grows)."""
+    if rotating:
+        return f"context {plan.context} tokens (--max-kv-size: the oldest rotate out past them)"
+    if plan.budget is None or plan.automatic:
+        return ""
+    why = "what the budget leaves" if plan.fitted else "the default"
+    return (f"KV cache for {plan.context} tokens reserved ({why}; past them it grows over the "
+            "budget, --max-kv-size bounds it)")
 
 
 def vocab_size(model: Any) -> int:
@@ -128,7 +166,8 @@ def load_errors() -> tuple[type[BaseException], ...]:
     return (OSError, BundleError, SourceError, UnsupportedModel, ConversionError, ValueError)
 
 
-def load_model(args: argparse.Namespace) -> tuple[Any, Any] | None:
+def load_model(args: argparse.Namespace, tokenizer_config: dict[str, Any] | None = None
+               ) -> tuple[Any, Any] | None:
     """Seed the sampler and load the model the options of `add_engine_arguments` name:
     (model, tokenizer), or None once the reason it did not load is printed."""
     import mlx.core as mx
@@ -138,20 +177,25 @@ def load_model(args: argparse.Namespace) -> tuple[Any, Any] | None:
     if args.seed is not None:
         mx.random.seed(args.seed)
     try:
-        return load(args.model, **load_options(args))
+        return load(args.model, tokenizer_config=tokenizer_config, **load_options(args))
     except load_errors() as e:
         print(f"error: {e}", file=sys.stderr)
         return None
 
 
-def print_stream(responses: Iterable[Any]) -> tuple[Any, bool]:
+def print_stream(responses: Iterable[Any], stop: Callable[[], bool] = lambda: False
+                 ) -> tuple[Any, bool]:
     """Print each of mlx-lm's generation responses' text as it comes, then a newline:
     (the last response, whether the generation ended well). A failed read or a record that
-    fails its checksum ends it with a one-line error instead of a traceback."""
+    fails its checksum ends it with a one-line error instead of a traceback. `stop()` true
+    after a response ends the generation there (the chat's Ctrl-C)."""
     response = None
     try:
         for response in responses:
             print(response.text, end="", flush=True)
+            if stop():
+                getattr(responses, "close", lambda: None)()  # mlx-lm's generator ends here
+                break
     except (OSError, BundleError) as e:
         print()
         print(f"error: {e}", file=sys.stderr)

@@ -11,7 +11,7 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
-from mlx_lm.models.cache import KVCache, RotatingKVCache
+from mlx_lm.models.cache import KVCache, QuantizedKVCache, RotatingKVCache
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
 from .arch import Architecture, FFNSpec, get_architecture
@@ -21,7 +21,15 @@ from .errors import BundleError, UnsupportedModel
 from .eviction import DEFAULT_POLICY, POLICIES
 from .ffn import FlashEngine, FlashFFN
 from .flash_io import FlashReader
-from .memory import AUTO_SHARE, MemoryPlan, expert_plan, loaded_bytes, plan_memory
+from .memory import (
+    AUTO_SHARE,
+    KVQuantization,
+    MemoryPlan,
+    expert_plan,
+    head_dim,
+    loaded_bytes,
+    plan_memory,
+)
 from .moe import ExpertEngine
 from .neuron_matrix import NeuronMatrix
 from .selection import Mode, load_mode
@@ -89,14 +97,24 @@ def quantize_resident(model: nn.Module, config: dict[str, Any],
     nn.quantize(model, group_size=q["group_size"], bits=q["bits"], class_predicate=predicate)
 
 
-def kv_caches(n_layers: int, context: int, rotating: bool) -> list[KVCache | RotatingKVCache]:
+def kv_caches(n_layers: int, context: int, rotating: bool,
+              quantization: KVQuantization | None = None
+              ) -> list[KVCache | RotatingKVCache | QuantizedKVCache]:
     """KV caches that allocate `context` tokens at once (mlx-lm's own grow in 256-token steps
     by concatenation). Budgeted models make these: the plan counts KV memory for `context`
     tokens, and mlx-lm's steps put an 82-layer OPT-shaped model 344 MB over a 64-token plan
     (measured). Past `context` they rotate (`rotating`: mlx-lm's max_kv_size, keeping the
-    first 4 tokens, as mlx-lm does) or grow by another `context` tokens, over the plan."""
-    caches = [RotatingKVCache(max_size=context, keep=4) if rotating else KVCache()
-              for _ in range(n_layers)]
+    first 4 tokens, as mlx-lm does) or grow by another `context` tokens, over the plan.
+    Quantized from the first token (`quantization.start` 0): mlx-lm's QuantizedKVCache, so
+    that the float cache the plan does not count is never made (mlx-lm would make one for
+    the first prefill step, then quantize it); from a later token, mlx-lm's generate converts
+    the float cache itself (`maybe_quantize_kv_cache`)."""
+    if quantization is not None and quantization.start == 0 and not rotating:
+        caches = [QuantizedKVCache(quantization.group_size, quantization.bits)
+                  for _ in range(n_layers)]
+    else:
+        caches = [RotatingKVCache(max_size=context, keep=4) if rotating else KVCache()
+                  for _ in range(n_layers)]
     for cache in caches:
         cache.step = context
     return caches
@@ -113,7 +131,8 @@ class EngineOptions:
 
     memory_budget: int | str | None = None  # bytes, "250MB", "auto", "off"; None: no budget
     window: int = 5
-    context: int = 2048
+    # tokens of KV cache the plan holds; None: 2048, or what a budget leaves (at least 256)
+    context: int | None = 2048
     threads: int = 8  # parallel reads: flash_profile flattens beyond 8 (docs/BENCHMARKS.md)
     cold: bool = False
     use_mmap: bool = False  # read records out of a memory map (the benchmark's "mmap" engine)
@@ -125,17 +144,38 @@ class EngineOptions:
     lookahead: bool = False
     # MoE models: which resident expert makes room for a missing one (mlx_flash.expert_policy)
     expert_policy: str = DEFAULT_POLICY
+    # mlx-lm's KV cache quantization (kv_bits): the plan counts the quantized cache
+    kv_quantization: KVQuantization | None = None
 
     def check(self) -> None:
         """ValueError for settings out of range (the command lines check them too)."""
         if not 1 <= self.threads <= MAX_THREADS:
             raise ValueError(f"threads must be 1 to {MAX_THREADS}, not {self.threads}")
-        if self.window < 0 or self.context < 1:
+        if self.window < 0 or (self.context is not None and self.context < 1):
             raise ValueError(f"window must be >= 0 and context >= 1, not {self.window} and "
                              f"{self.context}")
         if self.expert_policy not in POLICIES:
             raise ValueError(f"expert policy must be one of {', '.join(POLICIES)}, not "
                              f"{self.expert_policy!r}")
+        q = self.kv_quantization
+        if q is not None:
+            if self.rotating_kv:
+                raise ValueError("mlx-lm cannot quantize a rotating KV cache: kv_bits "
+                                 "(--kv-bits) and rotating_kv (--max-kv-size) exclude each "
+                                 "other")
+            if q.bits not in (2, 3, 4, 5, 6, 8) or q.group_size not in (32, 64, 128) \
+                    or q.start < 0:
+                raise ValueError(f"KV cache quantization: bits must be 2 to 6 or 8, the group "
+                                 f"size 32, 64 or 128 and the start >= 0, not {q.bits}, "
+                                 f"{q.group_size} and {q.start}")
+
+    def check_model(self, config: dict[str, Any]) -> None:
+        """ValueError for settings the model cannot take."""
+        q = self.kv_quantization
+        if q is not None and head_dim(config) % q.group_size:
+            raise ValueError(f"--kv-group-size {q.group_size} does not divide this model's "
+                             f"head size {head_dim(config)}: mlx-lm cannot quantize its KV "
+                             "cache in such groups")
 
 
 def budget_plan(bundle: Bundle, itemsize: int, selection: int, mode: Mode,
@@ -148,7 +188,8 @@ def budget_plan(bundle: Bundle, itemsize: int, selection: int, mode: Mode,
     def plan(budget: int | None, full: bool = mode.name != "off") -> MemoryPlan:
         return plan_memory(bundle, itemsize, selection, mode.cache_keys, budget,
                            options.context, default_full=full, caches=options.window > 0
-                           and options.memory_budget != "off", windows=not mode.churns)
+                           and options.memory_budget != "off", windows=not mode.churns,
+                           kv_quantization=options.kv_quantization)
 
     if options.memory_budget in (None, "off"):
         return plan(None)
@@ -174,6 +215,7 @@ def open_model(bundle: Bundle, compute_dtype: str | None = None,
             else get_architecture(bundle.config)
     except UnsupportedModel as e:
         raise BundleError(f"{bundle.path}: {e}") from None
+    options.check_model(bundle.config)
     if EXPERTS in bundle.families:  # an MoE model: the router selects, experts are records
         if sparsity not in (None, "off"):
             raise BundleError(f"{bundle.path}: an MoE model's experts are the ones its router "
@@ -233,7 +275,8 @@ def finish_model(model: nn.Module, bundle: Bundle, engine: Any, dtype: mx.Dtype,
     # make_prompt_cache's max_kv_size: `rotating_kv` is it).
     plan = engine.plan
     if plan.budget is not None and not plan.automatic or options.rotating_kv:
-        model.make_cache = partial(kv_caches, n_layers, options.context, options.rotating_kv)
+        model.make_cache = partial(kv_caches, n_layers, plan.context, options.rotating_kv,
+                                   options.kv_quantization)
     weights = {k: v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) else v
                for k, v in bundle.load_resident().items()}
     quantize_resident(model, bundle.config, weights)
@@ -318,7 +361,8 @@ def open_moe_model(bundle: Bundle, compute_dtype: str | None, options) -> nn.Mod
         name = "float32"  # MLX's CPU gather_mm multiplies float32 only
     dtype = DTYPES[name]
     budget = options.memory_budget
-    plan = expert_plan(bundle, ITEMSIZE[name], budget, options.context, options.expert_policy)
+    plan = expert_plan(bundle, ITEMSIZE[name], budget, options.context, options.expert_policy,
+                       options.kv_quantization)
     keep_within(plan)
     k = int(bundle.config["num_experts_per_tok"])
     engine = ExpertEngine(bundle, plan, dtype, options.threads, options.cold, options.use_mmap,
