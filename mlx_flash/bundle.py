@@ -29,6 +29,11 @@ import mlx.core as mx
 
 from .errors import BundleError
 
+try:  # the CRC32 of writer and readers: zlib's values, with the CPU's CRC instructions
+    from zlib_ng.zlib_ng import crc32  # noqa: F401 (docs/FORMAT.md: ~10x zlib 1.2's)
+except ImportError:  # pragma: no cover (a dependency; without it, zlib's: slower, the same)
+    from zlib import crc32  # noqa: F401
+
 FORMAT = "mlx_flash.bundle"
 VERSION = 3
 READS = (2, 3)  # versions this reader opens: 2 had float records only, offsets in elements
@@ -139,6 +144,8 @@ class RecordFamily:
     segments: tuple[tuple[int, int], ...]
     quantization: dict[str, Quantization] = field(default_factory=dict)
     checksums: str | None = None  # CHECKSUM: each segment is followed by its records' CRC32s
+    # per layer, the seal of its checksums (`table_digest`; None: an empty segment), or None
+    tables: tuple[str | None, ...] | None = None
 
     @property
     def layers(self) -> int:
@@ -186,6 +193,8 @@ class RecordFamily:
                                  for k, q in self.quantization.items()}
         if self.checksums:
             d["checksums"] = self.checksums
+        if self.tables is not None:
+            d["tables"] = list(self.tables)
         return d
 
     @classmethod
@@ -222,11 +231,26 @@ class RecordFamily:
         checksums = d.get("checksums")
         if checksums not in (None, CHECKSUM):
             raise BundleError(f"{what} has checksums of unknown kind {checksums!r}")
+        tables = d.get("tables") if checksums else None  # seals of no checksums: nothing
+        if tables is not None:
+            tables = tuple(_of(tables, list, f"{what} tables"))
+            if len(tables) != len(segments) or not all(
+                    t is None or isinstance(t, str) and len(t) == 64 for t in tables):
+                raise BundleError(f"manifest: {what} tables must be one sha256 per segment")
         return cls(name, _of(d["file"], str, f"{what} file"),
                    whole(d["count"], f"{what} count", 1),
                    whole(d["stride" if stride else "record_bytes"], f"{what} record size", 1,
                          MAX_RECORD_BYTES) * scale,
-                   dtype, tuple(parts), tuple(segments), quantization, checksums)
+                   dtype, tuple(parts), tuple(segments), quantization, checksums, tables)
+
+
+def table_digest(family: RecordFamily, layer: int, table: bytes) -> str:
+    """The seal of a segment's checksums (`table`: its bytes), in the manifest: it binds each
+    record's checksum to its id, its layer and what its bytes mean (docs/FORMAT.md)."""
+    layout = {k: v for k, v in family.to_json().items() if k not in ("file", "segments",
+                                                                      "tables")}
+    key = json.dumps({"layer": layer, "layout": layout}, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(key.encode() + b"\0" + bytes(table)).hexdigest()
 
 
 def layout_parts(parts: Iterable[tuple[str, int, str]], align: int = 16
@@ -242,12 +266,21 @@ def layout_parts(parts: Iterable[tuple[str, int, str]], align: int = 16
     return tuple(out), -(-offset // align) * align
 
 
-def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
+def sha256_file(path: Path) -> str:
+    return file_digests(path, crc=False)[0]
+
+
+def file_digests(path: Path, chunk: int = 1 << 22, sha: bool = True, crc: bool = True
+                 ) -> tuple[str, int]:
+    """(sha256 hex, CRC32) of a file's bytes, in one pass (either skipped: "", 0)."""
+    h, c = hashlib.sha256(), 0
     with open(path, "rb") as f:
         while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
+            if sha:
+                h.update(block)
+            if crc:
+                c = crc32(block, c)
+    return h.hexdigest() if sha else "", c
 
 
 def manifest_digest(manifest: dict[str, Any]) -> str:
@@ -327,10 +360,20 @@ class Bundle:
         return self.manifest.get("selection") or {"default": None, "modes": {}}
 
     def load_resident(self) -> dict[str, mx.array]:
+        """The resident weights, checked first (`check_file`)."""
+        self.check_file(self.manifest["resident"]["file"])
         try:  # its header was checked at open: this fails only if the file changed since
             return mx.load(str(self.resident_path))
         except (RuntimeError, ValueError) as e:
             raise BundleError(f"cannot read {self.resident_path}: {e}") from None
+
+    def check_file(self, name: str) -> None:
+        """Check bundle file `name` (read whole at load) against its CRC32 in the manifest,
+        where it has one (older bundles do not); BundleError if it differs."""
+        expected = self.manifest["files"][name].get("crc32")
+        if expected is not None and file_digests(self.path / name, sha=False)[1] != expected:
+            raise BundleError(f"bundle file {name} is damaged: its CRC32 does not match the "
+                              "manifest (convert the model again)")
 
     @classmethod
     def open(cls, path: str | os.PathLike, verify: bool = False) -> Bundle:
@@ -380,6 +423,8 @@ class Bundle:
         files: dict[str, Any] = _of(m["files"], dict, "files")
         for name, info in files.items():
             expected = whole(_of(info, dict, f"entry of {name}")["bytes"], f"size of {name}")
+            if "crc32" in info:
+                whole(info["crc32"], f"CRC32 of {name}", 0, 2**32 - 1)
             path = _safe_member(self.path, name)
             if not path.is_file():
                 raise BundleError(f"bundle file {name} is missing")

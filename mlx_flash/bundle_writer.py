@@ -12,7 +12,6 @@ import os
 import re
 import shutil
 import tempfile
-import zlib
 from collections.abc import Iterable, Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
@@ -36,10 +35,12 @@ from .bundle import (
     Quantization,
     RecordFamily,
     RecordPart,
+    crc32,
+    file_digests,
     manifest_digest,
     read_json,
     referenced_files,
-    sha256_file,
+    table_digest,
 )
 from .errors import BundleError
 
@@ -64,7 +65,8 @@ def write_manifest(folder: Path, manifest: dict[str, Any]) -> None:
 
 
 def file_entry(path: Path) -> dict[str, Any]:
-    return {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
+    sha, crc = file_digests(path)
+    return {"bytes": path.stat().st_size, "sha256": sha, "crc32": crc}
 
 
 class SegmentFile:
@@ -86,7 +88,7 @@ class SegmentFile:
         pad = -offset % ALIGNMENT
         self._f.write(b"\0" * pad)
         self._f.write(data)
-        crcs = [zlib.crc32(data[i * size:(i + 1) * size]) for i in range(count)]
+        crcs = [crc32(data[i * size:(i + 1) * size]) for i in range(count)]
         self._f.write(np.array(crcs, dtype="<u4").tobytes())
         return offset + pad, len(data)
 
@@ -95,6 +97,28 @@ class SegmentFile:
             self._f.flush()
             os.fsync(self._f.fileno())
             self._f.close()
+
+
+def seal_tables(folder: Path, families: dict[str, Any], files: Iterable[str]) -> None:
+    """Seal the checksums of the families (manifest entries, changed in place) whose records
+    lie in `files` (of `folder`, finished) and that have none: each segment's `table_digest`,
+    in `tables` (docs/FORMAT.md)."""
+    files = set(files)
+    for name, entry in families.items():
+        fam = RecordFamily.from_json(name, entry)
+        if fam.checksums is None or fam.tables is not None or fam.file not in files:
+            continue
+        tables: list[str | None] = []
+        with open(folder / fam.file, "rb") as f:
+            for layer, (offset, length) in enumerate(fam.segments):
+                if (offset, length) == (0, 0):  # a layer without such records
+                    tables.append(None)
+                    continue
+                raw = os.pread(f.fileno(), 4 * fam.count, offset + length)
+                if len(raw) != 4 * fam.count:
+                    raise BundleError(f"{fam.file} ends before the checksums of {name}[{layer}]")
+                tables.append(table_digest(fam, layer, raw))
+        entry["tables"] = tables
 
 
 # Staging folders are named `.OUT.mlx_flash-staging-XXXXXXXX` beside their destination and
@@ -255,6 +279,7 @@ class BundleWriter:
             families[name] = RecordFamily(name, FFN_FILE, fam["count"], fam["record_bytes"],
                                           self.dtype, fam["parts"], tuple(fam["segments"]),
                                           fam["quantization"], self._ffn.checksums).to_json()
+        seal_tables(self.tmp, families, [FFN_FILE])
         mx.save_safetensors(str(self.tmp / RESIDENT_FILE), self._resident,
                             metadata={"format": "mlx"})
         self._resident.clear()
@@ -363,6 +388,8 @@ class BundleUpdate:
                 os.fsync(f.fileno())
             os.rename(staging, final)
             manifest["files"][final.name] = file_entry(final)
+        seal_tables(root, manifest["ffn"]["families"],
+                    [staging.name[len(".new-"):] for staging in self._new])
         keep = referenced_files(manifest)
         dropped = [n for n in manifest["files"]
                    if not n.startswith(TOKENIZER_DIR + "/") and n not in keep]

@@ -37,7 +37,8 @@ class PhaseStats:
     io_seconds: float = 0.0  # waiting for records to be read
     ahead_seconds: float = 0.0  # reading ahead in the background, while attention computes
     mem_seconds: float = 0.0  # cache bookkeeping: evictions (row moves), admissions
-    ffn_seconds: float = 0.0  # the rest of the FFN: selection and compute
+    ffn_seconds: float = 0.0  # the rest of the FFN: selection, compute, checking what was read
+    check_seconds: float = 0.0  # of ffn_seconds: checking the records read (their CRC32s)
 
     @property
     def bytes_per_token(self) -> float:
@@ -70,7 +71,7 @@ class Engine:
         files = sorted({fam.file for fam in bundle.families.values()})
         self.readers = {f: FlashReader(bundle.path / f, threads=threads, cold=cold,
                                        use_mmap=use_mmap) for f in files}
-        self.checker = RecordChecker(bundle)  # each record's CRC32, the first time it is read
+        self.checker = RecordChecker(bundle, threads)  # every record read, against its CRC32
         self.caches: dict[Any, NeuronCache] = {}
         # decode tokens' records read past any cache: spills, so that the hit rate is over
         # every record a decode token needed
@@ -92,11 +93,12 @@ class Engine:
     def reader_for(self, family: str) -> FlashReader:
         return self.readers[self.bundle.families[family].file]
 
-    def _read_totals(self) -> tuple[int, float, int]:
-        """(bytes, seconds, records) the readers have read so far."""
+    def _read_totals(self) -> tuple[int, float, int, float]:
+        """(bytes, seconds, records) the readers have read so far, and the seconds spent
+        checking them."""
         counters = [r.counters for r in self.readers.values()]
         return (sum(c.bytes for c in counters), sum(c.seconds for c in counters),
-                sum(c.records for c in counters))
+                sum(c.records for c in counters), self.checker.seconds)
 
     def admit(self, cache: NeuronCache, ids: np.ndarray, t: int, ahead: bool = False
               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -125,15 +127,17 @@ class Engine:
     @contextmanager
     def measure(self, phase: PhaseStats) -> Iterator[None]:
         """Count into `phase` what the block reads (bytes, and the seconds spent reading),
-        the cache management it does, and the rest of its time as FFN compute."""
+        the cache management it does, and the rest of its time as FFN compute (checking the
+        records read included, counted apart too)."""
         t0 = time.perf_counter()
-        read0, io0, records0 = self._read_totals()
+        read0, io0, records0, check0 = self._read_totals()
         self._mem_seconds = 0.0
         yield
-        read1, io1, records1 = self._read_totals()
+        read1, io1, records1, check1 = self._read_totals()
         phase.bytes += read1 - read0
         phase.records_read += records1 - records0
         phase.io_seconds += io1 - io0
+        phase.check_seconds += check1 - check0
         phase.mem_seconds += self._mem_seconds
         phase.ffn_seconds += time.perf_counter() - t0 - (io1 - io0) - self._mem_seconds
 
@@ -143,9 +147,9 @@ class Engine:
         reads nothing meanwhile (it computes attention), so what the readers count is its."""
         def timed() -> tuple[int, int, float]:
             t0 = time.perf_counter()
-            read0, _, records0 = self._read_totals()
+            read0, _, records0, _ = self._read_totals()
             read()
-            read1, _, records1 = self._read_totals()
+            read1, _, records1, _ = self._read_totals()
             return records1 - records0, read1 - read0, time.perf_counter() - t0
 
         self._ahead = (layer, self._ahead_pool.submit(timed))
