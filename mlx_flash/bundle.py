@@ -249,7 +249,8 @@ def table_digest(family: RecordFamily, layer: int, table: bytes) -> str:
     record's checksum to its id, its layer and what its bytes mean (docs/FORMAT.md)."""
     layout = {k: v for k, v in family.to_json().items() if k not in ("file", "segments",
                                                                       "tables")}
-    key = json.dumps({"layer": layer, "layout": layout}, sort_keys=True, separators=(",", ":"))
+    key = json.dumps({"family": family.name, "layer": layer, "layout": layout}, sort_keys=True,
+                     separators=(",", ":"))
     return hashlib.sha256(key.encode() + b"\0" + bytes(table)).hexdigest()
 
 

@@ -316,3 +316,18 @@ def test_a_malformed_seal_is_refused(moe_tiny, tmp_path):
     resign(path, lambda m: m["ffn"]["families"][EXPERTS].update(tables=["00"]))
     with pytest.raises(BundleError, match="tables must be one sha256 per segment"):
         Bundle.open(path)
+
+
+def test_the_seal_is_the_one_the_format_documents(moe_tiny):
+    """docs/FORMAT.md's definition of `tables`, computed by hand."""
+    import hashlib
+
+    manifest = json.loads((moe_tiny / "manifest.json").read_text())
+    entry = manifest["ffn"]["families"][EXPERTS]
+    layout = {k: v for k, v in entry.items() if k not in ("file", "segments", "tables")}
+    offset, length = entry["segments"][1]
+    with open(moe_tiny / entry["file"], "rb") as f:
+        table = os.pread(f.fileno(), 4 * entry["count"], offset + length)
+    key = json.dumps({"family": EXPERTS, "layer": 1, "layout": layout}, sort_keys=True,
+                     separators=(",", ":"))
+    assert entry["tables"][1] == hashlib.sha256(key.encode() + b"\0" + table).hexdigest()
