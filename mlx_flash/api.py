@@ -8,11 +8,10 @@ from typing import Any
 import mlx.nn as nn
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
-from .bundle import Bundle
 from .eviction import DEFAULT_POLICY
 from .loader import EngineOptions, bundle_tokenizer, open_model
 from .memory import KVQuantization
-from .paths import resolve_bundle
+from .paths import open_source
 from .sysmem import rss_bytes
 
 
@@ -66,7 +65,7 @@ def load(
     `runtime_rss` is the process's resident memory just before the model was loaded (the
     tokenizer already was).
     """
-    bundle = Bundle.open(resolve_bundle(path, dtype=dtype), verify=verify)
+    bundle = open_source(path, dtype=dtype, verify=verify)
     tokenizer = bundle_tokenizer(bundle, tokenizer_config)
     runtime = rss_bytes()
     kv_quantization = None if kv_bits is None else KVQuantization(kv_bits, kv_group_size,

@@ -21,9 +21,11 @@ import mlx.core as mx
 import numpy as np
 
 from .bundle import Bundle
+from .expert_index import SourceModel
 from .flash_io import FlashReader, RecordChecker, wait_all
 from .memory import MemoryPlan
 from .neuron_cache import CacheStats, NeuronCache
+from .piece_io import PieceReader
 
 
 @dataclass
@@ -69,8 +71,11 @@ class Engine:
                  threads: int, cold: bool, use_mmap: bool):
         self.bundle, self.plan, self.compute_dtype = bundle, plan, compute_dtype
         files = sorted({fam.file for fam in bundle.families.values()})
-        self.readers = {f: FlashReader(bundle.path / f, threads=threads, cold=cold,
-                                       use_mmap=use_mmap) for f in files}
+        if isinstance(bundle, SourceModel):  # experts read in place from the model's files
+            self.readers = {f: PieceReader(bundle, threads, cold, use_mmap) for f in files}
+        else:
+            self.readers = {f: FlashReader(bundle.path / f, threads=threads, cold=cold,
+                                           use_mmap=use_mmap) for f in files}
         self.checker = RecordChecker(bundle, threads)  # every record read, against its CRC32
         self.caches: dict[Any, NeuronCache] = {}
         # decode tokens' records read past any cache: spills, so that the hit rate is over

@@ -298,9 +298,14 @@ def _expert_sizes(bundle: Bundle, itemsize: int, context: int, policy: str,
     # threads' stacks): the benchmark measured model RSS 6-10 MB past a budget its caches
     # filled with 16 MiB here (docs/BENCHMARKS.md)
     float_row = sum(p.length * itemsize if p.dtype != "uint32" else p.nbytes for p in fam.parts)
-    plan = MemoryPlan(None, loaded_bytes(bundle.resident_path, itemsize), 0, 0,
+    # a model streamed from its own files (mlx_flash.expert_index): its resident tensors
+    # lie among the experts, and pieces stored in another dtype are staged on admission
+    own = getattr(bundle, "loaded_resident_bytes", None)
+    resident = own(itemsize) if own else loaded_bytes(bundle.resident_path, itemsize)
+    plan = MemoryPlan(None, resident, 0, 0,
                       kv_cache_bytes(bundle.config, itemsize, context, kv_quantization),
-                      context, work=2 * k * float_row + 32 * 2**20, layers=layers,
+                      context, work=2 * k * float_row + 32 * 2**20
+                      + getattr(bundle, "stage_bytes", 0), layers=layers,
                       kv_bits=quantized_bits(kv_quantization, context))
     # the caches' slot maps, and their policy's state
     return (plan, layers * (NeuronCache.index_bytes(fam.count, 0)

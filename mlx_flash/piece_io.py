@@ -1,0 +1,142 @@
+"""Experts read from a model's own files (mlx_flash.expert_index), straight into the slots.
+
+`PieceReader` has `FlashReader.read_records`' signature, so the expert cache and engine use
+it unchanged: an expert is one piece per part (gate, up, down; quantized: packed words,
+scales and biases), each where the source stores it. The pieces of the experts asked for are
+sorted by file and offset, pieces that touch (an mlx-lm folder's experts e and e+1 of one
+tensor do) or lie at most `max_gap` apart are one vectored read (`os.preadv` into the slot
+rows, the gap into a scratch buffer), reads are cut at `max_read` bytes and issued together
+over a thread pool. A piece stored in another dtype than its slot's (bfloat16 scales on
+MLX's CPU backend, whose quantized products compute in float32) is read into a staging
+buffer and converted into its slot: at most `SourceModel.stage_bytes` of staging at a time.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+
+import mlx.core as mx
+import numpy as np
+
+from .bundle import PART_DTYPES, RecordFamily
+from .errors import BundleError
+from .expert_index import SourceModel
+from .flash_io import DEFAULT_MAX_GAP, DEFAULT_MAX_READ, FlashReader, ReadCounters, wait_all
+from .neuron_matrix import NeuronMatrix
+
+
+def convert_into(row: np.ndarray, stage: memoryview, src: str, dst: str) -> None:
+    """Write `stage` (elements of `src`) into the uint8 `row` as `dst` (exact widening from
+    16-bit floats to float32; other pairs through MLX's own conversion)."""
+    if (src, dst) == ("bfloat16", "float32"):
+        row.view(np.uint32)[:] = np.frombuffer(stage, dtype=np.uint16).astype(np.uint32) << 16
+    elif (src, dst) == ("float16", "float32"):
+        row.view(np.float32)[:] = np.frombuffer(stage, dtype=np.float16)
+    else:
+        a = mx.array(np.frombuffer(stage, dtype=np.uint8)).view(PART_DTYPES[src])
+        row[:] = np.array(a.astype(PART_DTYPES[dst]).view(mx.uint8))
+
+
+class PieceReader:
+    """Reads of experts' pieces from the source files of `source`."""
+
+    def __init__(self, source: SourceModel, threads: int = 1, cold: bool = False,
+                 use_mmap: bool = False, max_gap: int = DEFAULT_MAX_GAP,
+                 max_read: int = DEFAULT_MAX_READ):
+        self.source = source
+        self.threads, self.max_gap, self.max_read = threads, max_gap, max_read
+        self.files = [FlashReader(f, max_gap, cold=cold, use_mmap=use_mmap)
+                      for f in source.files]
+        self.counters = ReadCounters()
+        self._lock = threading.Lock()
+        self._pool: ThreadPoolExecutor | None = None
+        self._scratch = memoryview(bytearray(max_gap))
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown()
+            self._pool = None
+        for f in self.files:
+            f.close()
+
+    def read_records(self, family: RecordFamily, layer: int, ids: np.ndarray,
+                     slots: np.ndarray, matrix: NeuronMatrix,
+                     parts: Sequence[str] | None = None, into_free_rows: bool = False) -> None:
+        """Read experts `ids` of `layer` into rows `slots` of `matrix`: the tensors `parts`
+        (default: all), each expert's pieces where the source keeps them."""
+        t0 = time.perf_counter()
+        names = family.expand(family.tensors if parts is None else parts)
+        pieces = self.source.pieces[layer]
+        converted = sum(pieces[n][2] for n in names
+                        if pieces[n][3] != family.part(n).dtype)
+        # experts per batch: the staging of their converted pieces within the plan's share
+        batch = len(ids) if not converted else max(1, self.source.stage_bytes // converted)
+        done = []
+        for b in range(0, len(ids), max(1, batch)):
+            done += self._read_batch(family, layer, ids[b:b + batch], slots[b:b + batch],
+                                     matrix, names)
+        with self._lock:
+            self.counters.bytes += sum(n for n, _ in done)
+            self.counters.calls += sum(c for _, c in done)
+            self.counters.records += len(ids)
+            self.counters.seconds += time.perf_counter() - t0
+
+    def _read_batch(self, family: RecordFamily, layer: int, ids: np.ndarray,
+                    slots: np.ndarray, matrix: NeuronMatrix, names: list[str]
+                    ) -> list[tuple[int, int]]:
+        targets = []  # (file, offset, bytes, buffer)
+        staged = []  # (row, stage, stored dtype, slot dtype)
+        for name in names:
+            files, offsets, nbytes, dtype = self.source.pieces[layer][name]
+            want = family.part(name).dtype
+            rows = matrix.rows[name]
+            for e, s in zip(ids.tolist(), slots.tolist(), strict=True):
+                if dtype == want:
+                    buffer = memoryview(rows[s])
+                else:
+                    buffer = memoryview(bytearray(nbytes))
+                    staged.append((rows[s], buffer, dtype, want))
+                targets.append((int(files[e]), int(offsets[e]), nbytes, buffer))
+        targets.sort(key=lambda t: (t[0], t[1]))
+        reads: list[tuple[int, int, list[memoryview]]] = []  # (file, offset, buffers)
+        end = -1
+        for f, offset, nbytes, buffer in targets:
+            if reads and reads[-1][0] == f and 0 <= offset - end <= self.max_gap \
+                    and offset + nbytes - reads[-1][1] <= max(self.max_read, nbytes):
+                if offset > end:
+                    reads[-1][2].append(self._scratch[:offset - end])
+                reads[-1][2].append(buffer)
+            else:
+                reads.append((f, offset, [buffer]))
+            end = offset + nbytes
+        if self.threads > 1 and len(reads) > 1:
+            with self._lock:  # reads may come from two threads (the engine's read ahead)
+                if self._pool is None:
+                    self._pool = ThreadPoolExecutor(self.threads,
+                                                    thread_name_prefix="piece-read")
+            chunks = [reads[i::self.threads] for i in range(self.threads)]
+            futures = [self._pool.submit(self._read_all, c) for c in chunks if c]
+            wait_all(futures)  # every read ends before any error is raised
+            done = [f.result() for f in futures]
+        else:
+            done = [self._read_all(reads)]
+        for row, stage, dtype, want in staged:
+            convert_into(row, stage, dtype, want)
+        return done
+
+    def _read_all(self, reads: list[tuple[int, int, list[memoryview]]]) -> tuple[int, int]:
+        total = calls = 0
+        for f, offset, buffers in reads:
+            reader = self.files[f]
+            try:
+                n, c = reader.read_vectored(offset, buffers)
+            except BundleError:
+                raise BundleError(f"{reader.path} is shorter than its expert index says: it "
+                                  "changed since it was indexed (load the model again)"
+                                  ) from None
+            total += n
+            calls += c
+        return total, calls
