@@ -65,11 +65,14 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--dtype", choices=DTYPE_CHOICES, default=None,
                    help="dtype for converting a non-bundle --model (default: as convert "
                    "does, a quantized GGUF or mlx-lm folder keeps its quantization; float "
-                   "weights become float16 where Metal runs, else bfloat16)")
+                   "weights become float16 where Metal runs, else bfloat16). An MoE model "
+                   "folder is not converted unless this is given: its experts are read from "
+                   "its own files")
     g.add_argument("--compute-dtype", choices=DTYPE_CHOICES, default=None,
                    help="dtype to compute in (default: the bundle's)")
     g.add_argument("--verify", action="store_true",
-                   help="check every bundle file's sha256 before loading")
+                   help="check every bundle file's sha256 before loading (an MoE folder "
+                   "streamed in place: every weight file's)")
 
 
 def add_kv_arguments(p: argparse.ArgumentParser) -> None:

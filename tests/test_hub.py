@@ -147,8 +147,14 @@ def test_org_name_is_mlx_lm_s_model(offline, tmp_path):
     model, _ = mlx_flash.load(REPO)
     want = greedy_logits(mlx_lm_model(folder), PROMPT, 16)
     assert np.array_equal(greedy_logits(model, PROMPT, 16), want)
-    # converted once into MLX_FLASH_HOME, named after the model; the same files (the same
-    # commit, named by a revision or as a path) are the same bundle
+    # an MoE folder's experts are read from its own files: only their index is written,
+    # named after the model
+    assert not (tmp_path / "flash_home" / "bundles").exists()
+    indexes = list((tmp_path / "flash_home" / "indexes").iterdir())
+    assert len(indexes) == 1 and indexes[0].name.startswith("tiny-qwen3-moe-4bit-")
+    # converted (asked for) once into MLX_FLASH_HOME, named after the model; the same files
+    # (the same commit, named by a revision or as a path) are the same bundle
+    resolve_bundle(REPO, progress=False)
     bundles = list((tmp_path / "flash_home" / "bundles").iterdir())
     assert len(bundles) == 1 and bundles[0].name.startswith("tiny-qwen3-moe-4bit-kept-")
     for name in (f"{REPO}@{COMMIT}", str(folder)):

@@ -16,8 +16,8 @@ PACKAGE = ROOT / "mlx_flash"
 LAYERS = [
     ["_version", "errors", "sysmem", "eviction", "kernels", "argtypes"],
     ["bundle", "bundle_writer"],
-    ["arch", "sources", "hub"],
-    ["neuron_matrix", "flash_io", "neuron_cache", "selection"],
+    ["arch", "sources", "hub", "expert_index"],
+    ["neuron_matrix", "flash_io", "piece_io", "neuron_cache", "selection"],
     ["memory"],
     ["engine", "ffn", "moe"],
     ["loader"],

@@ -22,7 +22,10 @@ from mlx_flash.bundle_writer import write_manifest
 from mlx_flash.convert import convert
 from mlx_flash.errors import BudgetError, BundleError
 from mlx_flash.eviction import DEFAULT_POLICY
+from mlx_flash.expert_index import SourceModel
 from mlx_flash.memory import expert_budget
+from mlx_flash.paths import open_source
+from mlx_flash.piece_io import PieceReader
 
 PROMPT = [5, 6, 7, 8, 9, 10, 11, 12, 40, 41, 42, 43]
 STEPS = 32
@@ -45,13 +48,21 @@ def moe_models(tmp_path_factory) -> dict[tuple[str, int | None], tuple[Path, Pat
 
 
 def slots_budget(path: Path, slots: int, policy: str = DEFAULT_POLICY) -> int:
-    return expert_budget(Bundle.open(path), 4, 2048, slots, policy)
+    """The budget giving each MoE layer `slots` expert slots, for a bundle or (streamed from
+    its own files) a model folder."""
+    return expert_budget(open_source(path), 4, 2048, slots, policy)
+
+
+# where the experts are read from: the bundle's records, or the mlx-lm folder's own files
+SOURCES = ["bundle", "source"]
 
 
 @pytest.mark.parametrize("model_type", sorted(CONFIGS))
 @pytest.mark.parametrize("bits", [None, 4])
-def test_greedy_equals_mlx_lm_at_every_budget(moe_models, model_type, bits):
-    _, path, reference = moe_models[(model_type, bits)]
+@pytest.mark.parametrize("read_from", SOURCES)
+def test_greedy_equals_mlx_lm_at_every_budget(moe_models, model_type, bits, read_from):
+    src, path, reference = moe_models[(model_type, bits)]
+    path = src if read_from == "source" else path
     for budget, lookahead, policy in (
             (None, False, "context"), ("off", False, "context"), ("auto", False, "context"),
             (3, False, "context"), (3, False, "markov"), (3, False, "lru"), (3, False, "lrfu"),
@@ -63,6 +74,7 @@ def test_greedy_equals_mlx_lm_at_every_budget(moe_models, model_type, bits):
         assert np.array_equal(got, reference), (budget, float(np.abs(got - reference).max()))
         engine = model.flash
         assert engine.stats.decode.tokens == STEPS
+        assert isinstance(engine.bundle, SourceModel) == (read_from == "source")
         if budget == "off":  # naive: every token reads its experts anew
             assert engine.cache_stats().hits == 0
             assert engine.stats.decode.records_read == STEPS * engine.plan.layers * 2
@@ -83,6 +95,10 @@ def test_hugging_face_names_convert_to_the_same_model(moe_models, tmp_path):
         assert any(".experts.3." in k for k in mx.load(str(hf / "model.safetensors")))
         bundle = convert(hf, tmp_path / f"{model_type}.flash", dtype=None, progress=False)
         model, _ = load(bundle.path, memory_budget=slots_budget(bundle.path, 2))
+        assert np.array_equal(greedy_logits(model, PROMPT, STEPS), reference)
+        # streamed from the folder's own files: each expert's tensors are its pieces
+        model, _ = load(hf, memory_budget=slots_budget(hf, 2))
+        assert isinstance(model.flash.bundle, SourceModel)
         assert np.array_equal(greedy_logits(model, PROMPT, STEPS), reference)
 
 
@@ -182,6 +198,21 @@ def test_server_serves_an_moe_model(moe_models):
         proc.wait(timeout=30)
 
 
+def test_bfloat16_scales_are_widened_on_admission(tmp_path):
+    """A 4-bit source with bfloat16 scales, streamed on MLX's CPU backend: the slots hold
+    float32 scales (converted as each expert is read), the experts multiply where they lie,
+    and greedy output is mlx-lm's."""
+    src = tmp_path / "bf16-4bit"
+    write_tiny_moe(src, "qwen3_moe", bits=4, dtype=mx.bfloat16)
+    model, _ = load(src, memory_budget=slots_budget(src, 3))
+    engine = model.flash
+    if not mx.metal.is_available():
+        assert engine.family.part("gate.scales").dtype == "float32" and engine._in_place
+        assert engine.plan.work >= engine.bundle.stage_bytes > 0
+    assert np.array_equal(greedy_logits(model, PROMPT, 8),
+                          greedy_logits(mlx_lm_model(src), PROMPT, 8))
+
+
 def test_a_bfloat16_source_keeps_its_dtype(tmp_path):
     src = tmp_path / "bf16"
     write_tiny_moe(src, "olmoe", dtype=mx.bfloat16)
@@ -198,12 +229,15 @@ def test_trained_fixture_equals_mlx_lm(tmp_path):
     src = Path(__file__).parent / "data" / "moe-tiny"
     bundle = convert(src, tmp_path / "moe-tiny.flash", dtype=None, progress=False)
     assert bundle.dtype == "float16"
-    model, tok = load(bundle.path, memory_budget=slots_budget(bundle.path, 8))
-    prompt = tok.encode("The history of the city")
-    got = greedy_logits(model, prompt, STEPS)
-    assert np.array_equal(got, greedy_logits(mlx_lm_model(src), prompt, STEPS))
-    stats = model.flash.cache_stats()
-    assert stats.evictions > 0 and 0 < stats.hit_rate < 1
+    want = None
+    for path in (bundle.path, src):  # the bundle's records, then the folder's own files
+        model, tok = load(path, memory_budget=slots_budget(path, 8))
+        prompt = tok.encode("The history of the city")
+        got = greedy_logits(model, prompt, STEPS)
+        want = greedy_logits(mlx_lm_model(src), prompt, STEPS) if want is None else want
+        assert np.array_equal(got, want)
+        stats = model.flash.cache_stats()
+        assert stats.evictions > 0 and 0 < stats.hit_rate < 1
 
 
 def engine_read_ahead(model) -> bool:
@@ -212,7 +246,9 @@ def engine_read_ahead(model) -> bool:
 
 @pytest.mark.parametrize("kind", ["eio", "eof", "short"])
 @pytest.mark.parametrize("lookahead", [False, True])
-def test_read_faults_never_poison_the_expert_caches(moe_models, monkeypatch, kind, lookahead):
+@pytest.mark.parametrize("read_from", SOURCES)
+def test_read_faults_never_poison_the_expert_caches(moe_models, monkeypatch, kind, lookahead,
+                                                    read_from):
     """A read that fails (EIO, an end of file) mid-generation surfaces as an error, leaves no
     expert slot unlike the file, and the next generation on the same model equals mlx-lm's;
     legal short reads are completed."""
@@ -223,7 +259,8 @@ def test_read_faults_never_poison_the_expert_caches(moe_models, monkeypatch, kin
     from mlx_flash.flash_io import FlashReader
     from mlx_flash.neuron_matrix import NeuronMatrix
 
-    _, path, reference = moe_models[("qwen3_moe", 4)]
+    src, path, reference = moe_models[("qwen3_moe", 4)]
+    path = src if read_from == "source" else path
     model, _ = load(path, memory_budget=slots_budget(path, 3), lookahead=lookahead)
     faulty = Faulty(kind, at=7)
     monkeypatch.setattr(os, "preadv", faulty)
@@ -239,8 +276,9 @@ def test_read_faults_never_poison_the_expert_caches(moe_models, monkeypatch, kin
     for layer, cache in engine.caches.items():
         held = np.sort(cache.neuron_at[:cache.size])
         fresh = NeuronMatrix(engine.family, max(1, len(held)))
-        FlashReader(path / engine.family.file).read_records(
-            engine.family, layer, held, np.arange(len(held)), fresh)
+        reader = PieceReader(engine.bundle) if read_from == "source" \
+            else FlashReader(path / engine.family.file)
+        reader.read_records(engine.family, layer, held, np.arange(len(held)), fresh)
         for name, rows in cache.matrix.rows.items():
             assert np.array_equal(rows[cache.slot_of[held]], fresh.rows[name][:len(held)])
     assert np.array_equal(greedy_logits(model, PROMPT, STEPS), reference)
