@@ -40,10 +40,13 @@ def load(
     `path` is a bundle, or a GGUF file / model folder that is converted (to `dtype`) into the
     cache on first use (default: as `convert` does, a quantized source's quantization kept, a
     float source in `default_dtype()`); None means the embedded default model, calibrated on
-    first use. `compute_dtype` (default: the bundle's dtype) is what the resident weights and
-    the records are computed in. `verify` checks every file's sha256 before use. `sparsity`
-    picks the selection mode: one calibrated in the bundle (`python -m mlx_flash.calibrate`),
-    "off", or None for the bundle's default.
+    first use. A Mixture-of-Experts model folder (mlx-lm's, float or quantized, or Hugging
+    Face's; or a Hub id naming one) given no `dtype` is not converted: its experts are read
+    from its own files, only an index of where they lie is written (docs/MOE.md).
+    `compute_dtype` (default: the bundle's dtype) is what the resident weights and the
+    records are computed in. `verify` checks every file's sha256 before use (a folder read in
+    place: its weight files'). `sparsity` picks the selection mode: one calibrated in the
+    bundle (`python -m mlx_flash.calibrate`), "off", or None for the bundle's default.
     `memory_budget` (bytes, or "150MB") bounds resident weights, selection data, KV cache for
     `context` tokens (such a model's `make_cache` allocates it at once; past `context` it
     rotates with `rotating_kv`, as mlx-lm's max_kv_size does, with or without a budget; else

@@ -26,7 +26,10 @@ emptied before each:
   naive     memory budget "off": each token reads its k experts per layer anew
   flash     the expert engine in a memory budget (--budget; else --ram minus --headroom; else
             half of each layer's experts): per-layer expert caches, what a token routes to and
-            the cache lacks is read
+            the cache lacks is read, one record per expert from the converted bundle
+  flash-src the same engine and budget, the experts read from the mlx-lm folder's own files
+            (mlx_flash.expert_index: one read per contiguous piece), MLX_FLASH_HOME emptied
+            first so that its first use (the index written) is in its load time
   mlx-lm    mlx-lm loading the whole folder (computing in float32, as our engine computes
             quantized models on MLX's CPU backend, so the outputs compare bit for bit)
   llama.cpp only where `import llama_cpp` works (else listed as not installed)
@@ -52,6 +55,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import struct
 import sys
@@ -62,7 +66,8 @@ import benchlib
 import numpy as np
 from benchlib import median_row, num
 
-ENGINES = ("naive", "flash", "mlx-lm", "llama.cpp")
+ENGINES = ("naive", "flash", "flash-src", "mlx-lm", "llama.cpp")
+OURS = ("naive", "flash", "flash-src")  # mlx_flash engines
 # Qwen3-30B-A3B (config.json of Qwen/Qwen3-30B-A3B), the vocabulary cut to save time
 QWEN3_30B_A3B = {
     "model_type": "qwen3_moe", "hidden_size": 2048, "intermediate_size": 6144,
@@ -340,7 +345,13 @@ def worker(spec: dict) -> dict:
         model.set_dtype(mx.float32)  # as our engine computes quantized models on the CPU
         mx.eval(model.parameters())
     else:
-        model, _ = mlx_flash.load(spec["bundle"], memory_budget=spec["budget"], cold=True,
+        # flash-src: the experts read from the mlx-lm folder's own files, an empty
+        # MLX_FLASH_HOME, so that its first use (the index written) is in the load time
+        if engine == "flash-src":
+            shutil.rmtree(spec["home"], ignore_errors=True)
+            os.environ["MLX_FLASH_HOME"] = spec["home"]
+        model, _ = mlx_flash.load(spec["folder" if engine == "flash-src" else "bundle"],
+                                  memory_budget=spec["budget"], cold=True,
                                   threads=spec["threads"], context=spec["context"])
         flash = model.flash
     load_s = time.perf_counter() - t0
@@ -349,13 +360,18 @@ def worker(spec: dict) -> dict:
     row, tokens = benchlib.decode_row(engine, model, spec["prompt"], spec["tokens"], runtime,
                                       load_s)
     row.update(tokens=tokens, experts_per_token=None, ffn_bytes_per_token=None, hit_rate=None,
-               stall_ms_per_token=None)
+               stall_ms_per_token=None, reads_per_expert=None, written_bytes=None)
     if flash is not None:
         d = flash.stats.decode
         routed = d.tokens * spec["k"] * moe_layers
-        row.update(experts_per_token=d.experts_read / d.tokens,
+        records = sum(r.counters.records for r in flash.readers.values())
+        row.update(experts_per_token=d.records_read / d.tokens,
                    ffn_bytes_per_token=d.bytes / d.tokens,
-                   hit_rate=1 - d.experts_read / routed,
+                   hit_rate=1 - d.records_read / routed,
+                   reads_per_expert=flash.read_calls / max(records, 1),
+                   written_bytes=sum(f.stat().st_size for f in Path(spec["home"]).rglob("*")
+                                     if f.is_file()) if engine == "flash-src"
+                   else benchlib.folder_bytes(Path(spec["bundle"])),
                    stall_ms_per_token=1e3 * d.io_seconds / d.tokens,
                    mem_ms_per_token=1e3 * d.mem_seconds / d.tokens,
                    ffn_ms_per_token=1e3 * d.ffn_seconds / d.tokens,
@@ -443,10 +459,11 @@ def moe_run(args: argparse.Namespace, work: Path) -> dict:
           f"experts per layer); --ram {format_bytes(ram) if ram else 'none'}; {tokens} tokens, "
           f"{rounds} round(s)", flush=True)
     base = {"bundle": str(bundle_path), "folder": str(folder), "trace": str(trace_path),
+            "home": str(work / "flash-src-home"),
             "prompt": PROMPT, "tokens": tokens, "context": context, "threads": args.threads,
             "experts": n, "k": k}
     engines = args.engines.split(",") if args.engines else list(ENGINES)
-    budgets = {"naive": "off", "flash": budget, "mlx-lm": None}
+    budgets = {"naive": "off", "flash": budget, "flash-src": budget, "mlx-lm": None}
 
     def line(engine: str, r: dict) -> str:
         what = (f"{r['ms_per_token']:.1f} ms/token, model RSS "
@@ -469,13 +486,13 @@ def moe_run(args: argparse.Namespace, work: Path) -> dict:
                        if llama_cpp_installed() else "not installed")
             rows.append(row)
             continue
-        b = budget if engine == "flash" else None
+        b = budget if engine in ("flash", "flash-src") else None
         rows.append(combine(engine, got[engine], b))
     reference = next((r for r in rows if r["engine"] == "mlx-lm" and r["status"] == "ok"),
                      None)
-    ours = [r for r in rows if r["engine"] in ("naive", "flash") and r["status"] == "ok"]
+    ours = [r for r in rows if r["engine"] in OURS and r["status"] == "ok"]
     for r in rows:
-        if r["status"] != "ok" or r["engine"] not in ("naive", "flash", "mlx-lm"):
+        if r["status"] != "ok" or r["engine"] not in (*OURS, "mlx-lm"):
             continue
         ref = reference or (ours[0] if ours else None)
         if r is ref and reference is None and len(ours) < 2:
@@ -526,7 +543,8 @@ def table(run: dict) -> str:
             num(r["experts_per_token"]), num(r["ffn_bytes_per_token"], 1e-6),
             num(r["hit_rate"], 1, ".0%"), num(r["stall_ms_per_token"]),
             f"{r['peak_rss_bytes'] / 1e6:.0f} ({r['model_rss_bytes'] / 1e6:.0f})" if ok else "–",
-            num(r["cgroup_peak_bytes"], 1e-6, ".0f"),
+            num(r["cgroup_peak_bytes"], 1e-6, ".0f"), num(r.get("reads_per_expert")),
+            num(r.get("first_token_seconds")), num(r.get("written_bytes"), 1e-6, ".1f"),
             "–" if r.get("exact") is None else "yes" if r["exact"] else "**no**", r["status"]])
     lines = [f"**moe** — {run['folder']}: {run['layers']} layers, {run['experts']} experts "
              f"(top-{run['k']}, {run['record_bytes'] / 1e6:.2f} MB each), "
@@ -536,7 +554,9 @@ def table(run: dict) -> str:
              "round(s), medians", "",
              *benchlib.md_table(["engine", "ms/token", "vs naive", "experts read/token",
                                  "MB read/token", "hit rate", "read stall ms/token",
-                                 "peak RSS MB (model)", "cgroup peak MB", "exact", "status"],
+                                 "peak RSS MB (model)", "cgroup peak MB", "reads/expert",
+                                "first token s", "MB written on first use", "exact",
+                                "status"],
                                 cells)]
     lines += ["", f"trace ({t['source']}; seed {t['seed']}; {t['tokens']} positions): Zipf "
               f"skew {t['skew']:.2f}: {t['top25_share']:.1%} of routings go to each layer's "

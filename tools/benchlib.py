@@ -255,6 +255,7 @@ def decode_row(engine: str, model: Any, prompt: list[int], tokens: int, runtime:
     from mlx_flash.sysmem import peak_rss_bytes
 
     stamps, out = [], []
+    t0 = time.perf_counter()
     for token, _ in generate_step(mx.array(prompt), model, max_tokens=tokens):
         stamps.append(time.perf_counter())
         out.append(int(token))
@@ -262,8 +263,15 @@ def decode_row(engine: str, model: Any, prompt: list[int], tokens: int, runtime:
     peak = peak_rss_bytes()
     return {"engine": engine, "ms_per_token": 1e3 * statistics.median(gaps),
             "decode_tokens": len(gaps), "load_seconds": load_seconds, "peak_rss_bytes": peak,
+            # from loading to the first token: load, the prompt's prefill, one step
+            "first_token_seconds": load_seconds + stamps[0] - t0,
             "runtime_rss_bytes": runtime, "model_rss_bytes": peak - runtime,
             "mlx_peak_bytes": mx.get_peak_memory()}, out
+
+
+def folder_bytes(folder: Path) -> int:
+    """Bytes of the files under `folder` (what writing it wrote)."""
+    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
 
 
 # ----------------------------------------------------------------------------- rounds
