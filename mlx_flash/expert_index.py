@@ -186,15 +186,24 @@ def build_index(folder: Path, config: dict[str, Any], files: list[Path]) -> dict
                                "file": file_of, "offset": offset_of}
         layers[str(layer)] = entry
     return {"format": FORMAT, "version": VERSION, "source": str(folder.resolve()),
-            "files": identities, "count": count, "quantization": quantization,
+            "config_sha256": config_digest(config), "files": identities, "count": count,
+            "quantization": quantization,
             "layers": layers, "expert_tensors": sorted(experts)}
 
 
-def _fresh(index: Any, folder: Path, files: list[Path]) -> bool:
-    """Whether `index` (a JSON value, maybe damaged) describes these very files."""
+def config_digest(config: dict[str, Any]) -> str:
+    """The sha256 of the model config as read (which layers route, how many experts)."""
+    return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
+
+
+def _fresh(index: Any, folder: Path, config: dict[str, Any], files: list[Path]) -> bool:
+    """Whether `index` (a JSON value, maybe damaged) describes these very files, read with
+    this config."""
     try:
         if index.get("format") != FORMAT or index.get("version") != VERSION \
                 or index.get("source") != str(folder.resolve()) \
+                or index.get("config_sha256") != config_digest(config) \
+                or not isinstance(index.get("layers"), dict) or not index["layers"] \
                 or [f["name"] for f in index["files"]] != [f.name for f in files]:
             return False
         for f, known in zip(files, index["files"], strict=True):
@@ -255,7 +264,7 @@ class SourceModel:
                 index = read_json(index_path, SourceError)
             except SourceError:
                 index = None
-        self.indexed = not _fresh(index, folder, self.files)  # written by this open
+        self.indexed = not _fresh(index, folder, config, self.files)  # written by this open
         if self.indexed:
             if progress:
                 import sys

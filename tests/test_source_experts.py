@@ -129,6 +129,10 @@ def test_the_index_follows_the_files(folder):
     assert SourceModel(folder, index_path(folder)).indexed
     index_path(folder).write_text("{not json")  # a damaged index is rebuilt
     assert SourceModel(folder, index_path(folder)).indexed
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "rope_theta": 5000.0}))
+    assert SourceModel(folder, index_path(folder)).indexed  # another config: indexed anew
+    assert not SourceModel(folder, index_path(folder)).indexed
 
 
 def test_an_index_lists_every_piece_of_every_expert(folder):
