@@ -191,3 +191,40 @@ def test_streaming_only_reads(folder):
     want = greedy_logits(mlx_lm_model(folder), PROMPT, 8)
     model, _ = load(folder, memory_budget=expert_budget(open_source(folder), 4, 2048, 3))
     assert np.array_equal(greedy_logits(model, PROMPT, 8), want)
+
+
+def test_touching_pieces_are_one_read(folder):
+    """An mlx-lm folder stacks each tensor's experts: experts read together whose slices
+    touch are one read per tensor part; bytes land as the file holds them."""
+    from mlx_flash.bundle import EXPERTS
+    from mlx_flash.neuron_matrix import NeuronMatrix
+    from mlx_flash.piece_io import PieceReader
+
+    source = SourceModel(folder, index_path(folder))
+    fam = source.families[EXPERTS]
+    parts = len(fam.parts)  # 9: packed, scales and biases of gate, up and down
+    reader = PieceReader(source, threads=4, max_gap=0)  # only pieces that touch merge
+    matrix = NeuronMatrix(fam, 8)
+    reader.read_records(fam, 0, np.array([3]), np.array([5]), matrix)
+    assert reader.counters.calls == parts and reader.counters.records == 1
+    reader.read_records(fam, 0, np.arange(8), np.arange(8)[::-1].copy(), matrix)
+    # 8 experts: at most one read per part (fewer where whole tensors touch in the file)
+    assert reader.counters.calls - parts <= parts
+    weights = mx.load(str(folder / "model.safetensors"))
+    scales = np.array(weights["model.layers.0.mlp.switch_mlp.up_proj.scales"])
+    assert np.array_equal(matrix.rows["up.scales"].view(np.float32)[7 - 2], scales[2].reshape(-1))
+    assert reader.counters.bytes == 9 * source.ffn_bytes // 2 // 8  # layer 0's 9 experts' worth
+
+
+def test_a_source_file_cut_short_is_one_line(folder):
+    model, _ = load(folder, memory_budget=expert_budget(open_source(folder), 4, 2048, 2))
+    weights = folder / "model.safetensors"
+    data = weights.read_bytes()
+    stat = weights.stat()
+    # the file ends a byte before the end of layer 1's last down piece
+    files, offsets, nbytes, _ = model.flash.bundle.pieces[1]["down"]
+    end = int(offsets.max()) + nbytes
+    weights.write_bytes(data[:end - 1])
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    with pytest.raises(BundleError, match="shorter than its expert index says"):
+        greedy_logits(model, PROMPT, 32)
