@@ -62,6 +62,9 @@ class PieceReader:
         for f in self.files:
             f.close()
 
+    def __del__(self) -> None:
+        self.close()
+
     def read_records(self, family: RecordFamily, layer: int, ids: np.ndarray,
                      slots: np.ndarray, matrix: NeuronMatrix,
                      parts: Sequence[str] | None = None, into_free_rows: bool = False) -> None:
