@@ -11,7 +11,7 @@ from mlx_lm.tokenizer_utils import TokenizerWrapper
 from .eviction import DEFAULT_POLICY
 from .loader import EngineOptions, bundle_tokenizer, open_model
 from .memory import KVQuantization
-from .paths import open_source
+from .paths import resolve_model
 from .sysmem import rss_bytes
 
 
@@ -68,7 +68,7 @@ def load(
     `runtime_rss` is the process's resident memory just before the model was loaded (the
     tokenizer already was).
     """
-    bundle = open_source(path, dtype=dtype, verify=verify)
+    bundle = resolve_model(path, dtype=dtype, verify=verify)
     tokenizer = bundle_tokenizer(bundle, tokenizer_config)
     runtime = rss_bytes()
     kv_quantization = None if kv_bits is None else KVQuantization(kv_bits, kv_group_size,

@@ -67,8 +67,8 @@ def index_path(source: Path) -> Path:
     return home() / "indexes" / f"{snapshot_name(given) or given.name}-{digest}.json"
 
 
-def open_source(model: str | os.PathLike | None, dtype: str | None = None,
-                progress: bool = True, verify: bool = False) -> Bundle | SourceModel:
+def resolve_model(model: str | os.PathLike | None, dtype: str | None = None,
+                  progress: bool = True, verify: bool = False) -> Bundle | SourceModel:
     """What `model` is read from: a Mixture-of-Experts model folder (mlx-lm's, float or
     quantized, or Hugging Face's with one tensor per expert) given no `dtype` is read in
     place, its experts streamed from its own files: only an index is written, under

@@ -24,7 +24,7 @@ from mlx_flash.errors import BudgetError, BundleError
 from mlx_flash.eviction import DEFAULT_POLICY
 from mlx_flash.expert_index import SourceModel
 from mlx_flash.memory import expert_budget
-from mlx_flash.paths import open_source
+from mlx_flash.paths import resolve_model
 from mlx_flash.piece_io import PieceReader
 
 PROMPT = [5, 6, 7, 8, 9, 10, 11, 12, 40, 41, 42, 43]
@@ -50,7 +50,7 @@ def moe_models(tmp_path_factory) -> dict[tuple[str, int | None], tuple[Path, Pat
 def slots_budget(path: Path, slots: int, policy: str = DEFAULT_POLICY) -> int:
     """The budget giving each MoE layer `slots` expert slots, for a bundle or (streamed from
     its own files) a model folder."""
-    return expert_budget(open_source(path), 4, 2048, slots, policy)
+    return expert_budget(resolve_model(path), 4, 2048, slots, policy)
 
 
 # where the experts are read from: the bundle's records, or the mlx-lm folder's own files

@@ -23,7 +23,7 @@ from mlx_flash.api import load
 from mlx_flash.errors import BundleError
 from mlx_flash.expert_index import SourceModel
 from mlx_flash.memory import expert_budget
-from mlx_flash.paths import index_path, open_source
+from mlx_flash.paths import index_path, resolve_model
 
 ROOT = Path(__file__).parent.parent
 REPOS = {None: "org/tiny-qwen3-moe", 4: "org/tiny-qwen3-moe-4bit"}
@@ -85,7 +85,7 @@ def test_a_hub_model_streams_its_experts_from_its_own_files(hf_home, tmp_path, m
         extra = []
         if budget:
             monkeypatch.setenv("MLX_FLASH_HOME", str(flash_home))  # the index just written
-            minimum = expert_budget(open_source(folder, progress=False), 4, 2048, k)
+            minimum = expert_budget(resolve_model(folder, progress=False), 4, 2048, k)
             extra = ["--memory-budget", str(minimum + 1)]
         flash = run("-m", "mlx_flash", *args, *extra, env=env)
         assert flash.returncode == 0, flash.stderr
@@ -177,19 +177,19 @@ def test_asking_for_a_dtype_converts(folder):
     """A dtype asked for (or `convert`) still makes a bundle: one record per expert."""
     from mlx_flash.bundle import Bundle
 
-    assert isinstance(open_source(folder, dtype="float32", progress=False), Bundle)
-    assert isinstance(open_source(folder, progress=False), SourceModel)
+    assert isinstance(resolve_model(folder, dtype="float32", progress=False), Bundle)
+    assert isinstance(resolve_model(folder, progress=False), SourceModel)
 
 
 def test_streaming_only_reads(folder):
     """No expert is written anywhere: the source files are opened read-only and unchanged."""
     before = {f.name: (f.stat().st_mtime_ns, f.read_bytes()) for f in folder.iterdir()}
-    model, _ = load(folder, memory_budget=expert_budget(open_source(folder), 4, 2048, 3))
+    model, _ = load(folder, memory_budget=expert_budget(resolve_model(folder), 4, 2048, 3))
     greedy_logits(model, PROMPT, 8)
     assert model.flash.stats.decode.bytes > 0
     assert before == {f.name: (f.stat().st_mtime_ns, f.read_bytes()) for f in folder.iterdir()}
     want = greedy_logits(mlx_lm_model(folder), PROMPT, 8)
-    model, _ = load(folder, memory_budget=expert_budget(open_source(folder), 4, 2048, 3))
+    model, _ = load(folder, memory_budget=expert_budget(resolve_model(folder), 4, 2048, 3))
     assert np.array_equal(greedy_logits(model, PROMPT, 8), want)
 
 
@@ -217,7 +217,7 @@ def test_touching_pieces_are_one_read(folder):
 
 
 def test_a_source_file_cut_short_is_one_line(folder):
-    model, _ = load(folder, memory_budget=expert_budget(open_source(folder), 4, 2048, 2))
+    model, _ = load(folder, memory_budget=expert_budget(resolve_model(folder), 4, 2048, 2))
     weights = folder / "model.safetensors"
     data = weights.read_bytes()
     stat = weights.stat()
