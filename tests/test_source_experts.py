@@ -80,7 +80,6 @@ def test_a_hub_model_streams_its_experts_from_its_own_files(hf_home, tmp_path, m
     assert text.strip()
     folder = snapshot(hf_home, repo)
     k = json.loads((folder / "config.json").read_text())["num_experts_per_tok"]
-    minimum = None
     for budget in (None, "minimum"):
         extra = []
         if budget:
@@ -90,8 +89,6 @@ def test_a_hub_model_streams_its_experts_from_its_own_files(hf_home, tmp_path, m
         flash = run("-m", "mlx_flash", *args, *extra, env=env)
         assert flash.returncode == 0, flash.stderr
         assert flash.stdout == text, (budget, flash.stdout, text)
-    below = run("-m", "mlx_flash", *args, "--memory-budget", str(minimum - 1), env=env)
-    assert below.returncode == 1 and "below the minimum" in below.stderr
     assert not (flash_home / "bundles").exists()
     assert len(list((flash_home / "indexes").iterdir())) == 1
     assert folder_bytes(flash_home) < 0.1 * expert_bytes(folder)
