@@ -136,7 +136,9 @@ class PieceReader:
             reader = self.files[f]
             try:
                 n, c = reader.read_vectored(offset, buffers)
-            except BundleError:
+            except BundleError as e:
+                if "is truncated" not in str(e):
+                    raise
                 raise BundleError(f"{reader.path} is shorter than its expert index says: it "
                                   "changed since it was indexed (load the model again)"
                                   ) from None
