@@ -7,9 +7,10 @@ mlx-lm's server with the flash engine's options, loading through `mlx_flash.load
 against what a request can ask for (issue 13): a request's `model` names one of the models the
 server serves (the one it was started with, and the bundles in its cache, by folder name) and
 never reaches the filesystem; token ids in `logit_bias`, `top_k` and the prompt are checked
-against the vocabulary (an index past it crashes MLX); prompts longer than the model's context
-are refused; the work of a client that has gone away stops between prefill chunks and tokens.
-Without --model it serves the embedded default model. Binds 127.0.0.1 unless told otherwise.
+against the vocabulary (an index past it crashes MLX); prompts longer than the model's context,
+or than the KV cache a budget you set holds, are refused; a gone client's work stops between
+prefill chunks and tokens. Without --model it serves the embedded default model. Binds 127.0.0.1
+unless told otherwise.
 
 What mlx-lm's server itself lets through, refused here (issue 23): a body that does not arrive
 (a Content-Length that is negative, past MAX_BODY_BYTES, or longer than what is sent within
@@ -252,6 +253,7 @@ class FlashModelProvider(mlx_server.ModelProvider):
         self.started: Path | None = None  # its bundle, once loaded
         self.aliases: set[str] = set()
         self.context: int | None = None  # the loaded model's, for the prompt's bound
+        self.bound = ""  # the bound, in words
 
     def load_default(self) -> None:
         if self.started is not None:  # mlx-lm's generation loop asks again once started
@@ -311,16 +313,21 @@ class FlashModelProvider(mlx_server.ModelProvider):
         self.model, self.tokenizer = model, tokenizer
         self.context = args.max_kv_size or model.flash.bundle.config.get(
             "max_position_embeddings")
-        self.processor = None
-        self.draft_model = None
+        self.bound = f"this model's context of {self.context}"
+        plan = model.flash.plan  # a budget you set holds a KV cache of plan.context tokens
+        if plan.budget is not None and not plan.automatic and plan.context < (
+                self.context or 2**63):  # past it, the KV cache grows over the budget
+            self.context = plan.context
+            self.bound = f"the context of {plan.context} tokens the memory budget holds"
+        self.processor = self.draft_model = None
         # The flash engine serves one sequence at a time from its neuron matrix.
         self.is_batchable = False
 
 
 def check_generation(provider: FlashModelProvider, prompt: list[int],
                      args: mlx_server.GenerationArguments) -> None:
-    """Refuse (400) what would index past the loaded model's arrays or run past its context:
-    token ids at or past the vocabulary (in logit_bias, the prompt) and top_k beyond it."""
+    """Refuse (400) what would index past the loaded model's arrays or run past its context
+    (or its budget's KV cache): token ids at or past the vocabulary, top_k beyond it."""
     vocab = vocab_size(provider.model)
     for token, bias in (args.logits.logit_bias or {}).items():
         if not 0 <= token < vocab:
@@ -336,8 +343,8 @@ def check_generation(provider: FlashModelProvider, prompt: list[int],
     if prompt and not 0 <= min(prompt) <= max(prompt) < vocab:
         raise RequestRefused(400, "the prompt has token ids outside the model's vocabulary")
     if provider.context and len(prompt) > provider.context:
-        raise RequestRefused(400, f"the prompt has {len(prompt)} tokens, more than this "
-                             f"model's context of {provider.context}")
+        raise RequestRefused(400, f"the prompt has {len(prompt)} tokens, more than "
+                             f"{provider.bound}")
 
 
 class FlashResponseGenerator(mlx_server.ResponseGenerator):
@@ -529,6 +536,7 @@ class FlashAPIHandler(mlx_server.APIHandler):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .cli import add_kv_arguments  # mlx-lm's --kv-* flags, checked, counted by the budget
     # (Parser takes no abbreviations: a prefix of one of mlx-lm's flags goes on to mlx-lm)
     p = Parser(prog="python -m mlx_flash server",
                description="Serve a model over HTTP with mlx-lm's OpenAI-compatible server "
@@ -545,6 +553,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the time a client has to send its request's headers, and then its "
                    f"body (default {DEFAULT_REQUEST_TIMEOUT:g}); a slower one is answered 408")
     add_engine_arguments(p)
+    add_kv_arguments(p)
     return p
 
 

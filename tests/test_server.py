@@ -174,6 +174,33 @@ def test_prompt_longer_than_the_context_is_400(server):
     assert_answers(server)
 
 
+def test_prompt_longer_than_the_context_a_budget_holds_is_400(tmp_path):
+    """A --memory-budget that holds a KV cache of 300 tokens (no --max-kv-size), for a model of
+    4096 positions: a longer prompt would grow the cache past the budget, and is refused in one
+    line that names that context; a shorter one is served."""
+    from tiny_models import TINY_LLAMA, write_hf_llama
+
+    import mlx_flash
+    from mlx_flash.convert import convert
+
+    write_hf_llama(tmp_path / "llama", {**TINY_LLAMA, "max_position_embeddings": 4096})
+    bundle = tmp_path / "bundle"
+    convert(tmp_path / "llama", bundle, dtype="float32", progress=False)
+    budget = mlx_flash.load(bundle, memory_budget=10**12, context=300,
+                            sparsity="off")[0].flash.plan.minimum  # fits 300 tokens, not 301
+    proc, base = start("--model", str(bundle), "--memory-budget", str(budget),
+                       "--sparsity", "off", "--threads", "2")
+    try:
+        status, reply = post(base, {"prompt": "the " * 400, "max_tokens": 2},
+                             "/v1/completions")
+        assert status == 400, reply
+        assert_refused(reply, "the context of 300 tokens the memory budget holds")
+        assert_answers(base)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
 def test_abandoned_request_stops(server):
     """A client that sent a long request and left: its work stops, so the next client is
     answered at once (it waited for the whole abandoned generation)."""
@@ -216,6 +243,7 @@ def test_watched_queue_stops_between_prefill_chunks_and_tokens():
 
 def test_engine_options_reach_load(tiny_bundle, monkeypatch):
     import mlx_flash
+    from mlx_flash.cli import kv_options
     from mlx_flash.server import DEFAULT_HOST, FlashModelProvider, build_parser
 
     args, rest = build_parser().parse_known_args([
@@ -244,6 +272,12 @@ def test_engine_options_reach_load(tiny_bundle, monkeypatch):
         "memory_budget": 8 * 10**9, "sparsity": "off", "window": 3, "threads": 4, "cold": True,
         "context": 128, "rotating_kv": True}
     assert provider.context == 128
+    # mlx-lm's own --kv-* flags, checked here (their choices) and counted by the plan
+    kv, rest = build_parser().parse_known_args(["--kv-bits", "8", "--quantized-kv-start", "0"])
+    assert rest == [] and kv_options(kv) == {"kv_bits": 8, "kv_group_size": 64,
+                                             "quantized_kv_start": 0}
+    with pytest.raises(SystemExit):
+        build_parser().parse_known_args(["--kv-bits", "7"])
 
 
 def test_startup_error_is_one_line(tiny_bundle):
