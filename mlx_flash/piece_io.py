@@ -9,6 +9,8 @@ rows, the gap into a scratch buffer), reads are cut at `max_read` bytes and issu
 over a thread pool. A piece stored in another dtype than its slot's (bfloat16 scales on
 MLX's CPU backend, whose quantized products compute in float32) is read into a staging
 buffer and converted into its slot: at most `SourceModel.stage_bytes` of staging at a time.
+A GGUF's expert piece (GGML blocks, `mlx_flash.gguf_index`) fills its tensor's parts as
+`convert` would: Q4_0/Q4_1/Q8_0 as packed words, scales and biases, other types dequantized.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from .errors import BundleError
 from .expert_index import SourceModel
 from .flash_io import DEFAULT_MAX_GAP, DEFAULT_MAX_READ, FlashReader, ReadCounters, wait_all
 from .neuron_matrix import NeuronMatrix
+from .sources.gguf import _gguf_blocks
 
 
 def convert_into(row: np.ndarray, stage: memoryview, src: str, dst: str) -> None:
@@ -38,6 +41,27 @@ def convert_into(row: np.ndarray, stage: memoryview, src: str, dst: str) -> None
     else:
         a = mx.array(np.frombuffer(stage, dtype=np.uint8)).view(PART_DTYPES[src])
         row[:] = np.array(a.astype(PART_DTYPES[dst]).view(mx.uint8))
+
+
+def convert_blocks(rows: dict[str, np.ndarray], stage: memoryview, kind: str,
+                   dtypes: dict[str, str], tensor: str) -> None:
+    """Write GGML blocks `stage` of type `kind` (a GGUF expert's piece) into its slot `rows`
+    as `convert` stores them: Q4_0/Q4_1/Q8_0 as MLX's affine quantization (packed words, then
+    float16 scales and biases in their slot `dtypes`), other types dequantized (float32,
+    then the slot's dtype)."""
+    raw = np.frombuffer(stage, dtype=np.uint8)
+    if kind in ("Q4_0", "Q4_1", "Q8_0"):
+        words, scales, biases, _ = _gguf_blocks(raw, kind, (1,))
+        rows[tensor].view(np.uint32)[:] = words.reshape(-1)
+        for part, a in ((f"{tensor}.scales", scales), (f"{tensor}.biases", biases)):
+            convert_into(rows[part], memoryview(a.reshape(-1).view(np.uint8)), "float16",
+                         dtypes[part])
+        return
+    import gguf
+
+    w = gguf.quants.dequantize(raw.reshape(1, -1), gguf.GGMLQuantizationType[kind])
+    w = mx.array(np.asarray(w, dtype=np.float32).reshape(-1))
+    rows[tensor][:] = np.array(w.astype(PART_DTYPES[dtypes[tensor]]).view(mx.uint8))
 
 
 class PieceReader:
@@ -74,7 +98,7 @@ class PieceReader:
         names = family.expand(family.tensors if parts is None else parts)
         pieces = self.source.pieces[layer]
         converted = sum(pieces[n][2] for n in names
-                        if pieces[n][3] != family.part(n).dtype)
+                        if n in pieces and pieces[n][3] != family.part(n).dtype)
         # experts per batch: the staging of their converted pieces within the plan's share
         batch = len(ids) if not converted else max(1, self.source.stage_bytes // converted)
         done = []
@@ -92,16 +116,20 @@ class PieceReader:
                     ) -> list[tuple[int, int]]:
         targets = []  # (file, offset, bytes, buffer)
         staged = []  # (row, stage, stored dtype, slot dtype)
+        pieces = self.source.pieces[layer]
         for name in names:
-            files, offsets, nbytes, dtype = self.source.pieces[layer][name]
+            if name not in pieces:  # a part a GGML block piece of its tensor fills
+                continue
+            files, offsets, nbytes, dtype = pieces[name]
             want = family.part(name).dtype
-            rows = matrix.rows[name]
+            fills = [n for n in names if n == name or n.startswith(f"{name}.")
+                     and n not in pieces]
             for e, s in zip(ids.tolist(), slots.tolist(), strict=True):
                 if dtype == want:
-                    buffer = memoryview(rows[s])
+                    buffer = memoryview(matrix.rows[name][s])
                 else:
                     buffer = memoryview(bytearray(nbytes))
-                    staged.append((rows[s], buffer, dtype, want))
+                    staged.append(({n: matrix.rows[n][s] for n in fills}, buffer, dtype, name))
                 targets.append((int(files[e]), int(offsets[e]), nbytes, buffer))
         targets.sort(key=lambda t: (t[0], t[1]))
         reads: list[tuple[int, int, list[memoryview]]] = []  # (file, offset, buffers)
@@ -126,8 +154,12 @@ class PieceReader:
             done = [f.result() for f in futures]
         else:
             done = [self._read_all(reads)]
-        for row, stage, dtype, want in staged:
-            convert_into(row, stage, dtype, want)
+        for rows, stage, dtype, name in staged:
+            if dtype in PART_DTYPES:
+                convert_into(rows[name], stage, dtype, family.part(name).dtype)
+            else:  # GGML blocks
+                convert_blocks(rows, stage, dtype, {n: family.part(n).dtype for n in rows},
+                               name)
         return done
 
     def _read_all(self, reads: list[tuple[int, int, list[memoryview]]]) -> tuple[int, int]:

@@ -16,7 +16,7 @@ PACKAGE = ROOT / "mlx_flash"
 LAYERS = [
     ["_version", "errors", "sysmem", "eviction", "kernels", "argtypes"],
     ["bundle", "bundle_writer"],
-    ["arch", "sources", "hub", "expert_index"],
+    ["arch", "sources", "hub", "expert_index", "gguf_index"],
     ["neuron_matrix", "flash_io", "piece_io", "neuron_cache", "selection"],
     ["memory"],
     ["engine", "ffn", "moe"],

@@ -48,6 +48,7 @@ class GGUFTensor:
     offset: int  # from the start of the data section
     n_bytes: int
     data: np.ndarray
+    start: int = 0  # where its bytes start in the file (the data section's start + offset)
 
 
 class _GGUFCursor:
@@ -187,7 +188,7 @@ def read_gguf(path: Path) -> tuple[dict[str, Any], dict[str, GGUFTensor]]:
             dtype, np_shape = np.uint8, quant_shape_to_byte_shape(np_shape, qtype)
         start = data_start + offset
         data = buf[start:start + n_bytes].view(dtype).reshape(np_shape)
-        tensors[name] = GGUFTensor(name, qtype, shape, offset, n_bytes, data)
+        tensors[name] = GGUFTensor(name, qtype, shape, offset, n_bytes, data, start)
     return fields, tensors
 
 
