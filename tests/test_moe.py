@@ -53,16 +53,53 @@ def slots_budget(path: Path, slots: int, policy: str = DEFAULT_POLICY) -> int:
     return expert_budget(resolve_model(path), 4, 2048, slots, policy)
 
 
-# where the experts are read from: the bundle's records, or the mlx-lm folder's own files
-SOURCES = ["bundle", "source"]
+# where the experts are read from: the bundle's records, the mlx-lm folder's own files, or
+# a GGUF file's (of other random weights: its own mlx-lm reference)
+SOURCES = ["bundle", "source", "gguf"]
+GGUF_ARCHS = {"qwen3_moe": "qwen3moe", "mixtral": "mixtral"}
+GGUF_TYPES = {None: "F32", 4: "Q4_0"}
+
+
+@pytest.fixture(scope="session")
+def gguf_models(tmp_path_factory):
+    """(model type, bits) -> (a GGUF of that model, mlx-lm's greedy logits on its weights as
+    stored), written on first use."""
+    from test_moe_gguf import mlx_lm_of_stored
+    from tiny_moe_gguf import write_moe_gguf
+
+    from mlx_flash.sources import open_source
+
+    root = tmp_path_factory.mktemp("moe-gguf")
+    cache: dict[tuple[str, int | None], tuple[Path, np.ndarray]] = {}
+
+    def get(model_type: str, bits: int | None) -> tuple[Path, np.ndarray]:
+        if model_type not in GGUF_ARCHS:
+            pytest.skip(f"no GGUF {model_type}")
+        if (model_type, bits) not in cache:
+            path = root / f"{model_type}-{bits}.gguf"
+            write_moe_gguf(path, GGUF_ARCHS[model_type], GGUF_TYPES[bits])
+            cache[model_type, bits] = path, greedy_logits(
+                mlx_lm_of_stored(open_source(path)), PROMPT, STEPS)
+        return cache[model_type, bits]
+
+    return get
+
+
+def model_of(moe_models, gguf_models, read_from: str, model_type: str, bits: int | None
+             ) -> tuple[Path, np.ndarray]:
+    """(what to load, mlx-lm's greedy logits) for the experts read from `read_from`."""
+    if read_from == "gguf":
+        return gguf_models(model_type, bits)
+    src, path, reference = moe_models[(model_type, bits)]
+    return (src if read_from == "source" else path), reference
 
 
 @pytest.mark.parametrize("model_type", sorted(CONFIGS))
 @pytest.mark.parametrize("bits", [None, 4])
 @pytest.mark.parametrize("read_from", SOURCES)
-def test_greedy_equals_mlx_lm_at_every_budget(moe_models, model_type, bits, read_from):
-    src, path, reference = moe_models[(model_type, bits)]
-    path = src if read_from == "source" else path
+def test_greedy_equals_mlx_lm_at_every_budget(moe_models, gguf_models, model_type, bits,
+                                              read_from):
+    path, reference = model_of(moe_models, gguf_models, read_from, model_type, bits)
     for budget, lookahead, policy in (
             (None, False, "context"), ("off", False, "context"), ("auto", False, "context"),
             (3, False, "context"), (3, False, "markov"), (3, False, "lru"), (3, False, "lrfu"),
@@ -74,7 +111,7 @@ def test_greedy_equals_mlx_lm_at_every_budget(moe_models, model_type, bits, read
         assert np.array_equal(got, reference), (budget, float(np.abs(got - reference).max()))
         engine = model.flash
         assert engine.stats.decode.tokens == STEPS
-        assert isinstance(engine.bundle, SourceModel) == (read_from == "source")
+        assert isinstance(engine.bundle, SourceModel) == (read_from != "bundle")
         if budget == "off":  # naive: every token reads its experts anew
             assert engine.cache_stats().hits == 0
             assert engine.stats.decode.records_read == STEPS * engine.plan.layers * 2
@@ -247,8 +284,8 @@ def engine_read_ahead(model) -> bool:
 @pytest.mark.parametrize("kind", ["eio", "eof", "short"])
 @pytest.mark.parametrize("lookahead", [False, True])
 @pytest.mark.parametrize("read_from", SOURCES)
-def test_read_faults_never_poison_the_expert_caches(moe_models, monkeypatch, kind, lookahead,
-                                                    read_from):
+def test_read_faults_never_poison_the_expert_caches(moe_models, gguf_models, monkeypatch, kind,
+                                                    lookahead, read_from):
     """A read that fails (EIO, an end of file) mid-generation surfaces as an error, leaves no
     expert slot unlike the file, and the next generation on the same model equals mlx-lm's;
     legal short reads are completed."""
@@ -259,8 +296,7 @@ def test_read_faults_never_poison_the_expert_caches(moe_models, monkeypatch, kin
     from mlx_flash.flash_io import FlashReader
     from mlx_flash.neuron_matrix import NeuronMatrix
 
-    src, path, reference = moe_models[("qwen3_moe", 4)]
-    path = src if read_from == "source" else path
+    path, reference = model_of(moe_models, gguf_models, read_from, "qwen3_moe", 4)
     model, _ = load(path, memory_budget=slots_budget(path, 3), lookahead=lookahead)
     faulty = Faulty(kind, at=7)
     monkeypatch.setattr(os, "preadv", faulty)
@@ -276,7 +312,7 @@ def test_read_faults_never_poison_the_expert_caches(moe_models, monkeypatch, kin
     for layer, cache in engine.caches.items():
         held = np.sort(cache.neuron_at[:cache.size])
         fresh = NeuronMatrix(engine.family, max(1, len(held)))
-        reader = PieceReader(engine.bundle) if read_from == "source" \
+        reader = PieceReader(engine.bundle) if read_from != "bundle" \
             else FlashReader(path / engine.family.file)
         reader.read_records(engine.family, layer, held, np.arange(len(held)), fresh)
         for name, rows in cache.matrix.rows.items():
