@@ -41,8 +41,9 @@ def load(
     cache on first use (default: as `convert` does, a quantized source's quantization kept, a
     float source in `default_dtype()`); None means the embedded default model, calibrated on
     first use. A Mixture-of-Experts model folder (mlx-lm's, float or quantized, or Hugging
-    Face's; or a Hub id naming one) given no `dtype` is not converted: its experts are read
-    from its own files, only an index of where they lie is written (docs/MOE.md).
+    Face's), MoE GGUF file, or a Hub id naming one, given no `dtype` is not converted: its
+    experts are read from its own files, only an index of where they lie (and a GGUF's
+    tokenizer) is written (docs/MOE.md).
     `compute_dtype` (default: the bundle's dtype) is what the resident weights and the
     records are computed in. `verify` checks every file's sha256 before use (a folder read in
     place: its weight files'). `sparsity` picks the selection mode: one calibrated in the
