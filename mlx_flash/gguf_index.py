@@ -178,7 +178,12 @@ class GGUFSourceModel(SourceModel):
             try:
                 self.source.save_tokenizer(tmp)
                 shutil.rmtree(folder, ignore_errors=True)
-                os.replace(tmp, folder)
+                try:
+                    os.replace(tmp, folder)
+                except OSError:  # another process wrote it meanwhile
+                    shutil.rmtree(tmp, ignore_errors=True)
+                    if not (folder / "tokenizer_config.json").is_file():
+                        raise
             except OSError as e:
                 raise BundleError(f"cannot write the tokenizer of {self.path.name} into "
                                   f"{folder}: {e.strerror or e}; set MLX_FLASH_HOME to a "
@@ -199,12 +204,13 @@ class GGUFSourceModel(SourceModel):
     def load_resident(self) -> dict[str, mx.array]:
         """Every tensor but the routed experts, as `convert` writes them into a bundle: read
         as stored (Q4_0/Q4_1/Q8_0 quantized), floats in the slots' dtype, mlx-lm's sanitize
-        applied."""
+        applied. The experts' blocks are never read here."""
         target = DTYPES[self.dtype]
         weights: dict[str, mx.array] = {}
-        try:
+        try:  # a mapping of its own, let go once read (its pages leave the process's memory)
+            source = GGUFSource(self.path)
             for name in sorted(self._resident_tensors()):
-                w = self.source.get_weight(name)
+                w = source.get_weight(name)
                 check_finite(name, w)
                 weights.update((k, a.astype(target) if mx.issubdtype(a.dtype, mx.floating)
                                 else a) for k, a in resident_arrays(name, w, {}).items())
