@@ -150,3 +150,36 @@ def test_a_dense_gguf_still_converts(default_gguf):
     from mlx_flash.gguf_index import gguf_moe
 
     assert gguf_moe(Path(default_gguf)) is None
+
+
+def test_generate_on_a_gguf_equals_its_bundle(tmp_path):
+    """`generate --model X.gguf` with an empty MLX_FLASH_HOME, offline: the converted
+    bundle's greedy text, with a budget just above the minimum too; the home then holds the
+    index and the tokenizer, no bundle."""
+    import subprocess
+    import sys
+
+    path = tmp_path / "moe.gguf"
+    write_moe_gguf(path, "mixtral", "Q4_0")
+    bundle = convert(path, tmp_path / "moe.flash", dtype=None, progress=False)
+    flash_home = tmp_path / "flash_home"
+    root = Path(__file__).parent.parent
+    env = {**os.environ, "MLX_FLASH_HOME": str(flash_home), "PYTHONPATH": str(root)}
+
+    def generate(model: Path, *extra: str) -> str:
+        out = subprocess.run([sys.executable, "-m", "mlx_flash", "generate", "--model",
+                              str(model), "--prompt", "the cat sat", "--max-tokens", "12",
+                              "--temp", "0", *extra], capture_output=True, text=True,
+                             timeout=300, cwd=root, env=env)
+        assert out.returncode == 0, out.stderr
+        return out.stdout
+
+    want = generate(bundle.path)
+    assert want.strip()
+    assert generate(path) == want
+    source = GGUFSourceModel(path, flash_home / "indexes" / index_path(path).name)
+    minimum = expert_budget(source, 4, 2048, 2)
+    assert generate(path, "--memory-budget", str(minimum + 1)) == want
+    assert not (flash_home / "bundles").exists()
+    assert sorted(f.name for f in (flash_home / "indexes").iterdir()) \
+        == sorted([index_path(path).name, index_path(path).stem + "-tokenizer"])
