@@ -154,13 +154,17 @@ class GGUFSourceModel(SourceModel):
                 if self.source.gguf_names[hf] not in experts}
 
     @property
+    def transient_bytes(self) -> int:
+        """The float32 transients of the largest piece's conversion (pieces are converted one
+        at a time, after their reads)."""
+        return 8 * max(rows * cols for entry in self.index["layers"].values()
+                       for rows, cols in map(self._elements, entry.values()))
+
+    @property
     def stage_bytes(self) -> int:
-        """The staging of the pieces a token routes to, and the float32 transients of the
-        largest piece's conversion (pieces are converted one at a time)."""
-        largest = max(rows * cols for entry in self.index["layers"].values()
-                      for rows, cols in map(self._elements, entry.values()))
+        """The staging of the pieces a token routes to, and one conversion's transients."""
         staged = super().stage_bytes
-        return staged + 8 * largest if staged else 0
+        return staged + self.transient_bytes if staged else 0
 
     def _elements(self, entry: dict[str, Any]) -> tuple[int, int]:
         rows, cols = entry["shape"]

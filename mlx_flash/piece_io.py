@@ -100,7 +100,8 @@ class PieceReader:
         converted = sum(pieces[n][2] for n in names
                         if n in pieces and pieces[n][3] != family.part(n).dtype)
         # experts per batch: the staging of their converted pieces within the plan's share
-        batch = len(ids) if not converted else max(1, self.source.stage_bytes // converted)
+        room = self.source.stage_bytes - getattr(self.source, "transient_bytes", 0)
+        batch = len(ids) if not converted else max(1, room // converted)
         done = []
         for b in range(0, len(ids), max(1, batch)):
             done += self._read_batch(family, layer, ids[b:b + batch], slots[b:b + batch],
