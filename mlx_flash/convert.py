@@ -31,7 +31,7 @@ from .arch import (
 )
 from .arch.base import check_finite, mlx_lm_quantization, resident_arrays
 from .arch.moe import is_moe
-from .bundle import DTYPES, EXPERTS, Bundle, Quantization
+from .bundle import DTYPES, EXPERTS, ITEMSIZE, Bundle, Quantization
 from .bundle_writer import BundleWriter, publish_dir, staging_dir
 from .convert_moe import convert_moe
 from .errors import BundleError, ConversionError
@@ -87,6 +87,18 @@ def _auto_dtype(source, arch: Architecture, names: dict[str, str], keep: bool) -
     if keep and isinstance(source.get_weight(up), QuantizedTensor):
         return "float16"
     return default_dtype()
+
+
+def bundle_bytes(source, dtype: str | None) -> int:
+    """About how many bytes converting `source` to `dtype` writes (None: as `resolve_bundle`
+    converts, a quantized tensor kept as stored but the down projection, which is stored as
+    float16; float tensors in 16 bits), from the source's headers alone."""
+    itemsize = ITEMSIZE[dtype] if dtype else 2
+    total = 0
+    for name, (elements, stored) in source.tensor_sizes().items():
+        kept = dtype is None and stored < elements * itemsize and "down" not in name
+        total += stored if kept else elements * itemsize
+    return total
 
 
 def convert(src: str | Path, out: str | Path, dtype: str | None = "float16",

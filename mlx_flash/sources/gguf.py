@@ -484,6 +484,10 @@ class GGUFSource:
         heads = c["num_attention_heads"] if "q_proj" in name else c["num_key_value_heads"]
         return _unpermute_qk(rows, heads)
 
+    def tensor_sizes(self) -> dict[str, tuple[int, int]]:
+        """Each tensor's (elements, bytes as stored), from the header alone."""
+        return {n: (math.prod(t.shape), t.n_bytes) for n, t in self.tensors.items()}
+
     def stored_dtype(self, name: str) -> str:
         """The float dtype tensor `name` is stored in (quantized blocks: their float16
         scales; types that are dequantized: float16, as llama.cpp computes them)."""

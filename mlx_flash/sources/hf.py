@@ -4,6 +4,7 @@ quantized modules kept as stored, the tokenizer files copied."""
 from __future__ import annotations
 
 import glob
+import math
 import shutil
 from pathlib import Path
 from typing import Any
@@ -81,6 +82,16 @@ class HFSource:
     def _quantized(self, name: str) -> bool:
         base = name.removesuffix(".weight")
         return self._quant is not None and name != base and f"{base}.scales" in self._arrays
+
+    def tensor_sizes(self) -> dict[str, tuple[int, int]]:
+        """Each tensor's (elements, bytes as stored: a quantized one's words, scales and
+        biases), from the headers alone (the arrays are lazy: nothing is read)."""
+        out = {}
+        for name in self.names():
+            w = self.get_weight(name) if self._quantized(name) else self._arrays[name]
+            parts = (w.weight, w.scales, w.biases) if isinstance(w, QuantizedTensor) else (w,)
+            out[name] = (math.prod(w.shape), sum(a.nbytes for a in parts))
+        return out
 
     def stored_dtype(self, name: str) -> str:
         """The float dtype tensor `name` (a quantized one: its scales) is stored in."""
