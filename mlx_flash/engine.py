@@ -76,7 +76,7 @@ class Engine:
         else:
             self.readers = {f: FlashReader(bundle.path / f, threads=threads, cold=cold,
                                            use_mmap=use_mmap) for f in files}
-        self.checker = RecordChecker(bundle, threads)  # every record read, against its CRC32
+        self.checker = RecordChecker(bundle)  # every record read, against its CRC32
         self.caches: dict[Any, NeuronCache] = {}
         # decode tokens' records read past any cache: spills, so that the hit rate is over
         # every record a decode token needed

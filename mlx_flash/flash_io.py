@@ -33,9 +33,6 @@ DEFAULT_MAX_GAP = 16 * 1024
 DEFAULT_MAX_READ = 256 * 1024
 IOV_MAX = min(os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024, 1024)
 PAGE = 4096
-# Records at least this large are checked by several threads at once (CRC32 lets go of the GIL
-# on large buffers); a neuron's few KB are not worth a thread.
-PARALLEL_CHECK = 256 * 1024
 # Records of several pieces (parts, padding) that average fewer bytes than this are copied
 # whole into a scratch matrix of GATHER_BYTES before their CRC32s: one call per record, not one
 # per piece (the default model's Q4_1 neurons, 7 parts in 1872 bytes: 0.5 us a record, not 1.2)
@@ -263,23 +260,13 @@ class RecordChecker:
     background thread.
     """
 
-    def __init__(self, bundle: Bundle, threads: int = 1):
+    def __init__(self, bundle: Bundle):
         self.bundle = bundle
-        self.threads = threads
         self._tables: dict[tuple[str, int], np.ndarray] = {}
         self._layouts: dict[str, tuple[list[tuple[int, str]], int, bytes]] = {}
         self._lock = threading.Lock()
-        self._pool: ThreadPoolExecutor | None = None
         self.records = 0  # records checked
         self.seconds = 0.0  # in checking them
-
-    def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown()
-            self._pool = None
-
-    def __del__(self) -> None:
-        self.close()
 
     def table(self, family: RecordFamily, layer: int) -> np.ndarray:
         """The stored CRC32 of each record of a segment (read once, checked against the
@@ -371,20 +358,7 @@ class RecordChecker:
         t0 = time.perf_counter()
         stored = self.table(fam, layer)[ids]
         got = np.empty(len(ids), dtype=np.uint32)
-        chunks = min(self.threads, os.cpu_count() or 1, len(ids)) \
-            if fam.record_bytes >= PARALLEL_CHECK else 1
-        if chunks > 1:  # large records (experts): CRC32 lets go of the GIL, the threads share
-            with self._lock:
-                if self._pool is None:
-                    self._pool = ThreadPoolExecutor(self.threads,
-                                                    thread_name_prefix="flash-check")
-            futures = [self._pool.submit(self._crcs, fam, slots[k::chunks], rows,
-                                         got[k::chunks]) for k in range(chunks)]
-            wait_all(futures)
-            for f in futures:
-                f.result()
-        else:
-            self._crcs(fam, slots, rows, got)
+        self._crcs(fam, slots, rows, got)
         bad = np.flatnonzero(got != stored)
         with self._lock:
             self.records += len(ids)

@@ -189,26 +189,23 @@ def test_a_read_claiming_more_than_it_was_asked_is_a_bundle_error(segment, monke
                                        NeuronMatrix(FAMILY, COUNT))
 
 
-@pytest.mark.parametrize("how", ["by part", "gathered", "by several threads"])
+@pytest.mark.parametrize("how", ["by part", "gathered"])
 def test_a_record_read_again_is_checked_again(tiny_bundle, monkeypatch, how):
     """A record that passed its check once is checked on every later read too: bytes a read
     got wrong after that (a flaky disk, a stale buffer) are caught, however the CRC32s are
-    computed: part by part, records of small parts gathered whole first, large records by
-    several threads."""
+    computed: part by part, or records of small parts gathered whole first."""
     from mlx_flash.bundle import Bundle
     from mlx_flash.flash_io import RecordChecker
 
     monkeypatch.setattr(flash_io, "GATHER_PIECE", 10**9 if how == "gathered" else 0)
     monkeypatch.setattr(flash_io, "GATHER_BYTES", 1000)  # a few records at a time
-    threads = 3 if how == "by several threads" else 1
-    monkeypatch.setattr(flash_io, "PARALLEL_CHECK", 0)
     bundle = Bundle.open(tiny_bundle)
     fam = bundle.families["neuron"]
     matrix = NeuronMatrix(fam, fam.count)
     ids = np.arange(fam.count)
     slots = ids[::-1].copy()
     FlashReader(bundle.ffn_path).read_records(fam, 1, ids, slots, matrix)
-    checker = RecordChecker(bundle, threads)
+    checker = RecordChecker(bundle)
     for _ in range(2):
         checker.check("neuron", 1, ids, slots, matrix.rows)
     assert checker.records == 2 * fam.count and checker.seconds > 0
@@ -218,4 +215,3 @@ def test_a_record_read_again_is_checked_again(tiny_bundle, monkeypatch, how):
     with pytest.raises(BundleError, match=r"record 17 of neuron\[1\] does not match"):
         checker.check("neuron", 1, ids[17:18], slots[17:18], matrix.rows)
     checker.check("neuron", 1, ids[18:], slots[18:], matrix.rows)  # the others are sound
-    checker.close()

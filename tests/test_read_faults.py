@@ -159,15 +159,13 @@ def assert_experts_equal_file(model) -> int:
     return held_total
 
 
-@pytest.mark.parametrize("variant", ["caches", "lookahead", "parallel check"])
+@pytest.mark.parametrize("variant", ["caches", "lookahead"])
 def test_lying_reads_never_poison_the_expert_caches(moe_tiny, monkeypatch, variant):
     """The trained fixture with 8 expert slots of 16 per layer (top-4: the caches evict): a
     read that reports success with other bytes than the file's, at any call (the expert
     caches, prefill's groups, the next layer's experts read ahead), is caught or harmless;
     no slot is left unlike the file, and the next request's greedy text equals a fresh
     model's."""
-    if variant == "parallel check":  # experts of MBs are checked by several threads
-        monkeypatch.setattr(flash_io, "PARALLEL_CHECK", 0)
     options = {"memory_budget": slots_budget(moe_tiny, 8), "lookahead": variant == "lookahead"}
     fresh_model, tok = load(moe_tiny, **options)
     prompt = tok.encode("The history of the city")
