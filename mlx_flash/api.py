@@ -8,6 +8,7 @@ from typing import Any
 import mlx.nn as nn
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
+from .calibrate import default_bundle
 from .eviction import DEFAULT_POLICY
 from .loader import EngineOptions, bundle_tokenizer, open_model
 from .memory import KVQuantization
@@ -69,7 +70,8 @@ def load(
     `runtime_rss` is the process's resident memory just before the model was loaded (the
     tokenizer already was).
     """
-    bundle = resolve_model(path, dtype=dtype, verify=verify)
+    bundle = resolve_model(default_bundle(dtype) if path is None else path, dtype=dtype,
+                           verify=verify)
     tokenizer = bundle_tokenizer(bundle, tokenizer_config)
     runtime = rss_bytes()
     kv_quantization = None if kv_bits is None else KVQuantization(kv_bits, kv_group_size,

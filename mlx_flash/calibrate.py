@@ -53,7 +53,9 @@ from .bundle import (
 from .bundle_writer import BundleUpdate, SegmentFile
 from .errors import BundleError
 from .ffn import FlashEngine
+from .hub import is_hub_id
 from .loader import bundle_tokenizer, open_model
+from .paths import resolve_bundle
 from .selection import MODE_CLASSES, MODES, LayerReads, Mode, Rows, gate_activation, hidden
 from .sysmem import format_bytes
 
@@ -248,6 +250,15 @@ DEFAULT_MODEL_TEXT = Path(__file__).parent / "data" / "wikitext-2-valid-head.txt
 # token ("What is the capital of France?" -> "L'Etoile, ..."), while 0.95,0.9 answered three
 # chat questions as dense does (tests/test_cli.py checks one).
 DEFAULT_MODEL_TARGET = "0.95,0.9"
+
+
+def default_bundle(dtype: str | None = None, progress: bool = True) -> Path:
+    """The embedded default model's bundle (converted to `dtype` on first use, as
+    `paths.resolve_bundle` converts), calibrated for its default mode on first use."""
+    path = resolve_bundle(None, dtype, progress)
+    if not Bundle.open(path).selection.get("default"):
+        calibrate_default(path, progress)
+    return path
 
 
 def calibrate_default(path: str | Path, progress: bool = True) -> Bundle:
@@ -447,7 +458,8 @@ def main(argv: list[str] | None = None) -> int:
         description="Calibrate which FFN weights each token needs (selection mode) on text, "
         "and store it in the bundle.", epilog=__doc__.split("Modes and --target:")[1],
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("bundle", help="the flash bundle to calibrate (modified in place)")
+    p.add_argument("bundle", help="the flash bundle to calibrate (modified in place), or a "
+                   "hub id (org/name): the bundle its model converts to in the cache")
     p.add_argument("--data", required=True, help="calibration text file (UTF-8)")
     p.add_argument("--mode", choices=[m for m in MODES if m != "off"], default=None,
                    help="selection mode (default: predictor for ReLU FFNs, hybrid for SiLU)")
@@ -467,7 +479,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     args = p.parse_args(argv)
     try:
-        bundle = calibrate(args.bundle, args.data, args.mode, args.tokens, args.target,
+        # a hub id names the bundle its model converts to (converted now if it is not yet)
+        path = resolve_bundle(args.bundle) if is_hub_id(args.bundle) else args.bundle
+        bundle = calibrate(path, args.data, args.mode, args.tokens, args.target,
                            args.rank, args.epochs, args.ctx, progress=not args.quiet,
                            gate_bits=args.gate_bits)
     except (BundleError, ValueError, OSError) as e:

@@ -28,7 +28,9 @@ from .bundle import EXPERTS, Bundle
 from .calibrate import fit_context, layer_weights, text_tokens, true_active, windows
 from .errors import BundleError
 from .ffn import FlashEngine
+from .hub import is_hub_id
 from .loader import blas_hint, bundle_tokenizer, open_model
+from .paths import resolve_bundle
 from .selection import MODES, LayerReads, Mode, Oracle, load_mode
 
 # A perplexity over fewer tokens is mostly noise (and over none, a division by zero)
@@ -207,7 +209,8 @@ def summary(r: dict[str, Any]) -> str:
 @interruptible
 def main(argv: list[str] | None = None) -> int:
     p = Parser(prog="python -m mlx_flash evaluate", description=__doc__.splitlines()[0])
-    p.add_argument("bundle", help="a flash bundle")
+    p.add_argument("bundle", help="a flash bundle, or a hub id (org/name): the bundle its "
+                   "model converts to in the cache (converted now if it is not yet)")
     p.add_argument("--data", required=True, help="evaluation text (its last --tokens tokens)")
     p.add_argument("--tokens", type=int_in(MIN_TOKENS), default=4096,
                    help=f"tokens to score (default 4096; at least {MIN_TOKENS})")
@@ -223,7 +226,8 @@ def main(argv: list[str] | None = None) -> int:
     if (hint := blas_hint()) and not args.quiet:
         print(hint, file=sys.stderr)
     try:
-        r = evaluate(args.bundle, args.data, args.tokens, args.ctx, args.mode,
+        path = resolve_bundle(args.bundle) if is_hub_id(args.bundle) else args.bundle
+        r = evaluate(path, args.data, args.tokens, args.ctx, args.mode,
                      args.compute_dtype, progress=not args.quiet)
     except (BundleError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)

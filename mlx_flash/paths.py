@@ -113,8 +113,8 @@ def resolve_bundle(model: str | os.PathLike | None, dtype: str | None = None,
     """The bundle for `model`: itself if it is one, else its cached conversion (made now if
     missing) to `dtype`, or by `convert`'s rule when None: a quantized source keeps its
     quantization, a float one gets the platform's dtype. None means the embedded default
-    model, calibrated on first use. `model` may name a model of the Hugging Face Hub (see
-    `hub`), fetched as mlx-lm fetches it."""
+    model (`calibrate.default_bundle` calibrates it on first use). `model` may name a model
+    of the Hugging Face Hub (see `hub`), fetched as mlx-lm fetches it."""
     source = default_model_source() if model is None else Path(model).expanduser()
     name = source.name
     if is_hub_id(model):  # not a path: org/name[@revision][:tag], as mlx-lm and llama.cpp
@@ -159,11 +159,4 @@ def resolve_bundle(model: str | os.PathLike | None, dtype: str | None = None,
                               f"{e.strerror or e}; set MLX_FLASH_HOME to a writable folder "
                               "with room, or convert the model yourself (python -m "
                               "mlx_flash.convert)") from None
-    if model is None:
-        from .bundle import Bundle
-
-        if not Bundle.open(out).selection.get("default"):
-            from .calibrate import calibrate_default
-
-            calibrate_default(out, progress)
     return out

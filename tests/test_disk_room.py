@@ -3,6 +3,7 @@ refuses in one line, before writing anything, when the disk is short (issue 21, 
 
 from __future__ import annotations
 
+import os
 from collections import namedtuple
 from pathlib import Path
 
@@ -60,3 +61,27 @@ def test_the_announcement_says_what_is_written_and_what_is_free(tiny_llama, tmp_
     resolve_bundle(tiny_llama[0], None, progress=True)
     err = capsys.readouterr().err
     assert f"about {format_bytes(need)} to write, " in err and " free there" in err, err
+
+
+def test_calibrate_and_evaluate_take_a_hub_id(tmp_path, monkeypatch):
+    """`calibrate ORG/NAME` and `evaluate ORG/NAME` work on the bundle the hub cache's model
+    converts to; an id the cache lacks is one line."""
+    from test_cli import run
+    from test_hub import add_to_cache
+    from tiny_models import TINY_LLAMA, write_hf_llama
+
+    cache = tmp_path / "hub"
+    folder = tmp_path / "tiny"
+    write_hf_llama(folder, TINY_LLAMA)
+    add_to_cache(cache, "org/tiny", sorted(folder.iterdir()), "a" * 40)
+    env = {**os.environ, "HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1",
+           "MLX_FLASH_HOME": str(tmp_path / "home")}
+    text = str(Path(__file__).parent / "data" / "wikitext-2-valid-slice.txt")
+    r = run("-m", "mlx_flash", "calibrate", "org/tiny", "--data", text, "--mode", "teal",
+            "--tokens", "256", "--quiet", env=env)
+    assert r.returncode == 0 and "calibrated teal" in r.stdout, r.stderr[-2000:]
+    r = run("-m", "mlx_flash", "evaluate", "org/tiny", "--data", text, "--tokens", "256",
+            "--ctx", "64", "--quiet", env=env)
+    assert r.returncode == 0 and "perplexity" in r.stdout.lower(), r.stderr[-2000:]
+    r = run("-m", "mlx_flash.evaluate", "org/missing", "--data", text, "--quiet", env=env)
+    assert r.returncode == 1 and r.stderr.count("\n") == 1 and "org/missing" in r.stderr

@@ -138,9 +138,9 @@ def test_random_settings_against_numpy(calibrated, tiny_llama):
 def default_calibrated():
     """The embedded default model as its first use makes it: converted (its Q4_1 blocks kept)
     and calibrated for its default mode, in the tests' private cache."""
-    from mlx_flash.paths import resolve_bundle
+    from mlx_flash.calibrate import default_bundle
 
-    return resolve_bundle(None, progress=False)
+    return default_bundle(progress=False)
 
 
 @pytest.mark.slow

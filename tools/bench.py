@@ -287,14 +287,15 @@ def prepare_default(work: Path, quick: bool) -> tuple[Path, Path, Path, int]:
     projection requantized to 4 bits along d), each calibrated with its default mode, and a
     dense mlx-lm folder of the same weights as the first."""
     from mlx_flash.bundle import Bundle
+    from mlx_flash.calibrate import default_bundle
     from mlx_flash.convert import convert
     from mlx_flash.loader import default_dtype
-    from mlx_flash.paths import default_model_source, resolve_bundle
+    from mlx_flash.paths import default_model_source
 
     dtype = default_dtype()
     tokens = 512 if quick else 4096
     bundle = work / f"default-{dtype}-cal{tokens}"
-    calibrated_copy(resolve_bundle(None, dtype), bundle, tokens)
+    calibrated_copy(default_bundle(dtype), bundle, tokens)
     q4 = work / f"default-q4-cal{tokens}"
     if not q4.exists():
         shutil.rmtree(work / "default-q4", ignore_errors=True)
@@ -543,14 +544,14 @@ def sweep_chart(runs: list[dict], path: Path) -> None:
 
 
 def sweep_main(args: argparse.Namespace, work: Path, compute: str) -> int:
-    from mlx_flash.paths import resolve_bundle
+    from mlx_flash.calibrate import default_bundle
 
     points = args.points or (6 if args.quick else 9)
     repeat = args.repeat or 3
     runs = []
     for name in args.runs.split(","):
         if name == "default":  # generate --dtype bfloat16's bundle, calibrated on first use
-            bundle = resolve_bundle(None, compute)
+            bundle = default_bundle(compute)
             base = default_base(bundle, args.tokens or (12 if args.quick else 48), 0,
                                 args.threads, compute)
             folders = {"bundle": bundle, "dense": dense_folder(work, compute)}
