@@ -15,7 +15,7 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 
@@ -62,6 +62,44 @@ class ReadCounters:
     records: int = 0
     calls: int = 0
     seconds: float = 0.0
+
+
+class ReadPool:
+    """Spreads a reader's reads over `threads` threads (started on first use; reads may come
+    from two threads at once: the engine reads ahead), and counts what they read."""
+
+    def __init__(self, threads: int, name: str):
+        self.threads, self.name = threads, name
+        self.counters = ReadCounters()
+        self._lock = threading.Lock()
+        self._pool: ThreadPoolExecutor | None = None
+
+    def run(self, read_all: Callable[[list], tuple[int, int]], reads: list, records: int,
+            t0: float) -> None:
+        """`read_all` over `reads`, split among the threads; counts the bytes and calls it
+        returns, `records`, and the time since `t0`. Every read ends before any error is
+        raised: the caller may hand the rows of a failed read to other records, which a read
+        still running would overwrite."""
+        if self.threads > 1 and len(reads) > 1:
+            with self._lock:
+                if self._pool is None:
+                    self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix=self.name)
+            futures = [self._pool.submit(read_all, reads[i::self.threads])
+                       for i in range(min(self.threads, len(reads)))]
+            wait_all(futures)
+            done = [f.result() for f in futures]
+        else:
+            done = [read_all(reads)]
+        with self._lock:
+            self.counters.bytes += sum(b for b, _ in done)
+            self.counters.calls += sum(c for _, c in done)
+            self.counters.records += records
+            self.counters.seconds += time.perf_counter() - t0
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown()
+            self._pool = None
 
 
 def coalesce(ids: np.ndarray, record_bytes: int = 1, span_bytes: int = 1,
@@ -112,15 +150,12 @@ class FlashReader:
             elif hasattr(os, "posix_fadvise"):
                 os.posix_fadvise(self.fd, 0, 0, os.POSIX_FADV_RANDOM)
                 self.drop_cache()
-        self.counters = ReadCounters()
-        self._lock = threading.Lock()
-        self._pool: ThreadPoolExecutor | None = None
+        self.pool = ReadPool(threads, "flash-read")
+        self.counters = self.pool.counters
         self._scratch = memoryview(bytearray(max_gap))
 
     def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown()
-            self._pool = None
+        self.pool.close()
         if self._map is not None:
             self._map.release()
             self._map = None
@@ -219,23 +254,7 @@ class FlashReader:
                 records = int(ids[b - 1] - ids[a]) + 1  # b - a unless read into free rows
                 iovecs.extend(matrix.iovecs(int(slots[a]), records, parts))
             reads.append((base + int(ids[first]) * rb, iovecs))
-        if self.threads > 1 and len(reads) > 1:
-            with self._lock:  # reads may come from two threads (FlashEngine.fetch ahead)
-                if self._pool is None:
-                    self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="flash-read")
-            chunks = [reads[i::self.threads] for i in range(self.threads)]
-            futures = [self._pool.submit(self._read_all, chunk) for chunk in chunks]
-            # every read ends before any error is raised: the caller may hand the rows of a
-            # failed read to other records, which a read still running would overwrite
-            wait_all(futures)
-            done = [f.result() for f in futures]
-        else:
-            done = [self._read_all(reads)]
-        with self._lock:
-            self.counters.bytes += sum(b for b, _ in done)
-            self.counters.calls += sum(c for _, c in done)
-            self.counters.records += len(ids)
-            self.counters.seconds += time.perf_counter() - t0
+        self.pool.run(self._read_all, reads, len(ids), t0)
 
     def _read_all(self, reads: list[tuple[int, list[memoryview]]]) -> tuple[int, int]:
         total = calls = 0

@@ -15,10 +15,8 @@ A GGUF's expert piece (GGML blocks, `mlx_flash.gguf_index`) fills its tensor's p
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 
 import mlx.core as mx
 import numpy as np
@@ -26,7 +24,7 @@ import numpy as np
 from .bundle import PART_DTYPES, RecordFamily
 from .errors import BundleError
 from .expert_index import SourceModel
-from .flash_io import DEFAULT_MAX_GAP, DEFAULT_MAX_READ, FlashReader, ReadCounters, wait_all
+from .flash_io import DEFAULT_MAX_GAP, DEFAULT_MAX_READ, FlashReader, ReadPool
 from .neuron_matrix import NeuronMatrix
 from .sources.gguf import _gguf_blocks
 
@@ -74,15 +72,12 @@ class PieceReader:
         self.threads, self.max_gap, self.max_read = threads, max_gap, max_read
         self.files = [FlashReader(f, max_gap, cold=cold, use_mmap=use_mmap)
                       for f in source.files]
-        self.counters = ReadCounters()
-        self._lock = threading.Lock()
-        self._pool: ThreadPoolExecutor | None = None
+        self.pool = ReadPool(threads, "piece-read")
+        self.counters = self.pool.counters
         self._scratch = memoryview(bytearray(max_gap))
 
     def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown()
-            self._pool = None
+        self.pool.close()
         for f in self.files:
             f.close()
 
@@ -102,19 +97,13 @@ class PieceReader:
         # experts per batch: the staging of their converted pieces within the plan's share
         room = self.source.stage_bytes - getattr(self.source, "transient_bytes", 0)
         batch = len(ids) if not converted else max(1, room // converted)
-        done = []
         for b in range(0, len(ids), max(1, batch)):
-            done += self._read_batch(family, layer, ids[b:b + batch], slots[b:b + batch],
-                                     matrix, names)
-        with self._lock:
-            self.counters.bytes += sum(n for n, _ in done)
-            self.counters.calls += sum(c for _, c in done)
-            self.counters.records += len(ids)
-            self.counters.seconds += time.perf_counter() - t0
+            self._read_batch(family, layer, ids[b:b + batch], slots[b:b + batch], matrix,
+                             names, t0 if b == 0 else time.perf_counter())
 
     def _read_batch(self, family: RecordFamily, layer: int, ids: np.ndarray,
-                    slots: np.ndarray, matrix: NeuronMatrix, names: list[str]
-                    ) -> list[tuple[int, int]]:
+                    slots: np.ndarray, matrix: NeuronMatrix, names: list[str], t0: float
+                    ) -> None:
         targets = []  # (file, offset, bytes, buffer)
         staged = []  # (row, stage, stored dtype, slot dtype)
         pieces = self.source.pieces[layer]
@@ -144,24 +133,13 @@ class PieceReader:
             else:
                 reads.append((f, offset, [buffer]))
             end = offset + nbytes
-        if self.threads > 1 and len(reads) > 1:
-            with self._lock:  # reads may come from two threads (the engine's read ahead)
-                if self._pool is None:
-                    self._pool = ThreadPoolExecutor(self.threads,
-                                                    thread_name_prefix="piece-read")
-            chunks = [reads[i::self.threads] for i in range(self.threads)]
-            futures = [self._pool.submit(self._read_all, c) for c in chunks if c]
-            wait_all(futures)  # every read ends before any error is raised
-            done = [f.result() for f in futures]
-        else:
-            done = [self._read_all(reads)]
+        self.pool.run(self._read_all, reads, len(ids), t0)  # the conversions below: compute
         for rows, stage, dtype, name in staged:
             if dtype in PART_DTYPES:
                 convert_into(rows[name], stage, dtype, family.part(name).dtype)
             else:  # GGML blocks
                 convert_blocks(rows, stage, dtype, {n: family.part(n).dtype for n in rows},
                                name)
-        return done
 
     def _read_all(self, reads: list[tuple[int, int, list[memoryview]]]) -> tuple[int, int]:
         total = calls = 0
