@@ -383,10 +383,11 @@ def worker(spec: dict) -> dict:
     return row
 
 
-def run_engine(spec: dict, folders: list[Path], ram: int | None) -> dict:
+def run_engine(spec: dict, folders: list[Path], ram: int | None,
+               read_bps: int | None = None) -> dict:
     """One engine in a process (and memory cgroup) of its own, its files' page cache emptied
-    first."""
-    return benchlib.run_worker(Path(__file__), spec, folders, ram)
+    first; with `read_bps`, its reads from the model's disk limited to that many bytes/s."""
+    return benchlib.run_worker(Path(__file__), spec, folders, ram, read_bps)
 
 
 def llama_cpp_installed() -> bool:
@@ -435,6 +436,7 @@ def moe_run(args: argparse.Namespace, work: Path) -> dict:
     context = len(PROMPT) + tokens + 8
     whole = expert_plan(bundle, 4, None, context).total  # computed in float32 (CPU)
     ram = parse_size(args.ram) if args.ram else None
+    read_bps = int(args.read_mbps * 1e6) if args.read_mbps else None
     if args.budget:
         budget = parse_size(args.budget)
     elif ram is not None:
@@ -474,7 +476,8 @@ def moe_run(args: argparse.Namespace, work: Path) -> dict:
 
     got = benchlib.interleaved(
         [e for e in engines if e != "llama.cpp"], rounds,
-        lambda e: run_engine(dict(base, engine=e, budget=budgets[e]), [folder, bundle_path], ram),
+        lambda e: run_engine(dict(base, engine=e, budget=budgets[e]), [folder, bundle_path], ram,
+                             read_bps),
         line)
     cgroup_error = next((r["cgroup_error"] for rs in got.values() for r in rs
                          if r["cgroup_error"]), None)
@@ -505,6 +508,7 @@ def moe_run(args: argparse.Namespace, work: Path) -> dict:
     run = {"model": "moe", "folder": folder.name, "layers": layers, "experts": n, "k": k,
            "expert_bytes": expert_bytes, "record_bytes": fam.record_bytes,
            "whole_bytes": whole, "budget_bytes": budget, "ram_bytes": ram,
+           "read_mbps": args.read_mbps,
            "slots_per_layer": max(slots), "tokens": tokens, "rounds": rounds,
            "threads": args.threads, "cgroup": cgroup_error or ("limited" if ram else "peak only"),
            "trace": dict(trace_stats(trace, n), skew=skew, jaccard_target=jaccard,
@@ -532,6 +536,8 @@ def checks(run: dict) -> dict:
 def table(run: dict) -> str:
     t = run["trace"]
     ram = f"--ram {run['ram_bytes'] / 1e9:.2f} GB" if run["ram_bytes"] else "no --ram"
+    if run.get("read_mbps"):
+        ram += f", reads limited to {run['read_mbps']:g} MB/s"
     naive = next((r["ms_per_token"] for r in run["rows"]
                   if r["engine"] == "naive" and r["status"] == "ok"), None)
     cells = []
@@ -590,6 +596,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tokens", type=int, default=None, help="decode tokens (32)")
     p.add_argument("--rounds", type=int, default=None, help="interleaved rounds (3)")
     p.add_argument("--ram", default=None, help="each engine's memory cgroup limit, e.g. 2GB")
+    p.add_argument("--read-mbps", type=float, default=None,
+                   help="limit each engine's reads from the model's disk to this many MB/s "
+                   "(a blkio cgroup: buffered, direct and page-fault reads alike), for the "
+                   "regime where reads are most of a token")
     p.add_argument("--budget", default=None,
                    help="flash's memory budget (default: --ram minus --headroom, else half "
                         "of each layer's experts)")
