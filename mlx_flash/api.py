@@ -65,7 +65,7 @@ def load(
     parallel; `cold` bypasses the OS page cache; `lookahead` reads the next layer's likely
     records while its attention computes (modes that can guess them: predictor; MoE models:
     the next layer's router). `expert_policy` (MoE models) picks the resident expert that
-    makes room for a missing one: a name of `expert_policy.POLICIES`. The model's
+    makes room for a missing one: a name of `eviction.POLICIES`. The model's
     `flash` attribute is its FlashEngine, whose `stats` count flash reads and whose
     `runtime_rss` is the process's resident memory just before the model was loaded (the
     tokenizer already was).

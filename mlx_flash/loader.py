@@ -142,7 +142,7 @@ class EngineOptions:
     # on the layer before's input read 7.5x the bytes (13.0 vs 1.7 MB): wrong guesses, and
     # the rows they push out of the caches
     lookahead: bool = False
-    # MoE models: which resident expert makes room for a missing one (mlx_flash.expert_policy)
+    # MoE models: which resident expert makes room for a missing one (mlx_flash.eviction)
     expert_policy: str = DEFAULT_POLICY
     # mlx-lm's KV cache quantization (kv_bits): the plan counts the quantized cache
     kv_quantization: KVQuantization | None = None
