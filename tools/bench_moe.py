@@ -30,11 +30,14 @@ emptied before each:
   flash-src the same engine and budget, the experts read from the mlx-lm folder's own files
             (mlx_flash.expert_index: one read per contiguous piece), MLX_FLASH_HOME emptied
             first so that its first use (the index written) is in its load time
+  flash-ahead (only when --engines lists it) flash reading the next layer's likely experts
+            ahead (load's lookahead=--lookahead, default k)
   mlx-lm    mlx-lm loading the whole folder (computing in float32, as our engine computes
             quantized models on MLX's CPU backend, so the outputs compare bit for bit)
   llama.cpp only where `import llama_cpp` works (else listed as not installed)
 
-Our engines read with `cold=True` (the page cache bypassed). --ram SIZE runs each engine in a
+The flash engines' expert cache policy is --expert-policy's. Our engines read with `cold=True`
+(the page cache bypassed). --ram SIZE runs each engine in a
 memory cgroup of its own limited to SIZE (cgroup v1 `memory.limit_in_bytes`, or v2
 `memory.max`): it counts the page cache too, so an engine that maps or caches the model cannot
 hide there; one the kernel kills is listed as "out of memory". Without --ram the cgroup is made
@@ -66,8 +69,12 @@ import benchlib
 import numpy as np
 from benchlib import median_row, num
 
+from mlx_flash.eviction import DEFAULT_POLICY
+
 ENGINES = ("naive", "flash", "flash-src", "mlx-lm", "llama.cpp")
-OURS = ("naive", "flash", "flash-src")  # mlx_flash engines
+OPTIONAL = ("flash-ahead",)  # run only when --engines lists them
+OURS = ("naive", "flash", "flash-src", "flash-ahead")  # mlx_flash engines
+FLASH = ("flash", "flash-src", "flash-ahead")  # ours within the memory budget
 # Qwen3-30B-A3B (config.json of Qwen/Qwen3-30B-A3B), the vocabulary cut to save time
 QWEN3_30B_A3B = {
     "model_type": "qwen3_moe", "hidden_size": 2048, "intermediate_size": 6144,
@@ -350,9 +357,13 @@ def worker(spec: dict) -> dict:
         if engine == "flash-src":
             shutil.rmtree(spec["home"], ignore_errors=True)
             os.environ["MLX_FLASH_HOME"] = spec["home"]
+        # flash-ahead: flash reading the next layer's likely experts ahead (--lookahead);
+        # the others keep load's default
+        ahead = {"lookahead": spec["lookahead"]} if engine == "flash-ahead" else {}
         model, _ = mlx_flash.load(spec["folder" if engine == "flash-src" else "bundle"],
                                   memory_budget=spec["budget"], cold=True,
-                                  threads=spec["threads"], context=spec["context"])
+                                  threads=spec["threads"], context=spec["context"],
+                                  expert_policy=spec["policy"], **ahead)
         flash = model.flash
     load_s = time.perf_counter() - t0
     trace = np.load(spec["trace"])
@@ -463,9 +474,13 @@ def moe_run(args: argparse.Namespace, work: Path) -> dict:
     base = {"bundle": str(bundle_path), "folder": str(folder), "trace": str(trace_path),
             "home": str(work / "flash-src-home"),
             "prompt": PROMPT, "tokens": tokens, "context": context, "threads": args.threads,
-            "experts": n, "k": k}
+            "experts": n, "k": k, "lookahead": args.lookahead or k,
+            "policy": args.expert_policy}
     engines = args.engines.split(",") if args.engines else list(ENGINES)
-    budgets = {"naive": "off", "flash": budget, "flash-src": budget, "mlx-lm": None}
+    unknown = set(engines) - set(ENGINES) - set(OPTIONAL)
+    if unknown:
+        raise SystemExit(f"unknown engines {sorted(unknown)}: {ENGINES + OPTIONAL}")
+    budgets = {"naive": "off", "mlx-lm": None, **dict.fromkeys(FLASH, budget)}
 
     def line(engine: str, r: dict) -> str:
         what = (f"{r['ms_per_token']:.1f} ms/token, model RSS "
@@ -489,7 +504,7 @@ def moe_run(args: argparse.Namespace, work: Path) -> dict:
                        if llama_cpp_installed() else "not installed")
             rows.append(row)
             continue
-        b = budget if engine in ("flash", "flash-src") else None
+        b = budget if engine in FLASH else None
         rows.append(combine(engine, got[engine], b))
     reference = next((r for r in rows if r["engine"] == "mlx-lm" and r["status"] == "ok"),
                      None)
@@ -607,6 +622,11 @@ def main(argv: list[str] | None = None) -> int:
                    help="--ram minus this is flash's budget (default 640 MiB)")
     p.add_argument("--engines", default=None, help=f"comma-separated ({','.join(ENGINES)})")
     p.add_argument("--threads", type=int, default=8, help="read threads")
+    p.add_argument("--lookahead", type=int, default=None,
+                   help="the flash-ahead engine's lookahead: the next layer's likely experts "
+                        "read ahead (default: k)")
+    p.add_argument("--expert-policy", default=DEFAULT_POLICY,
+                   help=f"the flash engines' expert cache policy ({DEFAULT_POLICY})")
     p.add_argument("--skew", type=float, default=SKEW,
                    help=f"the trace's Zipf exponent over each layer's experts ({SKEW})")
     p.add_argument("--jaccard", type=float, default=JACCARD,
