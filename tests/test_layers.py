@@ -21,7 +21,7 @@ LAYERS = [
     ["memory"],
     ["engine", "ffn", "moe"],
     ["loader"],
-    ["convert", "convert_moe", "calibrate", "evaluate", "paths"],
+    ["convert", "convert_moe", "calibrate", "evaluate", "paths", "disk_probe"],
     ["api", "__init__", "cli", "generate", "chat", "server", "__main__"],
 ]
 LAYER = {name: i for i, names in enumerate(LAYERS) for name in names}

@@ -1,0 +1,95 @@
+"""The first run's disk line: random cold reads measured once per disk, and a token's reads."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+from tiny_moe import write_tiny_moe
+
+import mlx_flash
+from mlx_flash import disk_probe
+from mlx_flash.convert import convert
+from mlx_flash.memory import expert_budget
+from mlx_flash.paths import resolve_model
+
+
+def random_file(path, size: int) -> None:
+    path.write_bytes(np.random.default_rng(0).integers(0, 256, size, np.uint8).tobytes())
+
+
+def test_measure_reads_what_it_says(tmp_path):
+    """Every read is whole (its bytes counted) and at least PROBE_MIN_READS are made."""
+    f = tmp_path / "data.bin"
+    random_file(f, 3 * 2**20 + 123)
+    speed = disk_probe.measure(f, 100_000, threads=3, seconds=0.01)
+    assert speed.reads >= disk_probe.PROBE_MIN_READS and speed.reads % 3 == 0
+    assert speed.read_bytes == 100_000 and speed.threads == 3
+    assert speed.bytes_per_second > 0
+    # a read larger than the file is cut to the file
+    assert disk_probe.measure(f, 2**30, threads=1, seconds=0).read_bytes == f.stat().st_size
+
+
+def test_disk_speed_is_measured_once_and_survives_a_broken_store(tmp_path):
+    f = tmp_path / "data.bin"
+    random_file(f, 2**20)
+    store = tmp_path / "home" / "disks.json"
+    first, measured = disk_probe.disk_speed(f, 65536, 2, store)
+    assert measured and store.exists()
+    again, measured = disk_probe.disk_speed(f, 65536, 2, store)
+    assert not measured and again == first
+    # another read size is another figure; the first one stays
+    _, measured = disk_probe.disk_speed(f, 4096, 2, store)
+    assert measured and len(json.loads(store.read_text())) == 2
+    for broken in ("{not json", "[1, 2]", json.dumps({next(iter(json.loads(
+            store.read_text()))): {"bogus": 1}})):
+        store.write_text(broken)
+        _, measured = disk_probe.disk_speed(f, 65536, 2, store)
+        assert measured
+        assert isinstance(json.loads(store.read_text()), dict)
+    assert not [p for p in store.parent.iterdir() if p.name.startswith(".")]  # no leftovers
+
+
+@pytest.fixture(scope="module")
+def moe_bundle(tmp_path_factory):
+    root = tmp_path_factory.mktemp("probe")
+    src = root / "qwen3"
+    write_tiny_moe(src, "qwen3_moe", 4)
+    return src, convert(src, root / "qwen3.flash", dtype=None, progress=False).path
+
+
+@pytest.mark.parametrize("where", ["bundle", "source"])
+def test_expert_token_reads_and_line(moe_bundle, where, tmp_path, monkeypatch):
+    """An expert engine's token: k experts in every MoE layer, of the records it reads, from
+    the file it reads them from (the bundle's, or the model folder's own)."""
+    monkeypatch.setenv("MLX_FLASH_HOME", str(tmp_path / "home"))
+    path = moe_bundle[1] if where == "bundle" else moe_bundle[0]
+    budget = expert_budget(resolve_model(path), 4, 256, 2)
+    model, _ = mlx_flash.load(path, memory_budget=budget, context=256)
+    engine = model.flash
+    config = engine.bundle.config
+    reads = disk_probe.token_reads(engine)
+    layers = config["num_hidden_layers"]
+    assert reads.records == config["num_experts_per_tok"] * layers
+    assert reads.record_bytes == engine.family.record_bytes
+    file = disk_probe.record_file(engine)
+    assert file.exists() and (file.parent == path if where == "bundle" else file.parent == path)
+    line = disk_probe.first_run_line(engine, threads=2)
+    assert line.startswith("disk: ") and "measured now" in line
+    assert f"{reads.records // layers} experts x {layers} layers" in line
+    assert "measured on the first run" in disk_probe.first_run_line(engine, threads=2)
+    assert os.listdir(tmp_path / "home") == ["disks.json"]
+
+
+def test_dense_token_reads(tiny_bundle, tmp_path, monkeypatch):
+    """A dense engine's token with nothing cached: every neuron of every layer."""
+    monkeypatch.setenv("MLX_FLASH_HOME", str(tmp_path / "home"))
+    model, _ = mlx_flash.load(tiny_bundle, memory_budget="off", context=64)
+    engine = model.flash
+    fam = engine.families["neuron"]
+    reads = disk_probe.token_reads(engine)
+    assert reads.bytes == fam.count * engine.n_layers * fam.record_bytes
+    assert disk_probe.record_file(engine) == tiny_bundle / fam.file
+    assert "before selection" in disk_probe.first_run_line(engine, threads=1)
