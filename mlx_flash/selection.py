@@ -464,6 +464,8 @@ def load_mode(bundle: Bundle, spec: FFNSpec, name: str | None,
         raise ValueError(f"selection mode {name!r} is not calibrated in this bundle "
                          f"(calibrated: {calibrated}); run python -m mlx_flash.calibrate")
     m = modes[name]
+    if m.get("file"):  # checked as the resident weights are: a flipped byte would select wrongly
+        bundle.check_file(m["file"])
     arrays = mx.load(str(bundle.path / m["file"])) if m.get("file") else {}
     layers = m["layers"]
     n = len(layers)

@@ -197,3 +197,22 @@ def test_records_read_at_runtime_not_loaded_whole(tiny_bundle):
     before = model.flash.reader_for("neuron").counters.bytes
     mx.eval(model(mx.array([[5, 6, 7]])))
     assert model.flash.reader_for("neuron").counters.bytes - before == b.ffn_bytes
+
+
+@pytest.mark.parametrize("mode", ["predictor", "hybrid"])
+def test_damaged_selection_file_is_a_clear_error(calibrated, mode, tmp_path):
+    """A selection mode's file (its predictor, its thresholds) read at load is checked against
+    its CRC32 in the manifest, as the resident weights are: a flipped byte in its data, which
+    every header and size check passes, is one line, not a model that selects wrongly."""
+    if mode not in calibrated:
+        pytest.skip(f"no {mode} calibration here")
+    path = tmp_path / "bundle"
+    shutil.copytree(calibrated[mode], path)
+    name = Bundle.open(path).selection["modes"][mode].get("file")
+    if name is None:
+        pytest.skip(f"{mode} keeps no file")
+    data = bytearray((path / name).read_bytes())
+    data[-3] ^= 0x40  # in the last tensor's data
+    (path / name).write_bytes(bytes(data))
+    with pytest.raises(BundleError, match=f"{name} is damaged"):
+        mlx_flash.load(path, sparsity=mode)
