@@ -163,3 +163,58 @@ def test_md_table_and_num() -> None:
                               ["naive", benchlib.num(None), benchlib.num(0.25, 1, ".0%")]]) == [
         "| engine | ms/token | note |", "|---|---|---|", "| flash | 12.3 | |",
         "| naive | – | 25% |"]
+
+
+def test_read_mbps_parses_default_numbers_and_off() -> None:
+    import argparse
+
+    assert benchlib.read_mbps("default") == benchlib.DEFAULT_READ_MBPS
+    assert benchlib.read_mbps(" Default ") == benchlib.DEFAULT_READ_MBPS
+    assert benchlib.read_mbps("30") == 30.0 and benchlib.read_mbps("2.5") == 2.5
+    for off in (None, "", "0", "off", "none"):
+        assert benchlib.read_mbps(off) is None
+    for bad in ("fast", "-5", "nan", "inf"):
+        with pytest.raises(argparse.ArgumentTypeError, match="read-mbps"):
+            benchlib.read_mbps(bad)
+    assert benchlib.read_bps(12.0) == 12_000_000 and benchlib.read_bps(None) is None
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--read-mbps", type=benchlib.read_mbps)
+    assert parser.parse_args(["--read-mbps", "default"]).read_mbps == benchlib.DEFAULT_READ_MBPS
+
+
+def test_drop_page_cache_takes_a_file_or_a_folder(tmp_path: Path) -> None:
+    import os
+
+    path = tmp_path / "sub" / "data.bin"
+    path.parent.mkdir()
+    with open(path, "wb") as f:
+        f.write(os.urandom(4 << 20))
+        os.fsync(f.fileno())  # dirty pages are not dropped, only clean ones
+    for target in (path, tmp_path):
+        with open(path, "rb") as f:
+            f.read()  # now cached
+        assert cached_share(path) > 0.9
+        benchlib.drop_page_cache(target)
+        assert cached_share(path) < 0.5, target  # most pages forgotten
+
+
+def cached_share(path: Path) -> float:
+    """The share of a file's pages in the page cache (mincore(2) on a private mapping, whose
+    untouched pages are the cache's)."""
+    import ctypes
+    import ctypes.util
+    import mmap
+
+    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+    size, page = path.stat().st_size, mmap.PAGESIZE
+    vec = (ctypes.c_ubyte * ((size + page - 1) // page))()
+    with open(path, "rb") as f:
+        m = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+        view = ctypes.c_char.from_buffer(m)
+        failed = libc.mincore(ctypes.c_void_p(ctypes.addressof(view)), ctypes.c_size_t(size),
+                              vec)
+        del view
+        m.close()
+    if failed:
+        pytest.skip("mincore(2) failed")
+    return sum(v & 1 for v in vec) / len(vec)

@@ -36,6 +36,32 @@ if str(ROOT / "tools") not in sys.path:
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 Case = TypeVar("Case", bound=Hashable)
+# `--read-mbps default`: the read throttle (MB/s, 10^6 bytes) at which a naive token's read
+# stall is the share of it that it is on an M-series Mac (~94%: a read:compute ratio of ~14.5);
+# derived in docs/BENCHMARKS.md, "The read-bound regime: where the default throttle comes from".
+DEFAULT_READ_MBPS = 12.0
+
+
+def read_mbps(value: str | None) -> float | None:
+    """A --read-mbps argument: "default" (DEFAULT_READ_MBPS), a positive number of MB/s, or
+    None / "" / "0" / "off" / "none" for no throttle."""
+    if value is None or value.strip().lower() in ("", "0", "off", "none"):
+        return None
+    if value.strip().lower() == "default":
+        return DEFAULT_READ_MBPS
+    try:
+        mbps = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"--read-mbps takes a number of MB/s or 'default', not {value!r}") from None
+    if not mbps > 0 or mbps == float("inf"):
+        raise argparse.ArgumentTypeError(f"--read-mbps must be positive and finite: {value!r}")
+    return mbps
+
+
+def read_bps(mbps: float | None) -> int | None:
+    """read_mbps's MB/s as the cgroup's bytes per second (None: no throttle)."""
+    return None if mbps is None else int(mbps * 1e6)
 
 
 def drop_page_cache(folder: Path) -> None:
@@ -407,8 +433,8 @@ def engine_chart(runs: list[dict], path: Path) -> None:
         return
     fig, axes = plt.subplots(1, len(runs), figsize=(5 * len(runs), 4), squeeze=False)
     for ax, run in zip(axes[0], runs, strict=True):
-        names = [r["engine"] for r in run["rows"]]
-        ax.bar(names, [r["ms_per_token"] for r in run["rows"]], color="#4a7ab5")
+        rows = [r for r in run["rows"] if r.get("ms_per_token") is not None]  # those that ran
+        ax.bar([r["engine"] for r in rows], [r["ms_per_token"] for r in rows], color="#4a7ab5")
         ax.set_title(f"{run['model']}: ms per decode token")
         ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
