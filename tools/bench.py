@@ -2,6 +2,8 @@
 
     python tools/bench.py [--runs default,scale] [--quick] [--tokens N] [--json OUT]
                           [--md OUT] [--png OUT] [--engines E,...] [--repeat N]
+                          [--read-mbps N|default]
+    python tools/bench.py --read-mbps default   # the read-bound regime (a Mac's proportions)
     python tools/bench.py --runs scale --engines naive,flash,flash-ahead --repeat 3
                                        # reading ahead on the scale run, side by side
     python tools/bench.py --big        # by hand: an OPT-shaped model 1.3x this machine's RAM
@@ -28,6 +30,17 @@ credits its naive baseline with the storage's best throughput):
           next layer's likely records (the scale run's trace: exactly its selection) are read
           into its cache while its attention computes; the table says how much of flash's I/O
           wait it hid
+  llama.cpp, llama.cpp --no-mmap  (default run) llama.cpp from the default model's GGUF as it
+          is (Q4_1), memory-mapped (its default) and read into memory, one thread, the same
+          prompt ids and token count (benchlib.llama_cpp_row, tools/llama_greedy.cpp: built
+          by `python tools/llama_cpp.py build`; else a row saying so); its greedy tokens are
+          compared with dense's (the same weights, other arithmetic: how many agree). The
+          scale run's llama.cpp row says why it cannot run (no GGUF; no OPT in llama.cpp)
+
+--read-mbps N (MB/s) or "default" (benchlib.DEFAULT_READ_MBPS, derived in
+docs/BENCHMARKS.md from a Mac's SSD and decode speed) limits each engine's reads from the
+model's disk, page faults included, with a blkio cgroup: the read-bound regime. Without it
+reads run at this machine's disk speed (the compute-bound regime here).
 
 Runs:
   default  the embedded default model (SwiGLU) with its calibrated selection mode, budget 75%
@@ -76,7 +89,14 @@ import benchlib
 import numpy as np
 from benchlib import ROOT, median_row, num
 
-ENGINES = ("dense", "naive", "mmap", "hybrid", "flash", "flash-q4")  # and flash-ahead
+ENGINES = ("dense", "naive", "mmap", "hybrid", "flash", "flash-q4", "llama.cpp",
+           "llama.cpp --no-mmap")  # and flash-ahead
+LLAMA_ENGINES = ("llama.cpp", "llama.cpp --no-mmap")
+# Why the scale run has no llama.cpp row: checked in llama.cpp 11434's src/llama-arch.cpp (no
+# OPT among its architectures) and its convert_hf_to_gguf.py (no OPTForCausalLM).
+SCALE_LLAMA_STATUS = ("cannot run: the scale model is a synthetic OPT written only as an "
+                      "mlx_flash bundle, and llama.cpp has no OPT architecture to load a GGUF "
+                      "of it")
 SWEEP_TOP = 1.2  # the sweep's largest budget, as a multiple of what the model needs whole
 BIG_ENGINES = ("naive", "mmap", "hybrid", "flash")  # dense cannot load a model over RAM
 PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle."
@@ -228,9 +248,10 @@ def worker(spec: dict) -> dict:
             # selections in slices of the staging matrix, as the engine sets its own mode's
             # (at the scale model's minimum, without caches, 1638 rows did not fit its 1023)
             flash.mode.rows_per_fetch = flash.dense.rows_per_fetch
-    row, _ = benchlib.decode_row(engine_name, model, spec["prompt_ids"], spec["tokens"],
-                                 runtime, time.perf_counter() - t0)
-    row.update(ffn_bytes_per_token=None, io_ms=None, mem_ms=None, compute_ms=None)
+    row, tokens = benchlib.decode_row(engine_name, model, spec["prompt_ids"], spec["tokens"],
+                                      runtime, time.perf_counter() - t0)
+    row.update(ffn_bytes_per_token=None, io_ms=None, mem_ms=None, compute_ms=None,
+               tokens=tokens)
     if flash is not None:
         d = flash.stats.decode
         row.update(ffn_bytes_per_token=d.bytes / d.tokens,
@@ -248,22 +269,60 @@ def worker(spec: dict) -> dict:
     return row
 
 
-def run_engine(folder: Path, spec: dict, fail: bool = True) -> dict:
+def run_engine(folder: Path, spec: dict, fail: bool = True, read_bps: int | None = None
+               ) -> dict:
     """One engine in a process (and memory cgroup) of its own, its model's page cache emptied
-    first. When it fails: exit, or with `fail` False, its row with "error" or "status"."""
+    first, its reads limited to `read_bps` where given. When it fails: exit, or with `fail`
+    False, its row with "error" or "status"."""
     return benchlib.run_worker(Path(__file__), dict(spec, path=str(folder)), [folder],
-                               check=fail)
+                               read_bps=read_bps, check=fail)
 
 
-def run_engines(folders: dict[str, Path], base: dict, engines: list[str],
-                repeat: int = 1) -> list[dict]:
-    """Each engine in its own process, `repeat` rounds interleaved, each its median round."""
+def run_engines(folders: dict[str, Path], base: dict, engines: list[str], repeat: int = 1,
+                read_bps: int | None = None) -> list[dict]:
+    """Each engine in its own process, `repeat` rounds interleaved, each its median round
+    (a llama.cpp row that did not run: its last round, saying why). llama.cpp runs from
+    folders["gguf"] where there is one, else its row is base["llama_status"]."""
     engines = [e for e in engines if e != "flash-q4" or e in folders]  # a 4-bit bundle or not
-    got = benchlib.interleaved(
-        engines, repeat,
-        lambda e: run_engine(folders.get(e, folders["bundle"]), dict(base, engine=e)),
-        lambda e, row: f"{e}: {row['ms_per_token']:.1f} ms/token")
-    return [median_row(rounds) for rounds in got.values()]
+    llama = [e for e in engines if e in LLAMA_ENGINES]
+    if llama and "gguf" not in folders:
+        engines = [e for e in engines if e not in LLAMA_ENGINES]
+
+    def run(engine: str) -> dict:
+        if engine in LLAMA_ENGINES:
+            return benchlib.llama_cpp_row(folders["gguf"], base["prompt_ids"], base["tokens"],
+                                          read_bps=read_bps, mmap=engine == "llama.cpp")
+        return run_engine(folders.get(engine, folders["bundle"]), dict(base, engine=engine),
+                          read_bps=read_bps)
+
+    def line(engine: str, row: dict) -> str:
+        if row["status"] != "ok":
+            return f"{engine}: {row['status']}"
+        return f"{engine}: {row['ms_per_token']:.1f} ms/token"
+
+    got = benchlib.interleaved(engines, repeat, run, line)
+    rows = [median_row(rounds) if rounds[-1]["status"] == "ok" else rounds[-1]
+            for rounds in got.values()]
+    if llama and "gguf" not in folders:
+        rows += [{"engine": e, "status": base["llama_status"], "ms_per_token": None}
+                 for e in llama]
+    compare_tokens(rows)
+    return rows
+
+
+def compare_tokens(rows: list[dict]) -> None:
+    """Each row's greedy tokens against the reference's (dense, else naive):
+    "tokens_agree" (how many of the first tokens are the same before the first difference)
+    and "tokens_equal"."""
+    ref = next((r for name in ("dense", "naive") for r in rows
+                if r["engine"] == name and r.get("tokens")), None)
+    for r in rows:
+        if ref is not None and r.get("tokens"):
+            same = next((i for i, (a, b) in enumerate(zip(r["tokens"], ref["tokens"],
+                                                          strict=False)) if a != b),
+                        min(len(r["tokens"]), len(ref["tokens"])))
+            r.update(tokens_reference=ref["engine"], tokens_agree=same,
+                     tokens_equal=r["tokens"] == ref["tokens"])
 
 
 # ----------------------------------------------------------------------------- runs
@@ -326,14 +385,15 @@ def default_base(bundle: Path, tokens: int, budget: int, threads: int, compute: 
                                   add_generation_prompt=True)
     return {"tokens": tokens, "prompt_ids": ids, "budget": budget, "window": 5,
             "context": len(ids) + tokens + 8, "threads": threads, "sparsity": None,
-            "dense_mlx_lm": True, "trace": False, "compute_dtype": compute}
+            "dense_mlx_lm": True, "trace": False, "compute_dtype": compute,
+            "llama_status": None}
 
 
 def scale_base(tokens: int, budget: int, threads: int, compute: str) -> dict:
     """The scale (and big) runs' worker spec: trace-driven, our OPT as dense."""
     return {"tokens": tokens, "prompt_ids": [0, 87, 104, 111], "budget": budget, "window": 5,
             "context": 64, "threads": threads, "sparsity": None, "dense_mlx_lm": False,
-            "trace": True, "compute_dtype": compute}
+            "trace": True, "compute_dtype": compute, "llama_status": SCALE_LLAMA_STATUS}
 
 
 def prepare_scale(work: Path, layers: int, name: str) -> tuple[Path, int]:
@@ -348,18 +408,24 @@ def prepare_scale(work: Path, layers: int, name: str) -> tuple[Path, int]:
 
 
 def table(run: dict) -> str:
-    naive = next((r["ms_per_token"] for r in run["rows"] if r["engine"] == "naive"), None)
+    naive = next((r["ms_per_token"] for r in run["rows"]
+                  if r["engine"] == "naive" and r.get("status", "ok") == "ok"), None)
+    regime = (f"reads limited to {run['read_mbps']:g} MB/s (read-bound)" if run.get("read_mbps")
+              else "reads unthrottled")
     lines = [f"**{run['model']}** — budget {run['budget_bytes'] / 1e6:.0f} MB, "
-             f"{run['tokens']} tokens, computed in {run.get('compute_dtype', 'the bundle dtype')}",
-             "", *benchlib.md_table(
-                 ["engine", "ms/token", "vs naive", "FFN MB read/token", "peak RSS MB (model)",
-                  "I/O ms", "cache ms", "compute ms"],
-                 ([r["engine"], f"{r['ms_per_token']:.1f}",
-                   "–" if not naive else f"{naive / r['ms_per_token']:.2f}×",
-                   num(r["ffn_bytes_per_token"], 1e-6),
-                   f"{r['peak_rss_bytes'] / 1e6:.0f} ({r['model_rss_bytes'] / 1e6:.0f})",
-                   num(r["io_ms"]), num(r["mem_ms"]), num(r["compute_ms"])]
-                  for r in run["rows"]))]
+             f"{run['tokens']} tokens, computed in {run.get('compute_dtype', 'the bundle dtype')}"
+             f", {regime}", "", *benchlib.md_table(
+                 ["engine", "ms/token", "vs naive", "MB read/token", "read stall ms (share)",
+                  "cache ms", "compute ms", "first token s", "peak RSS MB (model)",
+                  "cgroup peak MB",
+                  "tokens as " + next((r["tokens_reference"] for r in run["rows"]
+                                        if r.get("tokens_reference")), "dense"), "status"],
+                 map(table_cells, run["rows"], [naive] * len(run["rows"])))]
+    if any(r["engine"] in LLAMA_ENGINES and r.get("status") == "ok" for r in run["rows"]):
+        lines += ["", "llama.cpp's MB read/token: bytes its process read from storage while "
+                  "decoding (/proc/self/io), over its decode steps; its model is Q4_1, ours "
+                  f"{run.get('compute_dtype')}: its arithmetic differs, so its tokens agree only "
+                  "so far"]
     flash = next((r for r in run["rows"] if r["engine"] == "flash"), None)
     if flash and flash.get("read_calls"):
         lines.append("")
@@ -392,6 +458,26 @@ def table(run: dict) -> str:
         lines.append(f"trace: {t['active']:.1%} of neurons active per token, a 5-token window "
                      f"holds {t['window_union']:.1%}, {t['new_per_token']:.2%} new per token")
     return "\n".join(lines)
+
+
+def table_cells(r: dict, naive: float | None) -> list[str]:
+    """A row of table(): llama.cpp's "MB read" is what its process read from storage while
+    decoding; ours, the FFN records read."""
+    if r.get("status", "ok") != "ok":
+        return [r["engine"], *["–"] * 10, r["status"]]
+    read = r["ffn_bytes_per_token"]
+    if r["engine"] in LLAMA_ENGINES:
+        read = r.get("read_bytes_per_token")
+    stall = "–" if r.get("io_ms") is None else (
+        f"{r['io_ms']:.1f} ({r['io_ms'] / r['ms_per_token']:.0%})")
+    agree = "–" if r.get("tokens_agree") is None else (
+        f"{r['tokens_agree']}/{len(r['tokens'])}" + (" (equal)" if r["tokens_equal"] else ""))
+    return [r["engine"], f"{r['ms_per_token']:.1f}",
+            "–" if not naive else f"{naive / r['ms_per_token']:.2f}×", num(read, 1e-6, ".2f"),
+            stall, num(r.get("mem_ms")), num(r.get("compute_ms")),
+            num(r.get("first_token_seconds"), 1, ".2f"),
+            f"{r['peak_rss_bytes'] / 1e6:.0f} ({r['model_rss_bytes'] / 1e6:.0f})",
+            num(r.get("cgroup_peak_bytes"), 1e-6, ".0f"), agree, "ok"]
 
 
 def profile_figure(mean_read: float, threads: int) -> dict | None:
@@ -585,6 +671,10 @@ def main() -> int:
                    help=f"comma-separated (default {','.join(ENGINES)}; --big: "
                         f"{','.join(BIG_ENGINES)})")
     p.add_argument("--threads", type=int, default=8, help="read threads, every engine")
+    p.add_argument("--read-mbps", type=benchlib.read_mbps, default=None, metavar="N|default",
+                   help="limit each engine's reads from the model's disk to N MB/s (blkio "
+                        "cgroup); 'default': the read-bound regime, "
+                        f"{benchlib.DEFAULT_READ_MBPS:g} MB/s (docs/BENCHMARKS.md)")
     benchlib.add_output_args(p)
     p.add_argument("--moe", action="store_true",
                    help="the Mixture-of-Experts benchmark, tools/bench_moe.py (its options: "
@@ -614,6 +704,9 @@ def main() -> int:
             budget = int(0.75 * size)
             base = default_base(bundle, tokens, budget, args.threads, compute)
             folders = {"bundle": bundle, "dense": dense, "flash-q4": q4}
+            from mlx_flash.paths import default_model_source
+
+            folders["gguf"] = default_model_source()  # llama.cpp's: the GGUF as it ships
         else:
             if name == "big":
                 ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
@@ -632,10 +725,12 @@ def main() -> int:
             tokens = args.tokens or (6 if args.quick or name == "big" else 16)
             base = scale_base(tokens, budget, args.threads, compute)
             folders = {"bundle": bundle}
-        print(f"{name}: {bundle.name}, budget {budget / 1e6:.0f} MB, {tokens} tokens")
+        print(f"{name}: {bundle.name}, budget {budget / 1e6:.0f} MB, {tokens} tokens"
+              + (f", reads limited to {args.read_mbps:g} MB/s" if args.read_mbps else ""))
         run = {"model": name, "budget_bytes": budget, "bundle_bytes": size, "tokens": tokens,
-               "compute_dtype": compute,
-               "rows": run_engines(folders, base, engines, args.repeat or 1)}
+               "compute_dtype": compute, "read_mbps": args.read_mbps,
+               "rows": run_engines(folders, base, engines, args.repeat or 1,
+                                   benchlib.read_bps(args.read_mbps))}
         flash = next((r for r in run["rows"] if r["engine"] == "flash"), None)
         if flash and flash.get("mean_read_bytes"):
             run["profile"] = profile_figure(flash["mean_read_bytes"], args.threads)

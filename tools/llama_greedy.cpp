@@ -12,7 +12,7 @@
 //   prefill_seconds     the prompt's batch and the first token's argmax
 //   decode_seconds      one entry per later token (TOKENS - 1): its llama_process and argmax
 //   rss_before_load_bytes  this process's RSS before the model was loaded (the runtime's)
-//   peak_rss_bytes      getrusage's peak RSS at the end
+//   peak_rss_bytes      the peak RSS at the end (VmHWM: this program's own, from its exec)
 //   read_bytes_load / _prefill / _decode  bytes read from storage (/proc/self/io read_bytes:
 //                       read(2) and page faults of a mapping alike) in each phase
 // llama.cpp's own log goes to stderr, warnings and errors only; a failure exits 1 with its
@@ -54,15 +54,29 @@ long long storage_read_bytes() {
     return -1;  // no /proc/self/io (not Linux, or no task I/O accounting)
 }
 
-// The resident set now (/proc/self/statm's second field, in pages).
-long long current_rss_bytes() {
-    std::ifstream statm("/proc/self/statm");
-    long long size = 0, resident = -1;
-    statm >> size >> resident;
-    return resident < 0 ? -1 : resident * sysconf(_SC_PAGESIZE);
+// A /proc/self/status field in bytes ("VmRSS:", "VmHWM:"), or -1.
+long long status_bytes(const std::string & field) {
+    std::ifstream status("/proc/self/status");
+    std::string line;
+    while (std::getline(status, line)) {
+        if (line.compare(0, field.size(), field) == 0) {
+            return std::atoll(line.c_str() + field.size()) * 1024;  // kB
+        }
+    }
+    return -1;
 }
 
+long long current_rss_bytes() {
+    return status_bytes("VmRSS:");
+}
+
+// The peak RSS of this program: VmHWM starts afresh at exec, whereas getrusage's ru_maxrss
+// carries over the peak of the process that forked it (a benchmark's Python, ~1 GB).
 long long peak_rss_bytes() {
+    const long long hwm = status_bytes("VmHWM:");
+    if (hwm >= 0) {
+        return hwm;
+    }
     struct rusage usage {};
     getrusage(RUSAGE_SELF, &usage);
     return static_cast<long long>(usage.ru_maxrss) * 1024;  // Linux: kilobytes
