@@ -149,7 +149,11 @@ class Engine:
     def start_ahead(self, layer: int, read: Callable[[], None]) -> None:
         """Run `read` (which reads records for `layer` into its cache) in the background
         until `await_ahead(layer)`: nothing may touch that cache before. The main thread
-        reads nothing meanwhile (it computes attention), so what the readers count is its."""
+        reads nothing meanwhile (it computes attention), so what the readers count is its.
+        A read ahead never awaited (a forward pass that failed between) is waited for first:
+        the two may write the same rows."""
+        if self._ahead is not None:
+            wait_all([self._ahead[1]])
         def timed() -> tuple[int, int, float]:
             t0 = time.perf_counter()
             read0, _, records0, _ = self._read_totals()

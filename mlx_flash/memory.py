@@ -146,6 +146,7 @@ class MemoryPlan:
     experts: tuple[int, int, int] | None = None
     routed: int = 0  # bytes of the slots for the experts a token routes to (and slot maps)
     naive: bool = False  # the experts of one token, read anew every token (budget "off")
+    prefetch: int = 0  # expert slots lent to the lookahead's prefetch area (reserve_prefetch)
 
     @property
     def minimum(self) -> int:
@@ -190,6 +191,8 @@ class MemoryPlan:
             slots, count, _ = self.experts
             held = ("the experts of one token, read anew every token" if self.naive else
                     f"{slots} of {count} experts in each of {self.layers} MoE layers")
+            if self.prefetch:
+                held += f", {self.prefetch} of those slots a prefetch area for the lookahead"
             return (f"resident weights {format_bytes(self.resident)} + {self.kv_text()} "
                     f"{format_bytes(self.kv)} + working memory {format_bytes(self.work)} + "
                     f"expert slots {format_bytes(self.cache_bytes)} ({held})")
@@ -364,6 +367,31 @@ def expert_plan(bundle: Bundle, itemsize: int, budget: int | str | None, context
     plan.whole = n == fam.count
     plan.complete_layers = plan.layers if plan.whole else 0
     return plan
+
+
+def reserve_prefetch(plan: MemoryPlan, rows: int) -> int:
+    """Lend up to `rows` of an expert plan's slots to a prefetch area shared by all MoE
+    layers, which the lookahead reads the next layer's guessed experts into (never into a
+    cache: a wrong guess then costs bytes, not hits). One slot at a time from the layer
+    holding the most (the lower layer on ties), none left with fewer than the experts a token
+    routes to; the bytes planned stay the same (a prefetch row is a slot, its index entries
+    aside). Returns the rows lent: 0 for a plan that holds every expert or reads every
+    token's anew (nothing to guess, or no slot to spare)."""
+    if plan.experts is None or plan.whole or plan.naive or rows <= 0:
+        return 0
+    _, _, k = plan.experts
+    (key,) = plan.capacity
+    slots = plan.capacity[key]
+    moe = [i for i, n in enumerate(slots) if n]
+    lent = 0
+    while lent < rows:
+        layer = max(moe, key=lambda i: (slots[i], -i))
+        if slots[layer] <= k:
+            break
+        slots[layer] -= 1
+        lent += 1
+    plan.prefetch = lent
+    return lent
 
 
 STAGING_BYTES = 16 * 2**20  # a staging matrix holds a whole layer, or this much of one

@@ -10,6 +10,8 @@ streams layer by layer: each expert it routes to is read once and multiplies all
 
 from __future__ import annotations
 
+import threading
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,18 +23,20 @@ from .arch.moe import TENSORS
 from .bundle import DTYPES, EXPERTS, Bundle
 from .engine import Engine
 from .eviction import DEFAULT_POLICY, POLICIES
-from .memory import MemoryPlan
+from .memory import MemoryPlan, reserve_prefetch
 from .neuron_cache import NeuronCache
+from .neuron_matrix import NeuronMatrix
 
 
 @dataclass
 class LookaheadStats:
     """How well the next layer's router, run on this layer's input, guessed its experts."""
 
-    guessed: int = 0  # experts read ahead (or found resident) for a layer
+    guessed: int = 0  # experts guessed for a layer (read ahead, or found resident)
     needed: int = 0  # experts the layer then routed to
     found: int = 0  # of those, guessed
     unused: int = 0  # experts read ahead that the layer did not route to: wasted reads
+    promoted: int = 0  # experts read ahead that the layer then admitted (not read again)
 
     @property
     def recall(self) -> float:
@@ -51,14 +55,19 @@ class ExpertEngine(Engine):
         super().__init__(bundle, plan, compute_dtype, threads, cold, use_mmap)
         self.family = fam = bundle.families[EXPERTS]
         self.naive = naive  # every token reads its experts anew: the naive engine
+        # decoding, the next layer's likely experts (its router's top `lookahead` on this
+        # layer's input) that its cache lacks are read into a prefetch area while this layer
+        # and the next one's attention compute: a few of the plan's slots, lent by the caches
+        rows = reserve_prefetch(plan, min(lookahead, plan.experts[2])) if lookahead else 0
+        self.prefetch = NeuronMatrix(fam, rows, fam.tensors) if rows else None
+        self._prefetched: tuple[int, np.ndarray] | None = None  # (layer, experts) in it
+        self._arrived = threading.Event()  # the layer read ahead for has come: stop reading
         for layer, n in enumerate(plan.capacity[(EXPERTS, fam.tensors)]):
             if n:
                 self.caches[layer] = NeuronCache(fam, fam.tensors, n,
                                                  POLICIES[policy](fam.count, n))
         self.shapes: dict[int, dict[str, tuple[int, int]]] = {}
         self._clock = dict.fromkeys(self.caches, 0)  # each cache's admissions: its clock
-        # decoding, the next layer's likely experts (its router's top `lookahead` on this
-        # layer's input) are read while this layer and the next one's attention compute
         self.lookahead = lookahead
         self.routers: dict[int, Any] = {}  # layer -> its router (open_moe_model sets them)
         self.next_layer = dict(zip(sorted(self.caches), sorted(self.caches)[1:], strict=False))
@@ -72,16 +81,21 @@ class ExpertEngine(Engine):
 
     def __call__(self, layer: int, x: mx.array, indices: mx.array,
                  activation: nn.Module) -> mx.array:
-        mx.eval(x, indices)  # the router has chosen: its experts can be read
         decoding = indices.size == indices.shape[-1]
+        ahead = self.next_layer.get(layer) if self.lookahead and decoding else None
+        scores = self._guess_scores(ahead, x) if ahead is not None else ()
+        # the one synchronisation of the layer: its router has chosen (its experts can be
+        # read), and the next layer's router has guessed (its experts can be read ahead)
+        mx.eval(x, indices, *scores)
         phase = self.stats.decode if decoding else self.stats.prefill
+        self._arrived.set()  # what is not read ahead by now, the layer reads itself
         self.await_ahead(layer, phase)
         with self.measure(phase):
             y = self._routed(layer, x, indices, activation)
         if layer == min(self.caches):
             phase.tokens += indices.size // indices.shape[-1]
-        if self.lookahead and decoding and layer in self.next_layer:
-            self._start_ahead(self.next_layer[layer], x)
+        if scores:  # read while this layer's experts and the next one's attention compute
+            self._start_ahead(ahead, self._ranked(scores))
         return y
 
     def _routed(self, layer: int, x: mx.array, indices: mx.array, activation: nn.Module
@@ -106,24 +120,49 @@ class ExpertEngine(Engine):
                 which = order[lo:hi]
                 y = self._compute(cache, xs[mx.array(which // k)], pairs[which],
                                   self.shapes[layer], activation)
-                mx.eval(y)  # before the next group's reads overwrite rows it multiplies
+                if s + k < len(group) or g + cache.capacity < len(ids):
+                    # before the next group's reads overwrite rows it multiplies, and the
+                    # next k's float copies take the memory; the last (a decode token's
+                    # only one) is evaluated with what follows it: no synchronisation here
+                    mx.eval(y)
                 outputs.append(y)
+        self._prefetched = None  # spent: the next read ahead overwrites the area
         y = outputs[0] if len(outputs) == 1 else mx.concatenate(outputs)
         y = y[mx.array(np.argsort(order).astype(np.int32))]
         return y.reshape(*indices.shape, x.shape[-1]).astype(x.dtype)
 
-    def _admit(self, layer: int, ids: np.ndarray, ahead: bool = False) -> np.ndarray:
+    def _admit(self, layer: int, ids: np.ndarray) -> None:
         """Make experts `ids` (sorted, at most the cache's capacity) resident in `layer`'s
-        cache, reading those that are not; returns those read. Rows whose bytes did not all
-        arrive, or fail their checksum, are not left resident."""
+        cache: those read ahead into the prefetch area are copied from it, the other missing
+        ones read. Rows whose bytes did not all arrive, or fail their checksum, are not left
+        resident."""
         cache = self.caches[layer]
         if self.naive:
             cache.evict(cache.neuron_at[:cache.size].copy())
         self._clock[layer] += 1
-        load, slots, spill = self.admit(cache, ids, self._clock[layer], ahead)
+        load, slots, spill = self.admit(cache, ids, self._clock[layer])
         assert len(spill) == 0, "a group of experts larger than the cache"
+        load, slots = self._promote(layer, cache, load, slots)
         self.read_admitted(cache, layer, load, slots)
-        return load
+
+    def _promote(self, layer: int, cache: NeuronCache, load: np.ndarray, slots: np.ndarray
+                 ) -> tuple[np.ndarray, np.ndarray]:
+        """Copy the experts of `load` that were read ahead for `layer` from the prefetch area
+        into their slots `slots` (an admission like any other: the policy chose the slots);
+        returns the rest, to be read."""
+        if self._prefetched is None or self._prefetched[0] != layer or len(load) == 0:
+            return load, slots
+        held = self._prefetched[1]  # row i holds expert held[i]
+        found = np.isin(load, held)
+        if found.any():
+            t0 = time.perf_counter()
+            by_id = np.argsort(held)
+            rows = by_id[np.searchsorted(held, load[found], sorter=by_id)]
+            for name, dst in cache.matrix.rows.items():
+                dst[slots[found]] = self.prefetch.rows[name][rows]
+            self.lookahead_stats.promoted += int(found.sum())
+            self._mem_seconds += time.perf_counter() - t0
+        return load[~found], slots[~found]
 
     def _weights(self, cache: NeuronCache, t: str, used: mx.array | None,
                  shape: tuple[int, int]) -> tuple[mx.array, ...]:
@@ -163,23 +202,49 @@ class ExpertEngine(Engine):
         gate = self._project(x, w["gate"], "gate", idx)
         return self._project(activation(up, gate), w["down"], "down", idx)
 
-    def _start_ahead(self, layer: int, x: mx.array) -> None:
-        """Guess `layer`'s experts with its own router on the layer before's input `x` (the
-        paper's predictor, for experts) and start reading those not resident."""
+    def _guess_scores(self, layer: int, x: mx.array) -> tuple[mx.array, ...]:
+        """`layer`'s router on the layer before's input `x` (the paper's predictor, for
+        experts), not evaluated: () when nothing is to be guessed."""
         router = self.routers.get(layer)
-        cache = self.caches[layer]
-        if router is None or cache.complete:
-            return
+        if router is None or self.caches[layer].complete or self.prefetch is None:
+            return ()
         out = router(x)
-        if isinstance(out, tuple):  # DeepSeek's gate returns (indices, scores)
-            guess = np.array(out[0]).reshape(-1)
-        else:
-            logits = np.array(out.astype(mx.float32)).reshape(-1)
-            guess = np.argsort(-logits, kind="stable")[:self.lookahead]
-        guess = np.unique(guess)[:cache.capacity]
+        return tuple(out) if isinstance(out, tuple) else (out,)
+
+    def _ranked(self, scores: tuple[mx.array, ...]) -> np.ndarray:
+        """The guessed experts, likeliest first."""
+        if len(scores) > 1:  # DeepSeek's gate returns (indices, scores)
+            guess = np.array(scores[0]).reshape(-1)
+            return guess[np.argsort(-np.array(scores[1].astype(mx.float32)).reshape(-1),
+                                    kind="stable")]
+        logits = np.array(scores[0].astype(mx.float32)).reshape(-1)
+        return np.argsort(-logits, kind="stable")[:self.lookahead]
+
+    def _start_ahead(self, layer: int, guess: np.ndarray) -> None:
+        """Start reading the guessed experts of `layer` that its cache lacks into the
+        prefetch area, likeliest first, one at a time, as many as it holds, until the layer
+        comes (`_arrived`): a wrong guess then delays the layer's own reads by one expert's
+        read at most. The cache is left as it is: what the layer routes to is admitted as any
+        miss, and copied from the area where it was read."""
+        cache = self.caches[layer]
+        ids = guess[cache.slot_of[guess] < 0][:self.prefetch.capacity]
+        self.guessed[layer] = guess, ids[:0]
+        if len(ids) == 0:
+            return
+        self._arrived.clear()
+        reader = self.reader_for(EXPERTS)
 
         def read() -> None:
-            self.guessed[layer] = guess, self._admit(layer, guess, ahead=True)
+            self._prefetched = None  # its rows are overwritten now
+            for row in range(len(ids)):
+                if self._arrived.is_set():
+                    break
+                one, at = ids[row:row + 1], np.array([row])
+                reader.read_records(self.family, layer, one, at, self.prefetch,
+                                    self.family.tensors)
+                self.checker.check(EXPERTS, layer, one, at, self.prefetch.rows)
+                self.guessed[layer] = guess, ids[:row + 1]
+                self._prefetched = layer, ids[:row + 1]
 
         self.start_ahead(layer, read)
 

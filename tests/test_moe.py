@@ -293,9 +293,6 @@ def test_read_faults_never_poison_the_expert_caches(moe_models, gguf_models, mon
 
     from test_faults import Faulty
 
-    from mlx_flash.flash_io import FlashReader
-    from mlx_flash.neuron_matrix import NeuronMatrix
-
     path, reference = model_of(moe_models, gguf_models, read_from, "qwen3_moe", 4)
     model, _ = load(path, memory_budget=slots_budget(path, 3), lookahead=lookahead)
     faulty = Faulty(kind, at=7)
@@ -308,16 +305,24 @@ def test_read_faults_never_poison_the_expert_caches(moe_models, gguf_models, mon
         assert kind == "short" or lookahead and engine_read_ahead(model)
         assert np.array_equal(got, reference)
     monkeypatch.setattr(os, "preadv", faulty.real)
-    engine = model.flash
+    assert_slots_equal_the_file(model.flash, path)
+    assert np.array_equal(greedy_logits(model, PROMPT, STEPS), reference)
+
+
+def assert_slots_equal_the_file(engine, path: Path) -> None:
+    """Every expert slot of every cache holds its expert's bytes as the file has them (the
+    bundle's records, or a source's pieces as they are read)."""
+    from mlx_flash.flash_io import FlashReader
+    from mlx_flash.neuron_matrix import NeuronMatrix
+
     for layer, cache in engine.caches.items():
         held = np.sort(cache.neuron_at[:cache.size])
         fresh = NeuronMatrix(engine.family, max(1, len(held)))
-        reader = PieceReader(engine.bundle) if read_from != "bundle" \
+        reader = PieceReader(engine.bundle) if isinstance(engine.bundle, SourceModel) \
             else FlashReader(path / engine.family.file)
         reader.read_records(engine.family, layer, held, np.arange(len(held)), fresh)
         for name, rows in cache.matrix.rows.items():
             assert np.array_equal(rows[cache.slot_of[held]], fresh.rows[name][:len(held)])
-    assert np.array_equal(greedy_logits(model, PROMPT, STEPS), reference)
 
 
 @pytest.mark.parametrize("change", [{"num_experts": 10**9}, {"num_experts_per_tok": 9},
