@@ -13,6 +13,7 @@ from .eviction import DEFAULT_POLICY
 from .loader import EngineOptions, bundle_tokenizer, open_model
 from .memory import KVQuantization
 from .paths import resolve_model
+from .pipeline import synchronize
 from .sysmem import rss_bytes
 
 
@@ -35,6 +36,8 @@ def load(
     kv_bits: int | None = None,
     kv_group_size: int = 64,
     quantized_kv_start: int = 5000,
+    pipeline_group: Any = None,
+    pipeline_split: list[int] | None = None,
 ) -> tuple[nn.Module, TokenizerWrapper]:
     """Load a flash bundle as `(model, tokenizer)` for mlx-lm's generate / stream_generate.
 
@@ -68,7 +71,11 @@ def load(
     makes room for a missing one: a name of `eviction.POLICIES`. The model's
     `flash` attribute is its FlashEngine, whose `stats` count flash reads and whose
     `runtime_rss` is the process's resident memory just before the model was loaded (the
-    tokenizer already was).
+    tokenizer already was). `pipeline_group` (an `mx.distributed` group, e.g.
+    `mx.distributed.init()` under mlx.launch): split the model by layers over its ranks as
+    mlx-lm's `pipeline()` does (even, or `pipeline_split` layers per rank, rank 0 first);
+    this rank loads, reads and budgets only its layers (`model.flash.stage` says which;
+    docs/PIPELINE.md). Every rank must then run the same generation.
     """
     bundle = resolve_model(default_bundle(dtype) if path is None else path, dtype=dtype,
                            verify=verify)
@@ -78,6 +85,9 @@ def load(
                                                                   quantized_kv_start)
     model = open_model(bundle, compute_dtype, sparsity, EngineOptions(
         memory_budget, window, context, threads, cold, rotating_kv=rotating_kv,
-        lookahead=lookahead, expert_policy=expert_policy, kv_quantization=kv_quantization))
+        lookahead=lookahead, expert_policy=expert_policy, kv_quantization=kv_quantization,
+        pipeline_group=pipeline_group, pipeline_split=pipeline_split))
     model.flash.runtime_rss = runtime
+    if pipeline_group is not None:
+        synchronize(pipeline_group)
     return model, tokenizer

@@ -32,6 +32,7 @@ from .memory import (
 )
 from .moe import ExpertEngine
 from .neuron_matrix import NeuronMatrix
+from .pipeline import RankView, Stage, attach_engine, place_capacities, split_model
 from .selection import Mode, load_mode
 from .sysmem import available_memory, parse_size, return_freed_memory
 
@@ -146,6 +147,11 @@ class EngineOptions:
     expert_policy: str = DEFAULT_POLICY
     # mlx-lm's KV cache quantization (kv_bits): the plan counts the quantized cache
     kv_quantization: KVQuantization | None = None
+    # an mx.distributed group to pipeline the model over (mlx_flash.pipeline): this rank
+    # loads, reads and budgets only its layers; `pipeline_split`: layers per rank, rank 0
+    # first (None: even, as mlx-lm's pipeline())
+    pipeline_group: Any = None
+    pipeline_split: list[int] | None = None
 
     def check(self) -> None:
         """ValueError for settings out of range (the command lines check them too)."""
@@ -240,21 +246,36 @@ def open_model(bundle: Bundle, compute_dtype: str | None = None,
     info = bundle.selection["modes"].get(mode.name, {})
     itemsize = ITEMSIZE[str(dtype).rsplit(".", 1)[-1]]
     selection = loaded_bytes(bundle.path / info["file"], itemsize) if info.get("file") else 0
-    plan = budget_plan(bundle, itemsize, selection, mode, options)
+    model = build_flash_model(arch, bundle.config, spec, None)
+    stage = pipeline_stage(model, options)
+    view = bundle if stage is None else RankView(bundle, stage)
+    plan = budget_plan(view, itemsize, selection, mode, options)
     if sparsity is None and mode.name != "off" and plan.whole and options.memory_budget:
         # The budget holds the model whole: a selection would save no reads, only cost
         # compute (hybrid: 1.77x mlx-lm's decode time in the budget sweep, docs/BENCHMARKS.md)
         # and accuracy. The bundle's default mode is then the dense FFN, when the budget
         # holds its records whole too; a mode named is kept.
         dense = Mode(spec, bundle.families)
-        dense_plan = budget_plan(bundle, itemsize, 0, dense, options)
+        dense_plan = budget_plan(view, itemsize, 0, dense, options)
         if dense_plan.whole:
             mode, plan = dense, dense_plan
+    if stage is not None:
+        place_capacities(plan, stage)
     keep_within(plan)
-    engine = FlashEngine(bundle, spec, mode, dtype, plan, options.window, options.threads,
+    engine = FlashEngine(view, spec, mode, dtype, plan, options.window, options.threads,
                          options.cold, options.use_mmap, options.lookahead)
-    model = build_flash_model(arch, bundle.config, spec, engine)
-    return finish_model(model, bundle, engine, dtype, len(arch.layers(model)), options)
+    attach_engine(model, engine, stage)
+    return finish_model(model, view, engine, dtype, len(arch.layers(model)), options)
+
+
+def pipeline_stage(model: nn.Module, options: EngineOptions) -> Stage | None:
+    """Split `model` over `options.pipeline_group` (None: not pipelined)."""
+    if options.pipeline_group is None:
+        return None
+    try:
+        return split_model(model, options.pipeline_group, options.pipeline_split)
+    except ValueError as e:  # mlx-lm's: a split that does not fit the layers or the ranks
+        raise UnsupportedModel(f"--pipeline-split: {e}") from None
 
 
 def keep_within(plan: MemoryPlan) -> None:
@@ -287,6 +308,7 @@ def finish_model(model: nn.Module, bundle: Bundle, engine: Any, dtype: mx.Dtype,
     model.eval()
     mx.eval(model.parameters())
     model.flash = engine
+    engine.stage = getattr(bundle, "stage", None)  # a pipeline's rank: its layers
     return model
 
 
@@ -361,6 +383,12 @@ def open_moe_model(bundle: Bundle, compute_dtype: str | None, options) -> nn.Mod
         name = "float32"  # MLX's CPU gather_mm multiplies float32 only
     dtype = DTYPES[name]
     budget = options.memory_budget
+    model, routed = flash_model(dict(bundle.config), None)
+    stage = pipeline_stage(model, options)
+    if stage is not None:
+        bundle = RankView(bundle, stage)
+        fam = bundle.families[EXPERTS]
+        routed = {i: r for i, r in routed.items() if stage.start <= i < stage.end}
     plan = expert_plan(bundle, ITEMSIZE[name], budget, options.context, options.expert_policy,
                        options.kv_quantization)
     keep_within(plan)
@@ -369,7 +397,7 @@ def open_moe_model(bundle: Bundle, compute_dtype: str | None, options) -> nn.Mod
                           naive=budget == "off",
                           lookahead=k + (k + 1) // 2 if options.lookahead else 0,
                           policy=options.expert_policy)
-    model, routed = flash_model(dict(bundle.config), engine)
+    attach_engine(model, engine, stage)
     expected = expert_layout(next(iter(routed.values())).shapes, bundle.dtype,
                              fam.quantization)
     if tuple(p.name for p in fam.parts) != tuple(p.name for p in expected[0]) \

@@ -1,0 +1,245 @@
+"""A model split by layers over several processes (machines), each streaming only its own.
+
+mlx-lm's models that carry `pipeline()` (`PipelineMixin`) run a share of their layers per
+rank of an `mx.distributed` group: rank size-1 the first layers, rank 0 the last; each layer
+boundary is mlx-lm's `send` / `recv_like`, and the last hidden state reaches every rank
+through `all_gather`, so that every rank samples the same token. This module splits a flash
+model that way (before anything is read), gives the default model's class (llama, which has
+no `pipeline()` in mlx-lm) the same one, and shows the engine only its rank's layers: a
+`RankView` of the bundle, whose record segments of other layers are empty and whose config
+counts only its layers (the memory plan's KV cache and caches, the stats' FFN bytes).
+No transport of our own: MLX's distributed backends (ring, MPI, JACCL, NCCL) carry it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from .errors import UnsupportedModel
+from .ffn import FlashFFN
+
+LAYER_NAME = re.compile(r"(?:^|\.)layers\.(\d+)\.")  # as mlx-lm's sharded_load matches them
+
+
+def pipelined_types() -> list[str]:
+    """Model types whose mlx-lm class has `pipeline()`, and llama (given one here). Read from
+    mlx-lm's sources, not imported: importing every model module takes seconds."""
+    import mlx_lm.models
+
+    folder = Path(mlx_lm.models.__file__).parent
+    found = {p.stem for p in folder.glob("*.py")
+             if p.stem != "pipeline" and "PipelineMixin" in p.read_text(errors="ignore")}
+    return sorted(found | {"llama"})
+
+
+@dataclass
+class Stage:
+    """One rank's share of a pipelined model: layers [start, end) of `layers`."""
+
+    rank: int
+    size: int
+    start: int
+    end: int
+    layers: int
+
+    def text(self) -> str:
+        return f"rank {self.rank} of {self.size}, layers {self.start}-{self.end - 1} of " \
+               f"{self.layers}"
+
+    def owns(self, name: str) -> bool:
+        """Whether this rank loads weight `name`: its layers', and what is in no layer (the
+        embeddings, the final norm, the head: every rank computes them, as in mlx-lm)."""
+        found = LAYER_NAME.search(name)
+        return found is None or self.start <= int(found.group(1)) < self.end
+
+
+def parse_split(text: str | None) -> list[int] | None:
+    """`--pipeline-split 10,14`: layers per rank, rank 0 first (mlx-lm's `split`)."""
+    if text is None:
+        return None
+    try:
+        split = [int(s) for s in text.split(",")]
+    except ValueError:
+        raise ValueError(f"--pipeline-split takes layer counts per rank, rank 0 first "
+                         f"(e.g. 10,14), not {text!r}") from None
+    return split
+
+
+def budget_split(group: Any, budget: int, layers: int) -> list[int]:
+    """Layers per rank in proportion to each rank's budget (every rank gives its own; they
+    meet in an all_gather), at least one each, as evenly as the proportions allow."""
+    budgets = mx.distributed.all_gather(mx.array([float(budget)]), group=group,
+                                        stream=mx.cpu)
+    weights = [float(b) for b in budgets.tolist()]
+    total = sum(weights)
+    split = [max(1, int(layers * w / total)) for w in weights]
+    while sum(split) != layers:  # the rounding's remainder to the largest share first
+        order = sorted(range(len(split)), key=lambda r: -weights[r] / split[r])
+        step = 1 if sum(split) < layers else -1
+        r = order[0] if step > 0 else next(r for r in reversed(order) if split[r] > 1)
+        split[r] += step
+    return split
+
+
+def split_model(model: nn.Module, group: Any, split: list[int] | None = None) -> Stage:
+    """Split `model` (mlx-lm's, before its weights are loaded) over `group` as mlx-lm's
+    `pipeline()` does: even by default, or `split` layers per rank (rank 0 first). A model
+    without `pipeline()` in mlx-lm: UnsupportedModel, naming the model types that have one."""
+    inner = getattr(model, "model", None)
+    if inner is not None and not hasattr(inner, "pipeline") and _is_llama(model):
+        _give_llama_a_pipeline(model)
+    if inner is None or not hasattr(inner, "pipeline"):
+        kind = getattr(getattr(model, "args", None), "model_type", type(model).__name__)
+        raise UnsupportedModel(f"{kind} cannot be pipelined: its mlx-lm class has no "
+                               f"pipeline(); these do: {', '.join(pipelined_types())}")
+    layers = len(inner.layers)
+    inner.pipeline(group, split)
+    return Stage(inner.pipeline_rank, inner.pipeline_size, inner.start_idx, inner.end_idx,
+                 layers)
+
+
+def _is_llama(model: nn.Module) -> bool:
+    from mlx_lm.models import llama
+
+    return type(model) is llama.Model and type(model.model) is llama.LlamaModel
+
+
+def _give_llama_a_pipeline(model: nn.Module) -> None:
+    """mlx-lm's llama (the default model's class) has no `pipeline()`: give this instance
+    qwen2's, whose forward it shares (llama's sliding-window layers kept)."""
+    model.model.__class__ = PipelinedLlamaModel
+    model.__class__ = PipelinedLlama
+    model.model.pipeline_rank, model.model.pipeline_size = 0, 1
+    model.model.start_idx, model.model.end_idx = 0, None
+
+
+def _llama_classes() -> tuple[type, type]:
+    from mlx_lm.models import llama
+    from mlx_lm.models.base import create_attention_mask
+    from mlx_lm.models.pipeline import PipelineMixin
+
+    class PipelinedLlamaModel(PipelineMixin, llama.LlamaModel):
+        """mlx-lm's LlamaModel with qwen2's pipelined forward (mlx_lm/models/qwen2.py)."""
+
+        def __call__(self, inputs: mx.array, cache: list | None = None,
+                     input_embeddings: mx.array | None = None) -> mx.array:
+            h = self.embed_tokens(inputs) if input_embeddings is None else input_embeddings
+            layers = self.pipeline_layers
+            cache = cache or [None] * len(layers)
+            masks = {}
+            for layer, c in zip(layers, cache, strict=True):
+                if layer.use_sliding not in masks:
+                    masks[layer.use_sliding] = create_attention_mask(
+                        h, c, window_size=self.sliding_window if layer.use_sliding else None)
+            if self.pipeline_rank < self.pipeline_size - 1:  # from the previous rank
+                h = mx.distributed.recv_like(h, self.pipeline_rank + 1)
+            for layer, c in zip(layers, cache, strict=True):
+                h = layer(h, masks[layer.use_sliding], cache=c)
+            if self.pipeline_rank != 0:  # to the next rank
+                h = mx.distributed.send(h, (self.pipeline_rank - 1) % self.pipeline_size)
+                if cache[-1] is not None:
+                    cache[-1].keys = mx.depends(cache[-1].keys, h)
+            if self.pipeline_size > 1:  # every rank gets rank 0's output, in the graph
+                h = mx.distributed.all_gather(h)[: h.shape[0]]
+            return self.norm(h)
+
+    class PipelinedLlama(llama.Model):
+        """llama's Model whose `layers` are this rank's (mlx-lm's make_prompt_cache)."""
+
+        @property
+        def layers(self) -> list[nn.Module]:
+            return self.model.pipeline_layers
+
+    return PipelinedLlamaModel, PipelinedLlama
+
+
+PipelinedLlamaModel, PipelinedLlama = _llama_classes()
+
+
+class FirstStageFFN(FlashFFN):
+    """The FFN of a rank's first layer past layer 0. The dense engine counts a token, and
+    advances its caches' clock (the sliding window), at layer 0 (`FlashEngine.__call__`),
+    which this rank does not run: here it does so itself, before the engine runs."""
+
+    def __call__(self, x: mx.array) -> mx.array:
+        tokens = x.size // x.shape[-1]
+        engine = self.engine
+        (engine.stats.decode if tokens == 1 else engine.stats.prefill).tokens += tokens
+        engine._token += tokens == 1  # noqa: SLF001 - the window's clock; see the docstring
+        return super().__call__(x)
+
+
+class RankView:
+    """A bundle (or an MoE source) as one rank's engine sees it: the record segments of
+    other ranks' layers empty, a config of only its layers (the KV cache the plan counts),
+    resident bytes of only the weights it loads; all else is the bundle's."""
+
+    def __init__(self, bundle: Any, stage: Stage):
+        self.inner, self.stage = bundle, stage
+        self.families = {name: dataclasses.replace(fam, segments=tuple(
+            seg if stage.start <= i < stage.end else (seg[0], 0)
+            for i, seg in enumerate(fam.segments))) for name, fam in bundle.families.items()}
+        self.config = {**bundle.config, "num_hidden_layers": stage.end - stage.start}
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    @property
+    def ffn_bytes(self) -> int:
+        fam = self.families.get("neuron") or next(iter(self.families.values()))
+        return sum(n for _, n in fam.segments)
+
+    def resident_weights(self) -> dict[str, mx.array]:
+        """This rank's resident weights, unread (MLX loads lazily)."""
+        path = getattr(self.inner, "resident_path", None)
+        weights = mx.load(str(path)) if path is not None and hasattr(self.inner, "manifest") \
+            else self.inner.load_resident()
+        return {k: v for k, v in weights.items() if self.stage.owns(k)}
+
+    def loaded_resident_bytes(self, itemsize: int) -> int:
+        """`memory.loaded_bytes` over this rank's resident weights."""
+        return sum(a.nbytes * itemsize // a.itemsize
+                   if mx.issubdtype(a.dtype, mx.floating) else a.nbytes
+                   for a in self.resident_weights().values())
+
+    def load_resident(self) -> dict[str, mx.array]:
+        """The bundle's resident weights (checked as it checks them), this rank's only."""
+        return {k: v for k, v in self.inner.load_resident().items() if self.stage.owns(k)}
+
+
+def place_capacities(plan: Any, stage: Stage) -> None:
+    """A plan made for a rank's layers alone (`RankView`'s config) lists their caches from
+    0: put them at the rank's layer numbers, other layers without caches."""
+    for key, per_layer in plan.capacity.items():
+        plan.capacity[key] = [0] * stage.start + list(per_layer) \
+            + [0] * (stage.layers - stage.end)
+
+
+def attach_engine(model: nn.Module, engine: Any, stage: Stage | None) -> None:
+    """Give every flash module of the model's layers (a rank's: the others are gone) its
+    engine; a rank's first dense FFN past layer 0 counts the tokens (`FirstStageFFN`)."""
+    for _, module in model.named_modules():
+        if hasattr(module, "engine") and hasattr(module, "layer"):
+            module.engine = engine
+            if stage is not None and stage.start > 0 and module.layer == stage.start \
+                    and type(module) is FlashFFN:
+                module.__class__ = FirstStageFFN
+
+
+def init_group() -> Any:
+    """The distributed group of this process (mlx.launch's environment says which); a
+    single process is a group of one (a pipeline of one rank: all layers)."""
+    return mx.distributed.init()
+
+
+def synchronize(group: Any) -> None:
+    """Wait until every rank has loaded (mlx-lm's sharded_load does the same: a slow rank's
+    first send would otherwise time out on the others)."""
+    mx.eval(mx.distributed.all_sum(mx.array(1.0), group=group, stream=mx.cpu))
