@@ -73,6 +73,14 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--verify", action="store_true",
                    help="check every bundle file's sha256 before loading (an MoE folder "
                    "streamed in place: every weight file's)")
+    g.add_argument("--pipeline", action="store_true",
+                   help="under mlx.launch, split the model by layers over the ranks, as "
+                   "mlx_lm's --pipeline does: each rank loads, reads and budgets only its "
+                   "layers; rank 0 prints the text (docs/PIPELINE.md). Alone: no effect")
+    g.add_argument("--pipeline-split", type=pipeline_split, default=None, metavar="SPLIT",
+                   help="with --pipeline: layers per rank, rank 0 first (e.g. 10,14; rank 0 "
+                   "runs the last layers), or 'budget': in proportion to each rank's memory "
+                   "budget (default: even, as mlx_lm)")
 
 
 def add_kv_arguments(p: argparse.ArgumentParser) -> None:
@@ -130,7 +138,58 @@ def load_options(args: argparse.Namespace) -> dict[str, Any]:
             # no --max-kv-size: 2048 tokens, or what a budget leaves (`memory.choose_context`)
             "context": args.max_kv_size, "threads": args.threads, "cold": args.cold,
             "lookahead": args.lookahead, "expert_policy": args.expert_policy,
-            "rotating_kv": args.max_kv_size is not None, **kv_options(args)}
+            "rotating_kv": args.max_kv_size is not None, **kv_options(args),
+            "pipeline_group": pipeline_group(args),
+            "pipeline_split": getattr(args, "pipeline_split", None)}
+
+
+def pipeline_split(text: str) -> list[int] | str:
+    """--pipeline-split: 'budget', or layer counts per rank (argparse's type)."""
+    if text == "budget":
+        return text
+    try:
+        split = [int(n) for n in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'budget' or layers per rank, rank 0 first (e.g. "
+                                         f"10,14), not {text!r}") from None
+    if any(n < 1 for n in split):
+        raise argparse.ArgumentTypeError(f"every rank takes at least one layer: {text!r}")
+    return split
+
+
+def pipeline_group(args: argparse.Namespace) -> Any:
+    """The distributed group to pipeline over: with --pipeline, this process's (mlx.launch
+    starts the ranks), when it has more than one rank; else None (as mlx_lm: alone, the
+    whole model)."""
+    if not getattr(args, "pipeline", False):
+        return None
+    from .pipeline import init_group
+
+    group = init_group()
+    return group if group.size() > 1 else None
+
+
+def finish_ranks(args: argparse.Namespace) -> None:
+    """A pipeline's ranks wait for each other before they exit: the token mlx-lm's
+    generate computes ahead is still crossing between them, and a rank that exits first
+    closes its sockets under the others' last transfers (the ring backend's "Receiving from
+    socket failed")."""
+    group = pipeline_group(args)
+    if group is not None:
+        import mlx.core as mx
+        from mlx_lm.generate import generation_stream
+
+        from .pipeline import synchronize
+
+        mx.synchronize(generation_stream)
+        synchronize(group)
+
+
+def is_printing_rank(args: argparse.Namespace) -> bool:
+    """Whether this process prints the generated text: not a pipeline's ranks past 0 (they
+    generate the same tokens; as mlx_lm, rank 0 alone prints them)."""
+    group = pipeline_group(args)
+    return group is None or group.rank() == 0
 
 
 def context_text(plan: Any, rotating: bool) -> str:
@@ -186,16 +245,17 @@ def load_model(args: argparse.Namespace, tokenizer_config: dict[str, Any] | None
         return None
 
 
-def print_stream(responses: Iterable[Any], stop: Callable[[], bool] = lambda: False
-                 ) -> tuple[Any, bool]:
+def print_stream(responses: Iterable[Any], stop: Callable[[], bool] = lambda: False,
+                 echo: bool = True) -> tuple[Any, bool]:
     """Print each of mlx-lm's generation responses' text as it comes, then a newline:
     (the last response, whether the generation ended well). A failed read or a record that
     fails its checksum ends it with a one-line error instead of a traceback. `stop()` true
-    after a response ends the generation there (the chat's Ctrl-C)."""
+    after a response ends the generation there (the chat's Ctrl-C). `echo` False: run the
+    generation, print nothing of it (a pipeline's ranks past 0)."""
     response = None
     try:
         for response in responses:
-            print(response.text, end="", flush=True)
+            print(response.text if echo else "", end="", flush=True)
             if stop():
                 getattr(responses, "close", lambda: None)()  # mlx-lm's generator ends here
                 break
@@ -203,7 +263,7 @@ def print_stream(responses: Iterable[Any], stop: Callable[[], bool] = lambda: Fa
         print()
         print(f"error: {e}", file=sys.stderr)
         return response, False
-    print()
+    print(end="\n" if echo else "")
     return response, True
 
 

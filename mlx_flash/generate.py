@@ -24,6 +24,8 @@ from .cli import (
     add_kv_arguments,
     add_model_argument,
     add_sampling_arguments,
+    finish_ranks,
+    is_printing_rank,
     kv_options,
     load_model,
     make_sampler,
@@ -143,7 +145,8 @@ def print_stats(engine: Any, response: Any, verbose: bool) -> None:
     peak, runtime = peak_rss_bytes(), engine.runtime_rss
     budget_text = "" if engine.plan.budget is None else f", {engine.plan.budget_text()}"
     per_token = decode.records_read / max(decode.tokens, 1)
-    lines = [f"[stats] {engine.selection} | prompt {response.prompt_tokens} tokens @ "
+    stage = f" {engine.stage.text()}" if getattr(engine, "stage", None) else ""
+    lines = [f"[stats{stage}] {engine.selection} | prompt {response.prompt_tokens} tokens @ "
              f"{response.prompt_tps:.1f} tok/s"
              f" | generation {response.generation_tokens} tokens @ "
              f"{response.generation_tps:.2f} tok/s"
@@ -225,11 +228,12 @@ def main(argv: list[str] | None = None) -> int:
     response, ok = print_stream(stream_generate(
         model, tokenizer, ids, max_tokens=args.max_tokens, sampler=make_sampler(args),
         max_kv_size=args.max_kv_size, prefill_step_size=args.prefill_step_size,
-        prompt_cache=saved, **kv_options(args)))
+        prompt_cache=saved, **kv_options(args)), echo=is_printing_rank(args))
     if not ok:
         return 1
     if response is not None and not quiet:
         print_stats(model.flash, response, verbose)
+    finish_ranks(args)
     return 0
 
 

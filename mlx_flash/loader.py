@@ -151,7 +151,7 @@ class EngineOptions:
     # loads, reads and budgets only its layers; `pipeline_split`: layers per rank, rank 0
     # first (None: even, as mlx-lm's pipeline())
     pipeline_group: Any = None
-    pipeline_split: list[int] | None = None
+    pipeline_split: list[int] | str | None = None  # or "budget": by each rank's budget
 
     def check(self) -> None:
         """ValueError for settings out of range (the command lines check them too)."""
@@ -272,8 +272,10 @@ def pipeline_stage(model: nn.Module, options: EngineOptions) -> Stage | None:
     """Split `model` over `options.pipeline_group` (None: not pipelined)."""
     if options.pipeline_group is None:
         return None
+    budget = options.memory_budget
+    mine = available_memory() if budget in (None, "auto", "off") else parse_size(budget)
     try:
-        return split_model(model, options.pipeline_group, options.pipeline_split)
+        return split_model(model, options.pipeline_group, options.pipeline_split, mine)
     except ValueError as e:  # mlx-lm's: a split that does not fit the layers or the ranks
         raise UnsupportedModel(f"--pipeline-split: {e}") from None
 

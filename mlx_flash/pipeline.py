@@ -60,18 +60,6 @@ class Stage:
         return found is None or self.start <= int(found.group(1)) < self.end
 
 
-def parse_split(text: str | None) -> list[int] | None:
-    """`--pipeline-split 10,14`: layers per rank, rank 0 first (mlx-lm's `split`)."""
-    if text is None:
-        return None
-    try:
-        split = [int(s) for s in text.split(",")]
-    except ValueError:
-        raise ValueError(f"--pipeline-split takes layer counts per rank, rank 0 first "
-                         f"(e.g. 10,14), not {text!r}") from None
-    return split
-
-
 def budget_split(group: Any, budget: int, layers: int) -> list[int]:
     """Layers per rank in proportion to each rank's budget (every rank gives its own; they
     meet in an all_gather), at least one each, as evenly as the proportions allow."""
@@ -88,10 +76,12 @@ def budget_split(group: Any, budget: int, layers: int) -> list[int]:
     return split
 
 
-def split_model(model: nn.Module, group: Any, split: list[int] | None = None) -> Stage:
+def split_model(model: nn.Module, group: Any, split: list[int] | str | None = None,
+                budget: int = 0) -> Stage:
     """Split `model` (mlx-lm's, before its weights are loaded) over `group` as mlx-lm's
-    `pipeline()` does: even by default, or `split` layers per rank (rank 0 first). A model
-    without `pipeline()` in mlx-lm: UnsupportedModel, naming the model types that have one."""
+    `pipeline()` does: even by default, `split` layers per rank (rank 0 first), or "budget":
+    in proportion to each rank's `budget` (`budget_split`). A model without `pipeline()` in
+    mlx-lm: UnsupportedModel, naming the model types that have one."""
     inner = getattr(model, "model", None)
     if inner is not None and not hasattr(inner, "pipeline") and _is_llama(model):
         _give_llama_a_pipeline(model)
@@ -100,6 +90,8 @@ def split_model(model: nn.Module, group: Any, split: list[int] | None = None) ->
         raise UnsupportedModel(f"{kind} cannot be pipelined: its mlx-lm class has no "
                                f"pipeline(); these do: {', '.join(pipelined_types())}")
     layers = len(inner.layers)
+    if split == "budget":
+        split = budget_split(group, budget, layers)
     inner.pipeline(group, split)
     return Stage(inner.pipeline_rank, inner.pipeline_size, inner.start_idx, inner.end_idx,
                  layers)

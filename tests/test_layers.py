@@ -20,7 +20,7 @@ LAYERS = [
     ["neuron_matrix", "flash_io", "piece_io", "neuron_cache", "selection"],
     ["memory"],
     ["engine", "ffn", "moe"],
-    ["loader"],
+    ["loader", "pipeline"],
     ["convert", "convert_moe", "calibrate", "evaluate", "paths", "disk_probe"],
     ["api", "__init__", "cli", "generate", "chat", "server", "__main__"],
 ]
