@@ -27,6 +27,8 @@ from .cli import (
     add_model_argument,
     add_sampling_arguments,
     context_text,
+    finish_ranks,
+    is_printing_rank,
     kv_options,
     load_model,
     make_sampler,
@@ -87,7 +89,8 @@ def turn_summary(engine: Any, before: Any, response: Any) -> str:
     needed = sum(getattr(after, k) - getattr(before, k) for k in ("hits", "loads", "spills"))
     hits = (after.hits - before.hits) / needed if needed else 0.0
     rss = rss_bytes()
-    return (f"[memory {format_bytes(rss)} (model {format_bytes(rss - engine.runtime_rss)}; "
+    stage = f"{engine.stage.text()} | " if getattr(engine, "stage", None) else ""
+    return (f"[{stage}memory {format_bytes(rss)} (model {format_bytes(rss - engine.runtime_rss)}; "
             f"{engine.plan.budget_text()}) | flash "
             f"{engine.stats.decode.bytes_per_token / 1e6:.2f} MB/token | "
             f"window hit rate {hits:.0%} | "
@@ -109,19 +112,25 @@ def main(argv: list[str] | None = None) -> int:
               "generate --no-chat takes raw text)", file=sys.stderr)
         return 1
     engine = model.flash
+    # a pipeline's ranks all read the same lines (mlx.launch hands stdin to each), rank 0
+    # alone shows the prompt and the answers
+    echo = is_printing_rank(args)
     context = context_text(engine.plan, args.max_kv_size is not None)
-    print(f"[mlx_flash] selection {engine.selection}; {context + '; ' if context else ''}"
-          f"{HELP}", file=sys.stderr)
+    if echo:
+        print(f"[mlx_flash] selection {engine.selection}; {context + '; ' if context else ''}"
+              f"{HELP}", file=sys.stderr)
     interrupt = AnswerInterrupt()
     history = make_prompt_cache(model, args.max_kv_size)
     new_conversation = True
     while True:
         try:
-            message = input(">> ")
+            message = input(">> " if echo else "")
         except EOFError:
-            print()
+            print(end="\n" if echo else "")
+            finish_ranks(args)
             return 0
         if message == "q":
+            finish_ranks(args)
             return 0
         if message == "r":
             history = make_prompt_cache(model, args.max_kv_size)
@@ -144,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
                 model, tokenizer, prompt, max_tokens=args.max_tokens,
                 sampler=make_sampler(args), prompt_cache=history,
                 prefill_step_size=args.prefill_step_size, **kv_options(args)),
-                stop=lambda: interrupt.requested)
+                stop=lambda: interrupt.requested, echo=echo)
         if not ok:
             return 1
         if interrupt.requested:
