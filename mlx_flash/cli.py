@@ -185,6 +185,24 @@ def finish_ranks(args: argparse.Namespace) -> None:
         synchronize(group)
 
 
+def serve_or_follow(host: str, port: int, generator: Any, handler_class: type) -> None:
+    """mlx_lm.server's run(): rank 0 (or a lone process) serves HTTP; under mlx.launch the
+    other ranks follow the requests rank 0 shares with them (mlx-lm pickles each request:
+    the client's connection, which stays with rank 0, goes as None)."""
+    import copyreg
+    import socket
+
+    import mlx.core as mx
+    from mlx_lm import server as mlx_server
+
+    if mx.distributed.init().size() > 1:
+        copyreg.pickle(socket.socket, lambda _: (type(None), ()))
+    if mx.distributed.init().rank() == 0:
+        mlx_server._run_http_server(host, port, generator, handler_class=handler_class)
+    else:
+        generator.join()
+
+
 def is_printing_rank(args: argparse.Namespace) -> bool:
     """Whether this process prints the generated text: not a pipeline's ranks past 0 (they
     generate the same tokens; as mlx_lm, rank 0 alone prints them)."""

@@ -568,6 +568,7 @@ def main(argv: list[str] | None = None) -> int:
         return FlashModelProvider(mlx_args)
 
     def run(host: str, port: int, provider: FlashModelProvider) -> None:
+        from .cli import serve_or_follow
         generator = FlashResponseGenerator(provider, mlx_server.LRUPromptCache(
             provider.cli_args.prompt_cache_size))
         try:
@@ -579,7 +580,7 @@ def main(argv: list[str] | None = None) -> int:
         if not generator.generation_available():
             errors.append(generator.startup_error or RuntimeError("the model did not load"))
             return
-        mlx_server._run_http_server(host, port, generator, handler_class=FlashAPIHandler)
+        serve_or_follow(host, port, generator, FlashAPIHandler)  # a pipeline's rank 0 serves
 
     # mlx-lm's main() parses its own flags, then calls ModelProvider(args) and run() by name
     saved = mlx_server.ModelProvider, mlx_server.run, sys.argv
