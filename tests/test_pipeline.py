@@ -56,14 +56,7 @@ def launch(args: list[str], timeout: float = TIMEOUT) -> subprocess.CompletedPro
     path = os.pathsep.join([str(ROOT), str(TESTS), os.environ.get("PYTHONPATH", "")])
     cmd = [str(LAUNCH), "-n", "2", "--backend", "ring", "--starting-port",
            str(free_ports()), "--env", f"PYTHONPATH={path}", "--", sys.executable, *args]
-    # a stdin that never reads: at end of file mlx.launch's loop forwarding it spins
-    quiet, keep = os.pipe()
-    try:
-        return subprocess.run(cmd, stdin=quiet, capture_output=True, text=True,
-                              timeout=timeout, cwd=ROOT)
-    finally:
-        os.close(quiet)
-        os.close(keep)
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
 
 
 @pytest.fixture(scope="module")
