@@ -171,7 +171,15 @@ class FirstStageFFN(FlashFFN):
 class RankView:
     """A bundle (or an MoE source) as one rank's engine sees it: the record segments of
     other ranks' layers empty, a config of only its layers (the KV cache the plan counts),
-    resident bytes of only the weights it loads; all else is the bundle's."""
+    resident bytes of only the weights it loads; all else is the bundle's. The view of a
+    `SourceModel` is one (the engine reads such a model's pieces with a PieceReader)."""
+
+    def __new__(cls, bundle: Any, stage: Stage) -> RankView:
+        from .expert_index import SourceModel
+
+        if isinstance(bundle, SourceModel) and cls is RankView:
+            return super().__new__(SourceRankView)
+        return super().__new__(cls)
 
     def __init__(self, bundle: Any, stage: Stage):
         self.inner, self.stage = bundle, stage
@@ -204,6 +212,18 @@ class RankView:
     def load_resident(self) -> dict[str, mx.array]:
         """The bundle's resident weights (checked as it checks them), this rank's only."""
         return {k: v for k, v in self.inner.load_resident().items() if self.stage.owns(k)}
+
+
+def _source_rank_view() -> type:
+    from .expert_index import SourceModel
+
+    class SourceRankView(RankView, SourceModel):
+        """A rank's view of an MoE model streamed from its own files."""
+
+    return SourceRankView
+
+
+SourceRankView = _source_rank_view()
 
 
 def place_capacities(plan: Any, stage: Stage) -> None:

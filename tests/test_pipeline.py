@@ -77,7 +77,8 @@ def ring(tmp_path_factory) -> None:
 
 @pytest.fixture(scope="module")
 def moe_bundles(tmp_path_factory) -> dict[str, Path]:
-    """Tiny qwen3_moe bundles: float32 and 4-bit."""
+    """Tiny qwen3_moe bundles (float32, 4-bit) and the float one's mlx-lm folder (its
+    experts streamed from its own files)."""
     from mlx_flash.convert import convert
 
     out = {}
@@ -86,11 +87,12 @@ def moe_bundles(tmp_path_factory) -> dict[str, Path]:
         write_tiny_moe(root / "src", "qwen3_moe", bits=bits)
         convert(root / "src", root / "bundle", progress=False)
         out[name] = root / "bundle"
+        out[f"{name} source"] = root / "src"
     return out
 
 
 CASES = ["dense float off", "dense float hybrid", "dense q4 off", "dense q4 hybrid",
-         "moe float", "moe q4"]
+         "moe float", "moe q4", "moe float source"]
 
 
 @pytest.fixture(scope="module")
@@ -101,7 +103,7 @@ def decoded(ring, calibrated, quantized_tiny, moe_bundles, tmp_path_factory):
     cases = []
     for case in CASES:
         kind, mode = case.rsplit(" ", 1) if case.startswith("dense") else (case, "off")
-        path = moe_bundles[case.split()[1]] if case.startswith("moe") else paths[kind][mode]
+        path = moe_bundles[case[4:]] if case.startswith("moe") else paths[kind][mode]
         cases.append({"path": str(path), "mode": mode})
     root = tmp_path_factory.mktemp("pipeline")
     (root / "cases.json").write_text(json.dumps(cases))
