@@ -61,18 +61,26 @@ class Stage:
 
 
 def budget_split(group: Any, budget: int, layers: int) -> list[int]:
-    """Layers per rank in proportion to each rank's budget (every rank gives its own; they
-    meet in an all_gather), at least one each, as evenly as the proportions allow."""
+    """Layers per rank (rank 0 first) in proportion to each rank's budget: every rank gives
+    its own, they meet in an all_gather."""
     budgets = mx.distributed.all_gather(mx.array([float(budget)]), group=group,
                                         stream=mx.cpu)
-    weights = [float(b) for b in budgets.tolist()]
+    return proportional_split([float(b) for b in budgets.tolist()], layers)
+
+
+def proportional_split(weights: list[float], layers: int) -> list[int]:
+    """`layers` shared in proportion to `weights`, at least one each (largest remainders
+    first), e.g. [3e9, 1e9] over 8 layers: [6, 2]."""
+    if not 0 < len(weights) <= layers:
+        raise ValueError(f"{len(weights)} ranks cannot share {layers} layers")
     total = sum(weights)
-    split = [max(1, int(layers * w / total)) for w in weights]
-    while sum(split) != layers:  # the rounding's remainder to the largest share first
-        order = sorted(range(len(split)), key=lambda r: -weights[r] / split[r])
-        step = 1 if sum(split) < layers else -1
-        r = order[0] if step > 0 else next(r for r in reversed(order) if split[r] > 1)
-        split[r] += step
+    shares = [layers * w / total for w in weights]
+    split = [max(1, int(s)) for s in shares]
+    while sum(split) < layers:  # to the largest remainder
+        split[max(range(len(split)), key=lambda r: shares[r] - split[r])] += 1
+    while sum(split) > layers:  # from the largest excess, never below one
+        split[max((r for r in range(len(split)) if split[r] > 1),
+                  key=lambda r: split[r] - shares[r])] -= 1
     return split
 
 

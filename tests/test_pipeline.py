@@ -22,7 +22,14 @@ import pytest
 from tiny_moe import write_tiny_moe
 
 from mlx_flash.errors import UnsupportedModel
-from mlx_flash.pipeline import RankView, Stage, budget_split, pipelined_types, split_model
+from mlx_flash.pipeline import (
+    RankView,
+    Stage,
+    budget_split,
+    pipelined_types,
+    proportional_split,
+    split_model,
+)
 
 TESTS = Path(__file__).resolve().parent
 ROOT = TESTS.parent
@@ -192,6 +199,15 @@ def test_split_follows_mlx_lm_and_budgets():
     assert (stage.rank, stage.size, stage.start, stage.end) == (0, 1, 0, 3)
     assert stage.owns("model.layers.2.self_attn.q_proj.weight") and stage.owns("lm_head.weight")
     assert {"llama", "qwen2", "qwen3_moe", "deepseek_v3"} <= set(pipelined_types())
+
+
+def test_budget_split_is_proportional():
+    assert proportional_split([3e9, 1e9], 8) == [6, 2]
+    assert proportional_split([1.0, 1.0, 1.0], 7) == [3, 2, 2]  # ties: the lowest rank
+    assert proportional_split([100.0, 1.0], 4) == [3, 1]  # every rank at least one layer
+    assert sum(proportional_split([5.0, 7.0, 11.0], 48)) == 48
+    with pytest.raises(ValueError):
+        proportional_split([1.0, 1.0, 1.0], 2)
 
 
 def test_models_without_pipeline_are_refused_in_one_line(relu_bundle):
