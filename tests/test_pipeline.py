@@ -180,6 +180,9 @@ def test_generate_command_under_mlx_launch(ring, moe_bundles):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     alone = subprocess.run([sys.executable, "-m", "mlx_flash", "generate", *args], env=env,
                            capture_output=True, text=True, timeout=TIMEOUT, check=True)
+    lone = subprocess.run([sys.executable, "-m", "mlx_flash", "generate", *args, "--pipeline"],
+                          env=env, capture_output=True, text=True, timeout=TIMEOUT, check=True)
+    assert lone.stdout == alone.stdout  # a group of one: the whole model, as mlx_lm
     for command in (["-m", "mlx_flash", "generate"], ["-m", "mlx_flash.generate"]):
         run = launch([*command, *args, "--pipeline"])
         assert run.returncode == 0, run.stderr[-2000:]

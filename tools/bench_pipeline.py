@@ -60,6 +60,14 @@ def ring_hop_seconds(group, hidden: int) -> float:
     return sorted(times)[len(times) // 2]
 
 
+def cpu_seconds() -> float:
+    """CPU time this process has used, every thread's."""
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
 def worker(spec: dict) -> dict:
     """One process, or one rank (under mlx.launch): load, decode greedily, measure."""
     import mlx.core as mx
@@ -72,8 +80,12 @@ def worker(spec: dict) -> dict:
     t0 = time.perf_counter()
     model, _ = mlx_flash.load(spec["bundle"], memory_budget=spec["budget"], cold=True,
                               pipeline_group=pipelined)
+    cpu0 = cpu_seconds()
     row, tokens = benchlib.decode_row(spec["engine"], model, PROMPT, spec["tokens"], runtime,
                                       time.perf_counter() - t0)
+    # the process's CPU time per token over the whole decode (prompt included): a rank's
+    # includes what it spends waiting on the other's send
+    cpu_per_token = (cpu_seconds() - cpu0) / (len(tokens) or 1)
     flash = model.flash
     d = flash.stats.decode
     k = int(flash.bundle.config["num_experts_per_tok"])
@@ -83,6 +95,7 @@ def worker(spec: dict) -> dict:
                ffn_bytes_per_token=d.bytes / d.tokens,
                hit_rate=1 - d.records_read / (d.tokens * k * len(flash.caches)),
                stall_ms_per_token=1e3 * d.io_seconds / d.tokens,
+               cpu_ms_per_token=1e3 * cpu_per_token,
                ffn_ms_per_token=1e3 * (d.ffn_seconds + d.mem_seconds) / d.tokens,
                slots_per_layer=flash.plan.experts[0], plan_total=flash.plan.total,
                resident_bytes=flash.plan.resident)
@@ -181,7 +194,8 @@ def main(argv: list[str] | None = None) -> int:
         return f"{case}: " + "; ".join(
             f"{r['status']} {r.get('ms_per_token', 0):.1f} ms/token, "
             f"{r.get('ffn_bytes_per_token', 0) / 1e6:.1f} MB/token, hit "
-            f"{r.get('hit_rate', 0):.0%}, hop {r.get('ring_hop_ms', 0):.2f} ms" for r in rows)
+            f"{r.get('hit_rate', 0):.0%}, CPU {r.get('cpu_ms_per_token', 0):.0f} ms/token, "
+            f"hop {r.get('ring_hop_ms', 0):.2f} ms" for r in rows)
 
     rounds = benchlib.interleaved(["one", "two"], args.rounds, run, line)
     result = {"whole": whole, "limit_bytes": limit, "budget_bytes": budget, "tokens": args.tokens,
