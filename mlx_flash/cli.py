@@ -73,7 +73,8 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--verify", action="store_true",
                    help="check every bundle file's sha256 before loading (an MoE folder "
                    "streamed in place: every weight file's)")
-    g.add_argument("--pipeline", action="store_true",
+    # dest apart from mlx_lm's own --pipeline (the server hands these options to mlx-lm's)
+    g.add_argument("--pipeline", dest="pipelined", action="store_true",
                    help="under mlx.launch, split the model by layers over the ranks, as "
                    "mlx_lm's --pipeline does: each rank loads, reads and budgets only its "
                    "layers; rank 0 prints the text (docs/PIPELINE.md). Alone: no effect")
@@ -161,7 +162,7 @@ def pipeline_group(args: argparse.Namespace) -> Any:
     """The distributed group to pipeline over: with --pipeline, this process's (mlx.launch
     starts the ranks), when it has more than one rank; else None (as mlx_lm: alone, the
     whole model)."""
-    if not getattr(args, "pipeline", False):
+    if not getattr(args, "pipelined", False):
         return None
     from .pipeline import init_group
 
