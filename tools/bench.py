@@ -2,7 +2,7 @@
 
     python tools/bench.py [--runs default,scale] [--quick] [--tokens N] [--json OUT]
                           [--md OUT] [--png OUT] [--engines E,...] [--repeat N]
-                          [--read-mbps N|default]
+                          [--read-mbps N|default] [--ram SIZE]
     python tools/bench.py --read-mbps default   # the read-bound regime (a Mac's proportions)
     python tools/bench.py --runs scale --engines naive,flash,flash-ahead --repeat 3
                                        # reading ahead on the scale run, side by side
@@ -40,7 +40,10 @@ credits its naive baseline with the storage's best throughput):
 --read-mbps N (MB/s) or "default" (benchlib.DEFAULT_READ_MBPS, derived in
 docs/BENCHMARKS.md from a Mac's SSD and decode speed) limits each engine's reads from the
 model's disk, page faults included, with a blkio cgroup: the read-bound regime. Without it
-reads run at this machine's disk speed (the compute-bound regime here).
+reads run at this machine's disk speed (the compute-bound regime here). --ram SIZE limits
+each engine's memory cgroup (page cache included; default runs: none): an engine killed there
+is a row "out of memory" (the run goes on), and "llama.cpp --no-mmap" runs only where its GGUF
+fits the limit (else its row says so).
 
 Runs:
   default  the embedded default model (SwiGLU) with its calibrated selection mode, budget 75%
@@ -269,31 +272,37 @@ def worker(spec: dict) -> dict:
     return row
 
 
-def run_engine(folder: Path, spec: dict, fail: bool = True, read_bps: int | None = None
-               ) -> dict:
+def run_engine(folder: Path, spec: dict, fail: bool = True, read_bps: int | None = None,
+               ram: int | None = None) -> dict:
     """One engine in a process (and memory cgroup) of its own, its model's page cache emptied
-    first, its reads limited to `read_bps` where given. When it fails: exit, or with `fail`
-    False, its row with "error" or "status"."""
+    first, its reads limited to `read_bps` and its memory to `ram` where given. When it
+    fails: exit, or with `fail` False, its row with "error" or "status"."""
     return benchlib.run_worker(Path(__file__), dict(spec, path=str(folder)), [folder],
-                               read_bps=read_bps, check=fail)
+                               ram=ram, read_bps=read_bps, check=fail)
 
 
 def run_engines(folders: dict[str, Path], base: dict, engines: list[str], repeat: int = 1,
-                read_bps: int | None = None) -> list[dict]:
+                read_bps: int | None = None, ram: int | None = None) -> list[dict]:
     """Each engine in its own process, `repeat` rounds interleaved, each its median round
-    (a llama.cpp row that did not run: its last round, saying why). llama.cpp runs from
-    folders["gguf"] where there is one, else its row is base["llama_status"]."""
+    (a row that did not run: its last round, saying why; under `ram` an engine that fails
+    does not end the run). llama.cpp runs from folders["gguf"] where there is one, else its
+    row is base["llama_status"]; --no-mmap only where the file fits `ram`."""
     engines = [e for e in engines if e != "flash-q4" or e in folders]  # a 4-bit bundle or not
     llama = [e for e in engines if e in LLAMA_ENGINES]
     if llama and "gguf" not in folders:
         engines = [e for e in engines if e not in LLAMA_ENGINES]
 
     def run(engine: str) -> dict:
+        if engine == "llama.cpp --no-mmap" and ram is not None and (
+                size := folders["gguf"].stat().st_size) > ram:
+            return {"engine": engine, "ms_per_token": None, "status": f"does not fit: its "
+                    f"model file is {size / 1e6:.0f} MB, the limit {ram / 1e6:.0f} MB"}
         if engine in LLAMA_ENGINES:
             return benchlib.llama_cpp_row(folders["gguf"], base["prompt_ids"], base["tokens"],
-                                          read_bps=read_bps, mmap=engine == "llama.cpp")
+                                          ram=ram, read_bps=read_bps,
+                                          mmap=engine == "llama.cpp")
         return run_engine(folders.get(engine, folders["bundle"]), dict(base, engine=engine),
-                          read_bps=read_bps)
+                          fail=ram is None, read_bps=read_bps, ram=ram)
 
     def line(engine: str, row: dict) -> str:
         if row["status"] != "ok":
@@ -411,7 +420,8 @@ def table(run: dict) -> str:
     naive = next((r["ms_per_token"] for r in run["rows"]
                   if r["engine"] == "naive" and r.get("status", "ok") == "ok"), None)
     regime = (f"reads limited to {run['read_mbps']:g} MB/s (read-bound)" if run.get("read_mbps")
-              else "reads unthrottled")
+              else "reads unthrottled") + (f", memory limited to {run['ram_bytes'] / 1e6:.0f} MB"
+                                           if run.get("ram_bytes") else "")
     lines = [f"**{run['model']}** — budget {run['budget_bytes'] / 1e6:.0f} MB, "
              f"{run['tokens']} tokens, computed in {run.get('compute_dtype', 'the bundle dtype')}"
              f", {regime}", "", *benchlib.md_table(
@@ -675,6 +685,10 @@ def main() -> int:
                    help="limit each engine's reads from the model's disk to N MB/s (blkio "
                         "cgroup); 'default': the read-bound regime, "
                         f"{benchlib.DEFAULT_READ_MBPS:g} MB/s (docs/BENCHMARKS.md)")
+    from mlx_flash.argtypes import size as size_arg  # light: no MLX
+
+    p.add_argument("--ram", type=size_arg, default=None, metavar="SIZE",
+                   help="each engine's memory cgroup limit, e.g. 600MB (default: none)")
     benchlib.add_output_args(p)
     p.add_argument("--moe", action="store_true",
                    help="the Mixture-of-Experts benchmark, tools/bench_moe.py (its options: "
@@ -726,11 +740,12 @@ def main() -> int:
             base = scale_base(tokens, budget, args.threads, compute)
             folders = {"bundle": bundle}
         print(f"{name}: {bundle.name}, budget {budget / 1e6:.0f} MB, {tokens} tokens"
-              + (f", reads limited to {args.read_mbps:g} MB/s" if args.read_mbps else ""))
+              + (f", reads limited to {args.read_mbps:g} MB/s" if args.read_mbps else "")
+              + (f", memory limited to {args.ram / 1e6:.0f} MB" if args.ram else ""))
         run = {"model": name, "budget_bytes": budget, "bundle_bytes": size, "tokens": tokens,
-               "compute_dtype": compute, "read_mbps": args.read_mbps,
+               "compute_dtype": compute, "read_mbps": args.read_mbps, "ram_bytes": args.ram,
                "rows": run_engines(folders, base, engines, args.repeat or 1,
-                                   benchlib.read_bps(args.read_mbps))}
+                                   benchlib.read_bps(args.read_mbps), args.ram)}
         flash = next((r for r in run["rows"] if r["engine"] == "flash"), None)
         if flash and flash.get("mean_read_bytes"):
             run["profile"] = profile_figure(flash["mean_read_bytes"], args.threads)
