@@ -204,6 +204,8 @@ def test_llama_cpp_row_decodes_mlx_lms_greedy_tokens(tmp_path: Path, qtype: str,
         assert row["read_bytes_per_token"] is not None and row["ffn_bytes_per_token"] is None
         if row["cgroup_peak_bytes"] is not None:  # its own peak, not its forking parent's
             assert row["peak_rss_bytes"] < row["cgroup_peak_bytes"] + (64 << 20)
+    row = benchlib.llama_cpp_row(gguf, GREEDY_PROMPT, GREEDY_TOKENS, repack=False)
+    assert row["status"] == "ok" and row["repack"] is False and row["tokens"] == reference
 
 
 def test_llama_cpp_row_says_why_it_did_not_run(tmp_path: Path, monkeypatch,

@@ -270,7 +270,8 @@ def run_worker(script: Path, spec: dict, folders: Iterable[Path], ram: int | Non
 
 
 def llama_cpp_row(gguf: Path, prompt: list[int], tokens: int, ram: int | None = None,
-                  read_bps: int | None = None, threads: int = 1, mmap: bool = True) -> dict:
+                  read_bps: int | None = None, threads: int = 1, mmap: bool = True,
+                  repack: bool = True) -> dict:
     """llama.cpp decoding `tokens` greedily after the token ids `prompt` from the GGUF file
     `gguf` as it is (tools/llama_greedy.cpp), its page cache emptied first, in the same memory
     and blkio cgroups as our engines (run_contained): engine "llama.cpp" (memory-mapped, its
@@ -281,7 +282,11 @@ def llama_cpp_row(gguf: Path, prompt: list[int], tokens: int, ram: int | None = 
     "load_seconds", "first_token_seconds" (load + prefill), "peak_rss_bytes",
     "model_rss_bytes" (peak RSS above the runner's RSS before loading), "read_bytes_per_token"
     (storage bytes read while decoding, /proc/self/io, over the decode steps), "load_read_bytes";
-    "ffn_bytes_per_token" is None (llama.cpp counts no FFN reads of its own)."""
+    "ffn_bytes_per_token" is None (llama.cpp counts no FFN reads of its own).
+    `repack` False: llama.cpp's --no-repack (use_extra_bufts off). By default, as for a user,
+    it repacks Q4_0, Q4_K, IQ4_NL and Q8_0 weights into memory of its own at load (faster
+    CPU kernels), so those tensors are no longer pages of the mapped file even with mmap;
+    Q4_1 (the default model) and F16/F32 are not repacked."""
     import llama_cpp
 
     engine = "llama.cpp" if mmap else "llama.cpp --no-mmap"
@@ -290,9 +295,10 @@ def llama_cpp_row(gguf: Path, prompt: list[int], tokens: int, ram: int | None = 
     binary = llama_cpp.greedy_binary()
     if binary is None:
         return dict(row, status="not built (python tools/llama_cpp.py build)")
-    cmd = [str(binary), str(gguf), ",".join(map(str, prompt)), str(tokens), str(threads)]
-    done, cgroup = run_contained("llama_cpp" if mmap else "llama_cpp_no_mmap",
-                                 cmd + ([] if mmap else ["--no-mmap"]), [gguf], ram, read_bps)
+    cmd = [str(binary), str(gguf), ",".join(map(str, prompt)), str(tokens), str(threads),
+           *([] if mmap else ["--no-mmap"]), *([] if repack else ["--no-repack"])]
+    done, cgroup = run_contained("llama_cpp" if mmap else "llama_cpp_no_mmap", cmd, [gguf],
+                                 ram, read_bps)
     row.update(cgroup_peak_bytes=cgroup["cgroup_peak_bytes"], cgroup_error=cgroup["cgroup_error"])
     if killed(done, cgroup):
         return dict(row, status="out of memory", returncode=done.returncode,
