@@ -37,7 +37,7 @@ if str(ROOT / "tools") not in sys.path:
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 Case = TypeVar("Case", bound=Hashable)
 # `--read-mbps default`: the read throttle (MB/s, 10^6 bytes) at which a naive token's read
-# stall is the share of it that it is on an M-series Mac (~94%: a read:compute ratio of ~14.5);
+# stall is the share of it that it is on an M-series Mac (~93.5%: a read:compute ratio of 14.5);
 # derived in docs/BENCHMARKS.md, "The read-bound regime: where the default throttle comes from".
 DEFAULT_READ_MBPS = 12.0
 
