@@ -342,6 +342,7 @@ def moe_run(args: argparse.Namespace, work: Path) -> dict:
     layers = args.layers or (4 if args.quick else 8)
     tokens = args.tokens or (64 if args.quick else 128)
     short = min(tokens, args.naive_tokens or 16)
+    llama_tokens = args.llama_tokens or tokens
     rounds = args.rounds or (1 if args.quick else 3)
     config = scale_config(layers, args.vocab)
     share, jaccard = routing_targets(args.routing) if args.routing else (args.share,
@@ -358,7 +359,8 @@ def moe_run(args: argparse.Namespace, work: Path) -> dict:
     source = resolve_model(primary)  # a GGUF's expert index is written here, once
     n, k = config["num_experts"], config["num_experts_per_tok"]
     fam = source.families[EXPERTS]
-    context = len(PROMPT) + tokens + 8
+    prompt = PROMPT[-args.prompt_tokens:]
+    context = len(prompt) + tokens + 8
     whole = expert_plan(source, 4, None, context).total  # computed in float32 (CPU)
     ram = parse_size(args.ram) if args.ram else None
     read_bps = int(args.read_mbps * 1e6) if args.read_mbps else None
@@ -391,7 +393,7 @@ def moe_run(args: argparse.Namespace, work: Path) -> dict:
     sources["flash-src"] = str(paths["gguf"])
     base = {"folder": str(paths.get("folder")), "gguf": str(paths["gguf"]),
             "gguf_bytes": gguf_bytes, "home": str(work / "flash-src-home"),
-            "prompt": PROMPT, "context": context, "threads": args.threads,
+            "prompt": prompt, "context": context, "threads": args.threads,
             "llama_threads": args.llama_threads, "experts": n, "k": k,
             "lookahead": args.lookahead or k, "policy": args.expert_policy,
             "converted": not args.gguf_only}
@@ -409,7 +411,9 @@ def moe_run(args: argparse.Namespace, work: Path) -> dict:
         [e for e in engines if e not in skipped], rounds,
         lambda e: run_engine(dict(base, engine=e, budget=budgets.get(e),
                                   source=sources.get(e, str(paths.get("folder"))),
-                                  tokens=short if e in SHORT else tokens), files, ram, read_bps),
+                                  tokens=short if e in SHORT else llama_tokens
+                                  if e in (LLAMA, LLAMA_NO_MMAP) else tokens),
+                         files, ram, read_bps),
         line)
     cgroup_error = next((r["cgroup_error"] for rs in got.values() for r in rs
                          if r.get("cgroup_error")), None)
@@ -436,7 +440,7 @@ def moe_run(args: argparse.Namespace, work: Path) -> dict:
         equal, of = agreement(r["all_tokens"], reference["tokens"])
         r.update(exact=equal == of, tokens_equal=equal, tokens_compared=of,
                  exact_against=reference["engine"])
-    walk = [chosen.successor(PROMPT[-1])]  # the tokens the design decodes: the cycle
+    walk = [chosen.successor(prompt[-1])]  # the tokens the design decodes: the cycle
     while len(walk) < tokens:
         walk.append(chosen.successor(walk[-1]))
     for r in by.values():
@@ -448,7 +452,8 @@ def moe_run(args: argparse.Namespace, work: Path) -> dict:
            "gguf_bytes": gguf_bytes, "gguf_only": args.gguf_only,
            "whole_bytes": whole, "budget_bytes": budget, "ram_bytes": ram,
            "read_mbps": args.read_mbps, "slots_per_layer": slots, "tokens": tokens,
-           "naive_tokens": short, "rounds": rounds, "threads": args.threads,
+           "naive_tokens": short, "llama_tokens": llama_tokens, "prompt": prompt,
+           "rounds": rounds, "threads": args.threads,
            "llama_threads": args.llama_threads, "expert_policy": args.expert_policy,
            "cgroup": cgroup_error or ("limited" if ram else "peak only"),
            "routing": {"share_target": share, "jaccard_target": jaccard,
@@ -554,7 +559,12 @@ def main(argv: list[str] | None = None) -> int:
                    help="decode tokens of flash and llama.cpp (128; --quick 64)")
     p.add_argument("--naive-tokens", type=int, default=None,
                    help="decode tokens of naive and mlx-lm (16)")
+    p.add_argument("--llama-tokens", type=int, default=None,
+                   help="decode tokens of llama.cpp (default --tokens)")
     p.add_argument("--rounds", type=int, default=None, help="interleaved rounds (3)")
+    p.add_argument("--prompt-tokens", type=int, default=len(PROMPT), choices=range(1, 9),
+                   metavar="N", help="the prompt's last N tokens (8): at 48 layers and a slow "
+                   "read limit a shorter prompt's prefill reads fewer experts")
     p.add_argument("--ram", default=None, help="each engine's memory cgroup limit, e.g. 2GB")
     p.add_argument("--read-mbps", type=benchlib.read_mbps, default=None,
                    help="limit each engine's reads from the model's disk to this many MB/s "
