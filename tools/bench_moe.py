@@ -430,7 +430,7 @@ def moe_run(args: argparse.Namespace, work: Path) -> dict:
         if row["status"] == "ok" and engine in (LLAMA, LLAMA_NO_MMAP):
             row["ffn_bytes_per_token"] = row.get("read_bytes_per_token")
         if row["status"] == "ok" and "routing" in row:
-            add_routing(row, slots, chosen)
+            add_routing(row, row["slots_per_layer"] if engine in FLASH else slots, chosen)
         rows.append(row)
     by = {r["engine"]: r for r in rows if r["status"] == "ok"}
     reference = by.get("mlx-lm") or by.get("naive")
