@@ -4,9 +4,12 @@ Where reads are the token (a Mac decoding a model larger than its memory), the d
 read speed at the record size, not its sequential figure, sets the pace: the first run on a
 disk reads a few dozen random records of the model itself, cold (`F_NOCACHE` on macOS, pages
 dropped on Linux: mlx_flash.flash_io), with the engine's own threads, for about a third of a
-second, and keeps the speed in `home()/disks.json` under the disk's device id, so that later
-runs reuse it. With it a user sees, before the first token, what a token must read when
-nothing is cached and how long that takes: the ceiling the cache's hit rate divides.
+second, after a few single-page reads for the disk's latency, and keeps both in
+`home()/disks.json` under the disk's device id, so that later runs reuse them. With them a
+user sees, before the first token, what a token must read when nothing is cached and how long
+that takes (the ceiling the cache's hit rate divides), and the engine merges two reads into one
+only across gaps the disk reads faster than it starts a read (`DiskSpeed.gap_bytes`; the page
+cache's fixed figure, flash_io.DEFAULT_MAX_GAP, is for warm reads).
 """
 
 from __future__ import annotations
@@ -26,6 +29,8 @@ from .paths import home
 PROBE_SECONDS = 0.3  # long enough for a few dozen random reads on a slow disk, short at start
 PROBE_MAX_BYTES = 256 * 2**20  # a fast disk stops here, not at the clock
 PROBE_MIN_READS = 8
+LATENCY_READS = 16  # single-page reads, one at a time: the median is the disk's latency
+MAX_GAP = 1 << 20  # reads are cut at 256 KiB anyway (flash_io.DEFAULT_MAX_READ)
 
 
 @dataclass
@@ -36,10 +41,18 @@ class DiskSpeed:
     reads: int
     seconds: float
     threads: int
+    latency_seconds: float  # the median of single-page reads made one at a time
 
     @property
     def bytes_per_second(self) -> float:
         return self.reads * self.read_bytes / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def gap_bytes(self) -> int:
+        """The unwanted bytes worth reading to save a read: what the disk moves in the time
+        one more read waits (a Mac's SSD: hundreds of KB; a disk that throttles bytes, not
+        requests: about a page)."""
+        return int(min(MAX_GAP, self.latency_seconds * self.bytes_per_second))
 
 
 def measure(path: str | os.PathLike, read_bytes: int, threads: int = 8,
@@ -53,6 +66,13 @@ def measure(path: str | os.PathLike, read_bytes: int, threads: int = 8,
     reader = FlashReader(path, threads=threads, cold=True)  # drops the file's cached pages
     buffers = [memoryview(bytearray(read_bytes)) for _ in range(max(threads, 1))]
     try:
+        page = memoryview(bytearray(PAGE))
+        latencies = []
+        for offset in rng.integers(0, max(size - PAGE, 0) // PAGE + 1, LATENCY_READS) * PAGE:
+            t = time.perf_counter()
+            reader.read_vectored(int(offset), [page])
+            latencies.append(time.perf_counter() - t)
+        latency = float(np.median(latencies))
         reads, t0 = 0, time.perf_counter()
         while True:
             starts = rng.integers(0, max(size - read_bytes, 0) // PAGE + 1, len(buffers)) * PAGE
@@ -62,7 +82,7 @@ def measure(path: str | os.PathLike, read_bytes: int, threads: int = 8,
             elapsed = time.perf_counter() - t0
             if reads >= PROBE_MIN_READS and (elapsed >= seconds
                                              or reads * read_bytes >= PROBE_MAX_BYTES):
-                return DiskSpeed(read_bytes, reads, elapsed, max(threads, 1))
+                return DiskSpeed(read_bytes, reads, elapsed, max(threads, 1), latency)
     finally:
         reader.close()
 
@@ -114,7 +134,8 @@ def report(speed: DiskSpeed, reads: TokenReads, measured: bool) -> str:
     ms = 1e3 * reads.bytes / rate if rate else float("inf")
     how = (f"measured now ({speed.reads} random {speed.read_bytes / 1e6:.2f} MB reads, cold, "
            f"{speed.threads} threads)" if measured else "measured on the first run")
-    return (f"disk: {rate / 1e9:.2f} GB/s, {how}; a token with nothing cached reads "
+    return (f"disk: {rate / 1e9:.2f} GB/s, {1e3 * speed.latency_seconds:.2f} ms a read, "
+            f"{how}; a token with nothing cached reads "
             f"{reads.bytes / 1e6:.0f} MB ({reads.what}): {ms:.0f} ms of reads; each cached "
             f"record saves {1e3 * reads.record_bytes / rate:.2f} ms" if rate else
             f"disk: not measurable ({how})")
@@ -149,8 +170,13 @@ def disk_speed(path: Path, read_bytes: int, threads: int, store: Path | None = N
     return speed, True
 
 
-def first_run_line(engine: Any, threads: int) -> str:
-    """The line a run prints before its first token (an engine that reads: not "whole")."""
+def tune_reads(engine: Any, threads: int) -> str:
+    """Fit the engine's reads to the disk under its records (measured once per disk): reads
+    merge across gaps of up to the disk's `gap_bytes`. Returns the line to show the user
+    (`report`), with that gap."""
     reads = token_reads(engine)
     speed, measured = disk_speed(record_file(engine), reads.record_bytes, threads)
-    return report(speed, reads, measured)
+    for reader in engine.readers.values():
+        reader.set_max_gap(speed.gap_bytes)
+    return f"{report(speed, reads, measured)}; reads merged across gaps up to " \
+           f"{speed.gap_bytes / 1024:.0f} KiB"

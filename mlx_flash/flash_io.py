@@ -154,6 +154,11 @@ class FlashReader:
         self.counters = self.pool.counters
         self._scratch = memoryview(bytearray(max_gap))
 
+    def set_max_gap(self, gap: int) -> None:
+        """Merge reads across gaps of up to `gap` bytes from now on (the disk's own figure:
+        mlx_flash.disk_probe; the scratch buffer grows on the next read)."""
+        self.max_gap = gap
+
     def close(self) -> None:
         self.pool.close()
         if self._map is not None:

@@ -76,6 +76,14 @@ class PieceReader:
         self.counters = self.pool.counters
         self._scratch = memoryview(bytearray(max_gap))
 
+    def set_max_gap(self, gap: int) -> None:
+        """Merge reads across gaps of up to `gap` bytes from now on (the disk's own figure:
+        mlx_flash.disk_probe), in this reader and its files'."""
+        self.max_gap = gap
+        self._scratch = memoryview(bytearray(max(gap, len(self._scratch))))
+        for f in self.files:
+            f.set_max_gap(gap)
+
     def close(self) -> None:
         self.pool.close()
         for f in self.files:

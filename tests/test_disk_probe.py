@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+from tiny_models import greedy_logits
 from tiny_moe import write_tiny_moe
 
 import mlx_flash
@@ -29,6 +30,13 @@ def test_measure_reads_what_it_says(tmp_path):
     assert speed.bytes_per_second > 0
     # a read larger than the file is cut to the file
     assert disk_probe.measure(f, 2**30, threads=1, seconds=0).read_bytes == f.stat().st_size
+
+
+def test_gap_is_what_the_disk_moves_while_a_read_waits():
+    speed = disk_probe.DiskSpeed(1 << 20, 10, 0.5, 4, 100e-6)  # 21 MB/s, 0.1 ms a read
+    assert speed.gap_bytes == int(100e-6 * speed.bytes_per_second)
+    fast = disk_probe.DiskSpeed(1 << 20, 5000, 1.0, 8, 1e-3)  # 5 GB/s, 1 ms: capped
+    assert fast.gap_bytes == disk_probe.MAX_GAP
 
 
 def test_disk_speed_is_measured_once_and_survives_a_broken_store(tmp_path):
@@ -75,10 +83,20 @@ def test_expert_token_reads_and_line(moe_bundle, where, tmp_path, monkeypatch):
     assert reads.record_bytes == engine.family.record_bytes
     file = disk_probe.record_file(engine)
     assert file.exists() and (file.parent == path if where == "bundle" else file.parent == path)
-    line = disk_probe.first_run_line(engine, threads=2)
+    line = disk_probe.tune_reads(engine, threads=2)
     assert line.startswith("disk: ") and "measured now" in line
     assert f"{reads.records // layers} experts x {layers} layers" in line
-    assert "measured on the first run" in disk_probe.first_run_line(engine, threads=2)
+    assert "measured on the first run" in disk_probe.tune_reads(engine, threads=2)
+    speed, _ = disk_probe.disk_speed(file, reads.record_bytes, 2, tmp_path / "home" /
+                                     "disks.json")
+    assert all(r.max_gap == speed.gap_bytes for r in engine.readers.values())
+    # the gap changes how records are read, never what is computed: the widest gap decodes
+    # what the page cache's default does
+    for r in engine.readers.values():
+        r.set_max_gap(disk_probe.MAX_GAP)
+    wide = greedy_logits(model, [5, 6, 7, 8], 12)
+    default, _ = mlx_flash.load(path, memory_budget=budget, context=256)
+    np.testing.assert_array_equal(wide, greedy_logits(default, [5, 6, 7, 8], 12))
     assert (tmp_path / "home" / "disks.json").is_file()
 
 
@@ -91,4 +109,4 @@ def test_dense_token_reads(tiny_bundle, tmp_path, monkeypatch):
     reads = disk_probe.token_reads(engine)
     assert reads.bytes == fam.count * engine.n_layers * fam.record_bytes
     assert disk_probe.record_file(engine) == tiny_bundle / fam.file
-    assert "before selection" in disk_probe.first_run_line(engine, threads=1)
+    assert "before selection" in disk_probe.tune_reads(engine, threads=1)
