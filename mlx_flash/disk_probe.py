@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from .flash_io import PAGE, FlashReader
+from .flash_io import DEFAULT_MAX_READ, PAGE, FlashReader
 from .paths import home
 
 PROBE_SECONDS = 0.3  # long enough for a few dozen random reads on a slow disk, short at start
@@ -175,7 +175,10 @@ def tune_reads(engine: Any, threads: int) -> str:
     merge across gaps of up to the disk's `gap_bytes`. Returns the line to show the user
     (`report`), with that gap."""
     reads = token_reads(engine)
-    speed, measured = disk_speed(record_file(engine), reads.record_bytes, threads)
+    # reads of a record, or of the largest merged read (a dense engine's records are small):
+    # the disk's bandwidth, not its latency again
+    size = max(reads.record_bytes, DEFAULT_MAX_READ)
+    speed, measured = disk_speed(record_file(engine), size, threads)
     for reader in engine.readers.values():
         reader.set_max_gap(speed.gap_bytes)
     return f"{report(speed, reads, measured)}; reads merged across gaps up to " \

@@ -12,6 +12,7 @@ from tiny_moe import write_tiny_moe
 import mlx_flash
 from mlx_flash import disk_probe
 from mlx_flash.convert import convert
+from mlx_flash.flash_io import DEFAULT_MAX_READ
 from mlx_flash.memory import expert_budget
 from mlx_flash.paths import resolve_model
 
@@ -87,8 +88,8 @@ def test_expert_token_reads_and_line(moe_bundle, where, tmp_path, monkeypatch):
     assert line.startswith("disk: ") and "measured now" in line
     assert f"{reads.records // layers} experts x {layers} layers" in line
     assert "measured on the first run" in disk_probe.tune_reads(engine, threads=2)
-    speed, _ = disk_probe.disk_speed(file, reads.record_bytes, 2, tmp_path / "home" /
-                                     "disks.json")
+    size = max(reads.record_bytes, DEFAULT_MAX_READ)
+    speed, _ = disk_probe.disk_speed(file, size, 2, tmp_path / "home" / "disks.json")
     assert all(r.max_gap == speed.gap_bytes for r in engine.readers.values())
     # the gap changes how records are read, never what is computed: the widest gap decodes
     # what the page cache's default does
