@@ -58,12 +58,18 @@ def free_ports(n: int = 2) -> int:
     raise RuntimeError("no free ports")
 
 
-def launch(args: list[str], timeout: float = TIMEOUT) -> subprocess.CompletedProcess:
-    """`mlx.launch -n 2 --backend ring -- python ARGS` on this machine, bounded in time."""
+def launch_command(args: list[str]) -> list[str]:
+    """`mlx.launch -n 2 --backend ring -- python ARGS` on this machine's free ports."""
     path = os.pathsep.join([str(ROOT), str(TESTS), os.environ.get("PYTHONPATH", "")])
-    cmd = [str(LAUNCH), "-n", "2", "--backend", "ring", "--starting-port",
-           str(free_ports()), "--env", f"PYTHONPATH={path}", "--", sys.executable, *args]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+    return [str(LAUNCH), "-n", "2", "--backend", "ring", "--starting-port",
+            str(free_ports()), "--env", f"PYTHONPATH={path}", "--", sys.executable, *args]
+
+
+def launch(args: list[str], timeout: float = TIMEOUT, stdin: str | None = None
+           ) -> subprocess.CompletedProcess:
+    """`launch_command(args)` run, bounded in time (`stdin`: what every rank reads)."""
+    return subprocess.run(launch_command(args), input=stdin, capture_output=True, text=True,
+                          timeout=timeout, cwd=ROOT)
 
 
 @pytest.fixture(scope="module")
@@ -190,6 +196,47 @@ def test_generate_command_under_mlx_launch(ring, moe_bundles):
         stats = sorted(line for line in run.stderr.splitlines() if line.startswith("[stats"))
         assert [s.split("]")[0] for s in stats] == [
             "[stats rank 0 of 2, layers 1-1 of 2", "[stats rank 1 of 2, layers 0-0 of 2"]
+
+
+def test_chat_and_server_under_mlx_launch(ring, moe_bundles):
+    """chat --pipeline: rank 0 alone answers, as one process answers; server --pipeline:
+    rank 0 serves what one process serves (the other rank follows its requests)."""
+    import signal
+    import time
+    import urllib.request
+
+    model = ["--model", str(moe_bundles["float"]), "--max-tokens", "8"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    alone = subprocess.run([sys.executable, "-m", "mlx_flash", "chat", *model], env=env,
+                           input="hello\nq\n", capture_output=True, text=True,
+                           timeout=TIMEOUT, check=True)
+    chat = launch(["-m", "mlx_flash", "chat", *model, "--pipeline"], stdin="hello\nq\n")
+    assert chat.returncode == 0 and chat.stdout == alone.stdout, chat.stderr[-2000:]
+    port = free_ports(1)
+    server = subprocess.Popen(launch_command(["-m", "mlx_flash", "server", *model, "--pipeline",
+                                              "--port", str(port)]), cwd=ROOT,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              start_new_session=True)  # its ranks die with their group
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}/v1/completions", headers={"Content-Type": "application/json"},
+        data=json.dumps({"prompt": "hi", "max_tokens": 8, "temperature": 0}).encode())
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(request, timeout=60) as answer:
+                    served = json.load(answer)["choices"][0]["text"]
+                break
+            except OSError:
+                assert time.monotonic() < deadline and server.poll() is None
+                time.sleep(0.5)
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
+    one = subprocess.run([sys.executable, "-m", "mlx_flash", "generate", *model, "--prompt",
+                          "hi", "--no-chat", "--quiet"], env=env, capture_output=True,
+                         text=True, timeout=TIMEOUT, check=True)
+    assert served + "\n" == one.stdout
 
 
 def test_split_follows_mlx_lm_and_budgets():
