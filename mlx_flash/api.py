@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import os
+import sys
 from typing import Any
 
 import mlx.nn as nn
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
 from .calibrate import default_bundle
+from .disk_probe import tune_reads
 from .eviction import DEFAULT_POLICY
 from .loader import EngineOptions, bundle_tokenizer, open_model
 from .memory import KVQuantization
@@ -29,7 +31,7 @@ def load(
     window: int = 5,
     context: int | None = 2048,
     threads: int = 8,
-    cold: bool = False,
+    cold: bool | None = None,
     rotating_kv: bool = False,
     lookahead: bool = False,
     expert_policy: str = DEFAULT_POLICY,
@@ -65,7 +67,10 @@ def load(
     generate for (same names and defaults), for the plan to count: from token 0 the model's
     `make_cache` gives quantized caches itself; from a later token within `context` the plan
     counts the float cache and mlx-lm's quantized copy of it. `threads` read in
-    parallel; `cold` bypasses the OS page cache; `lookahead` reads the next layer's likely
+    parallel; `cold` bypasses the OS page cache (None: on macOS, where the page cache and
+    the budget share one unified memory, not elsewhere), and then the disk is measured once
+    (`mlx_flash.disk_probe`: printed on the first run on a disk) and reads merge across gaps
+    it reads faster than it starts a read; `lookahead` reads the next layer's likely
     records while its attention computes (modes that can guess them: predictor; MoE models:
     the next layer's router). `expert_policy` (MoE models) picks the resident expert that
     makes room for a missing one: a name of `eviction.POLICIES`. The model's
@@ -77,6 +82,8 @@ def load(
     this rank loads, reads and budgets only its layers (`model.flash.stage` says which;
     docs/PIPELINE.md). Every rank must then run the same generation.
     """
+    if cold is None:
+        cold = sys.platform == "darwin"
     bundle = resolve_model(default_bundle(dtype) if path is None else path, dtype=dtype,
                            verify=verify)
     tokenizer = bundle_tokenizer(bundle, tokenizer_config)
@@ -88,6 +95,10 @@ def load(
         lookahead=lookahead, expert_policy=expert_policy, kv_quantization=kv_quantization,
         pipeline_group=pipeline_group, pipeline_split=pipeline_split))
     model.flash.runtime_rss = runtime
+    if cold and not model.flash.plan.whole:  # reads reach the disk: fit them to it
+        line, measured = tune_reads(model.flash, threads)
+        if measured:
+            print(line, file=sys.stderr)
     if pipeline_group is not None:
         synchronize(pipeline_group)
     return model, tokenizer

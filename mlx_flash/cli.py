@@ -51,9 +51,11 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--threads", type=int_in(1, MAX_THREADS), default=8,
                    help="parallel flash reads (default 8: what tools/flash_profile.py found "
                    f"best; at most {MAX_THREADS})")
-    g.add_argument("--cold", action="store_true",
-                   help="bypass the OS page cache, so every read reaches the storage (for "
-                   "honest I/O figures)")
+    g.add_argument("--cold", action=argparse.BooleanOptionalAction, default=None,
+                   help="bypass the OS page cache, so every read reaches the storage; the "
+                   "first run on a disk then measures it and says what a token costs (default: "
+                   "on on macOS, where the page cache takes the budget's unified memory, off "
+                   "elsewhere)")
     g.add_argument("--lookahead", action="store_true",
                    help="decoding, read the next layer's likely records while its attention "
                    "computes (predictor mode; MoE models: the next layer's router on this "

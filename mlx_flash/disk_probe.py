@@ -5,11 +5,12 @@ read speed at the record size, not its sequential figure, sets the pace: the fir
 disk reads a few dozen random records of the model itself, cold (`F_NOCACHE` on macOS, pages
 dropped on Linux: mlx_flash.flash_io), with the engine's own threads, for about a third of a
 second, after a few single-page reads for the disk's latency, and keeps both in
-`home()/disks.json` under the disk's device id, so that later runs reuse them. With them a
-user sees, before the first token, what a token must read when nothing is cached and how long
-that takes (the ceiling the cache's hit rate divides), and the engine merges two reads into one
-only across gaps the disk reads faster than it starts a read (`DiskSpeed.gap_bytes`; the page
-cache's fixed figure, flash_io.DEFAULT_MAX_GAP, is for warm reads).
+`home()/disks.json` under the disk's device id (and the I/O cgroup the process reads in: a
+throttle lives there), so that later runs reuse them. With them a user sees, before the first
+token, what a token must read when nothing is cached and how long that takes (the ceiling the
+cache's hit rate divides), and the engine merges two reads into one only across gaps the disk
+reads faster than it starts a read (`DiskSpeed.gap_bytes`; the page cache's fixed figure,
+flash_io.DEFAULT_MAX_GAP, is for warm reads).
 """
 
 from __future__ import annotations
@@ -141,13 +142,27 @@ def report(speed: DiskSpeed, reads: TokenReads, measured: bool) -> str:
             f"disk: not measurable ({how})")
 
 
+def io_group(proc: Path = Path("/proc/self/cgroup")) -> str:
+    """The I/O cgroup this process reads in ("" where there is none): a read throttle lives
+    there, so one disk measures differently in two of them (the benchmarks' throttles)."""
+    try:
+        lines = proc.read_text().splitlines()
+    except OSError:
+        return ""
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        if controllers == "" or "blkio" in controllers.split(","):
+            return path
+    return ""
+
+
 def disk_speed(path: Path, read_bytes: int, threads: int, store: Path | None = None
                ) -> tuple[DiskSpeed, bool]:
     """The speed of the disk holding `path` at reads of about `read_bytes`: recorded in
     `store` (default home()/disks.json) by device id and read size, else measured now and
     recorded. Returns (speed, measured now)."""
     store = store or home() / "disks.json"
-    key = f"{os.stat(path).st_dev}:{read_bytes}:{threads}"
+    key = f"{os.stat(path).st_dev}:{io_group()}:{read_bytes}:{threads}"
     try:
         known = json.loads(store.read_text())
     except (OSError, ValueError):
@@ -170,10 +185,10 @@ def disk_speed(path: Path, read_bytes: int, threads: int, store: Path | None = N
     return speed, True
 
 
-def tune_reads(engine: Any, threads: int) -> str:
+def tune_reads(engine: Any, threads: int) -> tuple[str, bool]:
     """Fit the engine's reads to the disk under its records (measured once per disk): reads
     merge across gaps of up to the disk's `gap_bytes`. Returns the line to show the user
-    (`report`), with that gap."""
+    (`report`, with that gap) and whether the disk was measured now."""
     reads = token_reads(engine)
     # reads of a record, or of the largest merged read (a dense engine's records are small):
     # the disk's bandwidth, not its latency again
@@ -181,5 +196,5 @@ def tune_reads(engine: Any, threads: int) -> str:
     speed, measured = disk_speed(record_file(engine), size, threads)
     for reader in engine.readers.values():
         reader.set_max_gap(speed.gap_bytes)
-    return f"{report(speed, reads, measured)}; reads merged across gaps up to " \
-           f"{speed.gap_bytes / 1024:.0f} KiB"
+    return (f"{report(speed, reads, measured)}; reads merged across gaps up to "
+            f"{speed.gap_bytes / 1024:.0f} KiB", measured)

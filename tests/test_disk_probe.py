@@ -84,10 +84,11 @@ def test_expert_token_reads_and_line(moe_bundle, where, tmp_path, monkeypatch):
     assert reads.record_bytes == engine.family.record_bytes
     file = disk_probe.record_file(engine)
     assert file.exists() and (file.parent == path if where == "bundle" else file.parent == path)
-    line = disk_probe.tune_reads(engine, threads=2)
-    assert line.startswith("disk: ") and "measured now" in line
+    line, measured = disk_probe.tune_reads(engine, threads=2)
+    assert measured and line.startswith("disk: ") and "measured now" in line
     assert f"{reads.records // layers} experts x {layers} layers" in line
-    assert "measured on the first run" in disk_probe.tune_reads(engine, threads=2)
+    line, measured = disk_probe.tune_reads(engine, threads=2)
+    assert not measured and "measured on the first run" in line
     size = max(reads.record_bytes, DEFAULT_MAX_READ)
     speed, _ = disk_probe.disk_speed(file, size, 2, tmp_path / "home" / "disks.json")
     assert all(r.max_gap == speed.gap_bytes for r in engine.readers.values())
@@ -110,4 +111,31 @@ def test_dense_token_reads(tiny_bundle, tmp_path, monkeypatch):
     reads = disk_probe.token_reads(engine)
     assert reads.bytes == fam.count * engine.n_layers * fam.record_bytes
     assert disk_probe.record_file(engine) == tiny_bundle / fam.file
-    assert "before selection" in disk_probe.tune_reads(engine, threads=1)
+    assert "before selection" in disk_probe.tune_reads(engine, threads=1)[0]
+
+
+def test_io_group(tmp_path):
+    v1 = tmp_path / "v1"
+    v1.write_text("12:memory:/a\n7:blkio:/bench_1\n1:name=systemd:/x\n")
+    assert disk_probe.io_group(v1) == "/bench_1"
+    v2 = tmp_path / "v2"
+    v2.write_text("0::/user.slice/throttled\n")
+    assert disk_probe.io_group(v2) == "/user.slice/throttled"
+    assert disk_probe.io_group(tmp_path / "missing") == ""
+
+
+def test_cold_load_prints_the_disk_once(tiny_bundle, tmp_path, monkeypatch, capsys):
+    """A cold load (reads reach the disk) measures the disk on its first run, says so on
+    stderr, and fits the reads' gap to it; the next cold load is quiet; a warm one never
+    measures."""
+    monkeypatch.setenv("MLX_FLASH_HOME", str(tmp_path / "home"))
+    mlx_flash.load(tiny_bundle, memory_budget="off", context=64, cold=False)
+    assert not (tmp_path / "home" / "disks.json").exists()
+    model, _ = mlx_flash.load(tiny_bundle, memory_budget="off", context=64, cold=True)
+    err = capsys.readouterr().err
+    assert err.startswith("disk: ") and "measured now" in err and len(err.splitlines()) == 1
+    speed = next(iter(json.loads((tmp_path / "home" / "disks.json").read_text()).values()))
+    gap = disk_probe.DiskSpeed(**speed).gap_bytes
+    assert all(r.max_gap == gap for r in model.flash.readers.values())
+    mlx_flash.load(tiny_bundle, memory_budget="off", context=64, cold=True)
+    assert capsys.readouterr().err == ""
