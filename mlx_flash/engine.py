@@ -105,12 +105,12 @@ class Engine:
         return (sum(c.bytes for c in counters), sum(c.seconds for c in counters),
                 sum(c.records for c in counters), self.checker.seconds)
 
-    def admit(self, cache: NeuronCache, ids: np.ndarray, t: int, ahead: bool = False
+    def admit(self, cache: NeuronCache, ids: np.ndarray, t: int
               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """`cache.admit`, its time counted as cache management."""
         t0 = time.perf_counter()
         try:
-            return cache.admit(ids, t, ahead)
+            return cache.admit(ids, t)
         finally:
             self._mem_seconds += time.perf_counter() - t0
 

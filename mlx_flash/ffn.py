@@ -180,7 +180,8 @@ class FlashEngine(Engine):
 
     def _start_upcoming(self, layer: int, x: mx.array) -> None:
         """Guess `layer`'s records on this layer's input and start reading them into its
-        cache (what finds no room there is not read)."""
+        cache's free rows (`NeuronCache.admit_guess`: what finds none is not read, and a
+        wrong guess evicts nothing)."""
         family, parts = self.mode.cache_keys[0]
         cache = self.caches.get((layer, family, parts))
         if cache is None or cache.complete:
@@ -190,7 +191,7 @@ class FlashEngine(Engine):
             return
 
         def read() -> None:
-            load, slots, _ = cache.admit(ids, self._token, ahead=True)
+            load, slots = cache.admit_guess(ids)
             self.read_admitted(cache, layer, load, slots)
 
         self.start_ahead(layer, read)

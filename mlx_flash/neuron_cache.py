@@ -64,6 +64,8 @@ class NeuronCache:
         self.neuron_at = np.full(capacity, -1, dtype=np.int64)  # slot -> record id
         self.size = 0  # slots 0..size-1 are occupied
         self.stats = CacheStats()
+        # records read ahead on a guess (`admit_guess`), not yet needed by a token
+        self.guessed = np.zeros(family.count, dtype=bool)
 
     @staticmethod
     def index_bytes(count: int, capacity: int) -> int:
@@ -81,21 +83,29 @@ class NeuronCache:
         """{record id: slot} of what is held (for checks)."""
         return {int(n): s for s, n in enumerate(self.neuron_at[:self.size])}
 
-    def admit(self, ids: np.ndarray, t: int, ahead: bool = False
-              ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def admit(self, ids: np.ndarray, t: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Account token number `t` (counting up; one token may admit several times) needing
         `ids` (sorted). Returns (load_ids, load_slots, spill_ids): the records to read into
-        which rows, and those left out. Afterwards every id not spilled is resident. `ahead`:
-        a guess read before the token needs it, whose loads count but not its hits or
-        spills (the token's own admission counts what it needed)."""
+        which rows, and those left out. Afterwards every id not spilled is resident.
+
+        Records read on a guess (`admit_guess`) are no part of it: those `ids` holds become
+        the token's own (loads, not hits), the others are the first to make room, uncounted,
+        so that the policy's residents, evictions and hits are those of a cache never
+        guessed into."""
+        used = ids[self.guessed[ids]]
+        self.guessed[used] = False
         present = self.slot_of[ids] >= 0
         missing = ids[~present]
         if not self.complete:  # what the token needs stays, however old
-            stale = self.policy.expire(self.neuron_at[:self.size].copy(), t)
+            stale = self.policy.expire(self.kept(), t)
             self.evict(stale[~np.isin(stale, ids)])
         short = len(missing) - (self.capacity - self.size)
         if short > 0:
-            self.evict(self.policy.victims(self.neuron_at[:self.size].copy(), short, t, ids))
+            guesses = self.neuron_at[:self.size][self.guessed[self.neuron_at[:self.size]]]
+            self.evict(guesses[:short], counted=False)
+            short -= min(short, len(guesses))
+        if short > 0:
+            self.evict(self.policy.victims(self.kept(), short, t, ids))
         load = missing[:self.capacity - self.size]
         spill = missing[len(load):]
         slots = np.arange(self.size, self.size + len(load))
@@ -103,16 +113,34 @@ class NeuronCache:
         self.neuron_at[slots] = load
         self.size += len(load)
         self.policy.touch(ids[self.slot_of[ids] >= 0], t)
-        self.stats.loads += len(load)
-        if not ahead:
-            self.stats.hits += int(present.sum())
-            self.stats.spills += len(spill)
+        self.stats.loads += len(load) + len(used)  # a guess used was read for this token
+        self.stats.hits += int(present.sum()) - len(used)
+        self.stats.spills += len(spill)
         return load, slots, spill
 
-    def evict(self, ids: np.ndarray) -> None:
+    def kept(self) -> np.ndarray:
+        """The policy's residents: those held, less records read on a guess."""
+        held = self.neuron_at[:self.size]
+        return held[~self.guessed[held]]
+
+    def admit_guess(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Place records `ids` (sorted) that a guess says the next token needs into free rows
+        only, never evicting and never telling the policy; they stay there, outside it,
+        until a token needs them or `admit` needs their rows. Returns (load_ids,
+        load_slots) to read."""
+        load = ids[self.slot_of[ids] < 0][:self.capacity - self.size]
+        slots = np.arange(self.size, self.size + len(load))
+        self.slot_of[load] = slots
+        self.neuron_at[slots] = load
+        self.size += len(load)
+        self.guessed[load] = True
+        return load, slots
+
+    def evict(self, ids: np.ndarray, counted: bool = True) -> None:
         """Remove resident `ids`: rows after the new end move into the freed slots."""
         if len(ids) == 0:
             return
+        self.guessed[ids] = False
         holes = self.slot_of[ids]
         new_size = self.size - len(holes)
         tail = np.arange(new_size, self.size)
@@ -126,7 +154,7 @@ class NeuronCache:
             self.slot_of[moved] = targets
         self.neuron_at[new_size:self.size] = -1
         self.size = new_size
-        self.stats.evictions += len(ids)
+        self.stats.evictions += len(ids) if counted else 0
 
     def read_admitted(self, reader: FlashReader, checker: RecordChecker, layer: int,
                       load: np.ndarray, slots: np.ndarray) -> None:

@@ -35,18 +35,18 @@ def bundles(tmp_path_factory) -> dict[str, Path]:
             for name, src in (("random", root / "random"), ("trained", DATA / "moe-tiny"))}
 
 
-def decode_keeping(model, steps: int) -> tuple[np.ndarray, list[dict[int, np.ndarray]]]:
-    """Greedy logits of `steps` tokens after PROMPT, and after each token the experts every
-    cache holds."""
+def decode_keeping(model, steps: int, prompt: list[int] = PROMPT
+                   ) -> tuple[np.ndarray, list[dict]]:
+    """Greedy logits of `steps` tokens after `prompt`, and after each token the records
+    (experts, neurons) every cache's policy keeps (not those read on a guess)."""
     from mlx_lm.models.cache import make_prompt_cache
 
     state = make_prompt_cache(model)
-    logits = model(mx.array([PROMPT]), cache=state)[:, -1]
+    logits = model(mx.array([prompt]), cache=state)[:, -1]
     out, kept = [], []
     for _ in range(steps):
         out.append(np.array(logits.astype(mx.float32)))
-        kept.append({layer: np.sort(cache.neuron_at[:cache.size])
-                     for layer, cache in model.flash.caches.items()})
+        kept.append({key: np.sort(cache.kept()) for key, cache in model.flash.caches.items()})
         logits = model(mx.argmax(logits, axis=-1)[:, None], cache=state)[:, -1]
     return np.concatenate(out), kept
 
@@ -110,3 +110,30 @@ def test_no_prefetch_area_where_nothing_is_guessed(bundles):
         decode_keeping(model, 4)
         assert model.flash.plan.prefetch == 0 and model.flash.prefetch is None
         assert model.flash.read_ahead == 0
+
+
+@pytest.mark.parametrize("share", [2, 3])
+def test_dense_guesses_never_change_what_the_windows_keep(relu_bundle, share):
+    """The dense engine's lookahead (the predictor's guess of the next layer's neurons) reads
+    into free rows of the window caches only: each window keeps what it keeps without it."""
+    from test_exact import PROMPT as DENSE_PROMPT
+    from test_exact import budgets
+
+    from mlx_flash.bundle import Bundle
+    from mlx_flash.loader import EngineOptions, open_model
+
+    budget = budgets(relu_bundle, "predictor")[share]
+
+    def model(lookahead: bool):
+        return open_model(Bundle.open(relu_bundle), None, "predictor",
+                          EngineOptions(budget, 5, threads=8, lookahead=lookahead))
+
+    on, off = model(True), model(False)
+    want, kept_off = decode_keeping(off, STEPS, DENSE_PROMPT)
+    got, kept_on = decode_keeping(on, STEPS, DENSE_PROMPT)
+    assert np.array_equal(got, want)
+    for token, (a, b) in enumerate(zip(kept_on, kept_off, strict=True)):
+        for key in a:
+            assert np.array_equal(a[key], b[key]), (token, key)
+    assert on.flash.cache_stats() == off.flash.cache_stats()
+    assert on.flash.read_ahead > 0
