@@ -53,6 +53,10 @@ class FlashEngine(Engine):
         self._slots = np.arange(max(fam.count for fam in self.families.values()))
         self.dense.rows_per_fetch = mode.rows_per_fetch = self.matrices["neuron"].capacity
         self.n_layers = len(self.families["neuron"].segments)
+        # the first layer this engine serves, where a token is counted and the caches' clock
+        # advances: 0, or a pipeline rank's first (`pipeline.RankView` empties the others)
+        self.first_layer = next((i for i, (_, size) in enumerate(
+            self.families["neuron"].segments) if size), 0)
         for (family, parts), per_layer in plan.capacity.items():
             fam = self.families[family]
             for layer, rows in enumerate(per_layer[:self.n_layers]):
@@ -79,7 +83,7 @@ class FlashEngine(Engine):
         self._decoding = flat.shape[0] == 1
         phase = self.stats.decode if self._decoding else self.stats.prefill
         self.await_ahead(layer, phase)
-        if layer == 0:
+        if layer == self.first_layer:
             phase.tokens += flat.shape[0]
             self._token += self._decoding
         mode = self.dense if not self._decoding and self.dense_prefill else self.mode

@@ -9,7 +9,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -200,12 +200,26 @@ class MemoryPlan:
                 f"({self.complete_layers} of {self.layers} layers complete)")
 
 
-def loaded_bytes(path: Path, compute_itemsize: int) -> int:
-    """Memory the tensors of a safetensors file take once loaded for compute: float tensors
-    in the compute dtype, the rest (quantized weights) as stored. Reads only the header."""
+def arrays_loaded_bytes(arrays: Iterable[mx.array], compute_itemsize: int) -> int:
+    """Memory `arrays` take once loaded for compute: float tensors in the compute dtype, the
+    rest (quantized weights) as stored. Unevaluated arrays are not read."""
     return sum(a.nbytes * compute_itemsize // a.itemsize
-               if mx.issubdtype(a.dtype, mx.floating) else a.nbytes
-               for a in mx.load(str(path)).values())
+               if mx.issubdtype(a.dtype, mx.floating) else a.nbytes for a in arrays)
+
+
+def loaded_bytes(path: Path, compute_itemsize: int) -> int:
+    """`arrays_loaded_bytes` of the tensors of a safetensors file. Reads only the header."""
+    return arrays_loaded_bytes(mx.load(str(path)).values(), compute_itemsize)
+
+
+def resident_loaded_bytes(bundle: Bundle, compute_itemsize: int) -> int:
+    """Memory the resident weights take once loaded: the bundle's own count where it has one
+    (`loaded_resident_bytes`: a pipeline rank's view counts only its layers' weights; a model
+    streamed from its own files, its resident tensors among the experts), else
+    `loaded_bytes` of its resident file."""
+    own = getattr(bundle, "loaded_resident_bytes", None)
+    return own(compute_itemsize) if own else loaded_bytes(bundle.resident_path,
+                                                          compute_itemsize)
 
 
 def plan_memory(bundle: Bundle, compute_itemsize: int, selection_bytes: int,
@@ -228,7 +242,7 @@ def plan_memory(bundle: Bundle, compute_itemsize: int, selection_bytes: int,
     KV cache comes before the neuron caches (they save reads; it holds the conversation)."""
     config = bundle.config
     n_layers = int(config["num_hidden_layers"])
-    resident = loaded_bytes(bundle.resident_path, compute_itemsize)
+    resident = resident_loaded_bytes(bundle, compute_itemsize)
     families = {family for family, _ in cache_keys} | {"neuron"}
     staging = sum(staging_rows(bundle.families[f]) * bundle.families[f].record_bytes
                   for f in families)
@@ -301,10 +315,9 @@ def _expert_sizes(bundle: Bundle, itemsize: int, context: int, policy: str,
     # threads' stacks): the benchmark measured model RSS 6-10 MB past a budget its caches
     # filled with 16 MiB here (docs/BENCHMARKS.md)
     float_row = sum(p.length * itemsize if p.dtype != "uint32" else p.nbytes for p in fam.parts)
-    # a model streamed from its own files (mlx_flash.expert_index): its resident tensors
-    # lie among the experts, and pieces stored in another dtype are staged on admission
-    own = getattr(bundle, "loaded_resident_bytes", None)
-    resident = own(itemsize) if own else loaded_bytes(bundle.resident_path, itemsize)
+    # a model streamed from its own files (mlx_flash.expert_index): pieces stored in another
+    # dtype are staged on admission
+    resident = resident_loaded_bytes(bundle, itemsize)
     plan = MemoryPlan(None, resident, 0, 0,
                       kv_cache_bytes(bundle.config, itemsize, context, kv_quantization),
                       context, work=2 * k * float_row + 32 * 2**20

@@ -23,7 +23,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .errors import UnsupportedModel
-from .ffn import FlashFFN
+from .memory import arrays_loaded_bytes
 
 LAYER_NAME = re.compile(r"(?:^|\.)layers\.(\d+)\.")  # as mlx-lm's sharded_load matches them
 
@@ -163,19 +163,6 @@ def _llama_classes() -> tuple[type, type]:
 PipelinedLlamaModel, PipelinedLlama = _llama_classes()
 
 
-class FirstStageFFN(FlashFFN):
-    """The FFN of a rank's first layer past layer 0. The dense engine counts a token, and
-    advances its caches' clock (the sliding window), at layer 0 (`FlashEngine.__call__`),
-    which this rank does not run: here it does so itself, before the engine runs."""
-
-    def __call__(self, x: mx.array) -> mx.array:
-        tokens = x.size // x.shape[-1]
-        engine = self.engine
-        (engine.stats.decode if tokens == 1 else engine.stats.prefill).tokens += tokens
-        engine._token += tokens == 1  # noqa: SLF001 - the window's clock; see the docstring
-        return super().__call__(x)
-
-
 class RankView:
     """A bundle (or an MoE source) as one rank's engine sees it: the record segments of
     other ranks' layers empty, a config of only its layers (the KV cache the plan counts),
@@ -212,10 +199,9 @@ class RankView:
         return {k: v for k, v in weights.items() if self.stage.owns(k)}
 
     def loaded_resident_bytes(self, itemsize: int) -> int:
-        """`memory.loaded_bytes` over this rank's resident weights."""
-        return sum(a.nbytes * itemsize // a.itemsize
-                   if mx.issubdtype(a.dtype, mx.floating) else a.nbytes
-                   for a in self.resident_weights().values())
+        """Memory this rank's resident weights take once loaded (`memory.plan_memory` and
+        `memory.expert_plan` count these, not the bundle's)."""
+        return arrays_loaded_bytes(self.resident_weights().values(), itemsize)
 
     def load_resident(self) -> dict[str, mx.array]:
         """The bundle's resident weights (checked as it checks them), this rank's only."""
@@ -242,15 +228,12 @@ def place_capacities(plan: Any, stage: Stage) -> None:
             + [0] * (stage.layers - stage.end)
 
 
-def attach_engine(model: nn.Module, engine: Any, stage: Stage | None) -> None:
+def attach_engine(model: nn.Module, engine: Any) -> None:
     """Give every flash module of the model's layers (a rank's: the others are gone) its
-    engine; a rank's first dense FFN past layer 0 counts the tokens (`FirstStageFFN`)."""
+    engine."""
     for _, module in model.named_modules():
         if hasattr(module, "engine") and hasattr(module, "layer"):
             module.engine = engine
-            if stage is not None and stage.start > 0 and module.layer == stage.start \
-                    and type(module) is FlashFFN:
-                module.__class__ = FirstStageFFN
 
 
 def init_group() -> Any:

@@ -172,11 +172,9 @@ def test_each_rank_loads_and_reads_only_its_layers(decoded, case):
         assert mine[0]["ffn_bytes"] + mine[1]["ffn_bytes"] == one["ffn_bytes"]
         if one["budget"] == "off":  # naive: every token reads its selection, layer by layer
             assert mine[0]["decode_bytes"] + mine[1]["decode_bytes"] == one["decode_bytes"]
-        # what each rank's plan counts as resident: an MoE rank its own weights; a dense
-        # rank's plan (memory.plan_memory reads the resident file's header, not the view's
-        # loaded_resident_bytes as expert_plan does) still every layer's
-        if CASES[case].startswith("moe"):
-            assert max(m["resident"] for m in mine.values()) < one["resident"]
+        # what each rank's plan counts as resident: its own layers' weights and the shared
+        # ones, dense or MoE (test_dense_rank_plans_only_its_layers_resident_weights: exactly)
+        assert max(m["resident"] for m in mine.values()) < one["resident"]
 
 
 def test_generate_command_under_mlx_launch(ring, moe_bundles):
@@ -284,3 +282,29 @@ def test_rank_view_shows_only_its_layers(moe_bundles):
     assert view.loaded_resident_bytes(4) < sum(
         v.nbytes * 4 // v.itemsize if mx.issubdtype(v.dtype, mx.floating) else v.nbytes
         for v in bundle.load_resident().values())
+
+
+def test_dense_rank_plans_only_its_layers_resident_weights(tiny_bundle):
+    """A dense rank's memory plan counts the resident weights it loads: its layers' and the
+    shared ones (embeddings, final norm, head), none of another rank's layers."""
+    from mlx_flash.bundle import Bundle
+    from mlx_flash.memory import plan_memory
+    from mlx_flash.pipeline import LAYER_NAME
+
+    bundle = Bundle.open(tiny_bundle)
+    layers = int(bundle.config["num_hidden_layers"])
+    assert layers >= 2
+    by_layer: dict[int | None, int] = {}  # the stored tensors as float16 (itemsize 2), by layer
+    for name, weight in mx.load(str(bundle.resident_path)).items():
+        assert mx.issubdtype(weight.dtype, mx.floating) and weight.itemsize == 4
+        found = LAYER_NAME.search(name)
+        key = int(found.group(1)) if found else None
+        by_layer[key] = by_layer.get(key, 0) + weight.size * 2
+
+    def resident(view) -> int:
+        return plan_memory(view, 2, 0, [], None, 256, default_full=False).resident
+
+    assert resident(bundle) == sum(by_layer.values())
+    for start, end in ((0, 1), (1, layers)):
+        view = RankView(bundle, Stage(0, 2, start, end, layers))
+        assert resident(view) == by_layer[None] + sum(by_layer[i] for i in range(start, end))
