@@ -138,10 +138,10 @@ class EngineOptions:
     cold: bool = False
     use_mmap: bool = False  # read records out of a memory map (the benchmark's "mmap" engine)
     rotating_kv: bool = False  # past `context` tokens the KV cache rotates (max_kv_size)
-    # read the next layer's likely records while its attention computes: off unless asked. On
-    # the ReLU fixture (caches of 60% of a layer, window 4, 40 tokens) the predictor's guesses
-    # on the layer before's input read 7.5x the bytes (13.0 vs 1.7 MB): wrong guesses, and
-    # the rows they push out of the caches
+    # read the next layer's likely records while its attention computes: off unless asked.
+    # Wrong guesses cost reads, never hits: on the ReLU fixture (caches of 60%, window 5, 40
+    # tokens) 5.3 vs 2.0 MB read, hit rate equal; the quick MoE model gains unthrottled, not
+    # at 20 MB/s (docs/BENCHMARKS.md, "Overlap: on and off, in both regimes")
     lookahead: bool = False
     # MoE models: which resident expert makes room for a missing one (mlx_flash.eviction)
     expert_policy: str = DEFAULT_POLICY
@@ -264,7 +264,7 @@ def open_model(bundle: Bundle, compute_dtype: str | None = None,
     keep_within(plan)
     engine = FlashEngine(view, spec, mode, dtype, plan, options.window, options.threads,
                          options.cold, options.use_mmap, options.lookahead)
-    attach_engine(model, engine, stage)
+    attach_engine(model, engine)
     return finish_model(model, view, engine, dtype, len(arch.layers(model)), options)
 
 
@@ -397,9 +397,9 @@ def open_moe_model(bundle: Bundle, compute_dtype: str | None, options) -> nn.Mod
     k = int(bundle.config["num_experts_per_tok"])
     engine = ExpertEngine(bundle, plan, dtype, options.threads, options.cold, options.use_mmap,
                           naive=budget == "off",
-                          lookahead=k + (k + 1) // 2 if options.lookahead else 0,
+                          lookahead=k if options.lookahead else 0,
                           policy=options.expert_policy)
-    attach_engine(model, engine, stage)
+    attach_engine(model, engine)
     expected = expert_layout(next(iter(routed.values())).shapes, bundle.dtype,
                              fam.quantization)
     if tuple(p.name for p in fam.parts) != tuple(p.name for p in expected[0]) \
