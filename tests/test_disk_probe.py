@@ -12,7 +12,7 @@ from tiny_moe import write_tiny_moe
 import mlx_flash
 from mlx_flash import disk_probe
 from mlx_flash.convert import convert
-from mlx_flash.flash_io import DEFAULT_MAX_READ
+from mlx_flash.flash_io import DEFAULT_MAX_GAP, DEFAULT_MAX_READ
 from mlx_flash.memory import expert_budget
 from mlx_flash.paths import resolve_model
 
@@ -34,8 +34,10 @@ def test_measure_reads_what_it_says(tmp_path):
 
 
 def test_gap_is_what_the_disk_moves_while_a_read_waits():
-    speed = disk_probe.DiskSpeed(1 << 20, 10, 0.5, 4, 100e-6)  # 21 MB/s, 0.1 ms a read
+    speed = disk_probe.DiskSpeed(1 << 20, 1000, 1.0, 4, 100e-6)  # 1 GB/s, 0.1 ms a read
     assert speed.gap_bytes == int(100e-6 * speed.bytes_per_second)
+    slow = disk_probe.DiskSpeed(1 << 20, 10, 0.5, 4, 100e-6)  # 21 MB/s: the page cache's
+    assert slow.gap_bytes == DEFAULT_MAX_GAP
     fast = disk_probe.DiskSpeed(1 << 20, 5000, 1.0, 8, 1e-3)  # 5 GB/s, 1 ms: capped
     assert fast.gap_bytes == disk_probe.MAX_GAP
 

@@ -244,6 +244,10 @@ def worker(spec: dict) -> dict:
         options.lookahead = engine_name == "flash-ahead"
         model = open_model(bundle, compute, sparsity, options)
         flash = model.flash
+        if options.cold and not flash.plan.whole:  # as mlx_flash.load fits cold reads
+            from mlx_flash.disk_probe import tune_reads
+
+            tune_reads(flash, options.threads)
         if trace is not None:
             from mlx_flash.selection import Trace
 
