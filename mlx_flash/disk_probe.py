@@ -30,6 +30,7 @@ from .paths import home
 PROBE_SECONDS = 0.3  # long enough for a few dozen random reads on a slow disk, short at start
 PROBE_MAX_BYTES = 256 * 2**20  # a fast disk stops here, not at the clock
 PROBE_MIN_READS = 8
+PROBE_MAX_READ = 1 << 20
 LATENCY_READS = 16  # single-page reads, one at a time: the median is the disk's latency
 MAX_GAP = 1 << 20  # reads are cut at 256 KiB anyway (flash_io.DEFAULT_MAX_READ)
 
@@ -195,8 +196,9 @@ def tune_reads(engine: Any, threads: int) -> tuple[str, bool]:
     (`report`, with that gap) and whether the disk was measured now."""
     reads = token_reads(engine)
     # reads of a record, or of the largest merged read (a dense engine's records are small):
-    # the disk's bandwidth, not its latency again
-    size = max(reads.record_bytes, DEFAULT_MAX_READ)
+    # the disk's bandwidth, not its latency again; at most 1 MiB, as its buffers (one a
+    # thread) are memory the plan does not hold
+    size = min(max(reads.record_bytes, DEFAULT_MAX_READ), PROBE_MAX_READ)
     speed, measured = disk_speed(record_file(engine), size, threads)
     for reader in engine.readers.values():
         reader.set_max_gap(speed.gap_bytes)

@@ -91,7 +91,7 @@ def test_expert_token_reads_and_line(moe_bundle, where, tmp_path, monkeypatch):
     assert f"{reads.records // layers} experts x {layers} layers" in line
     line, measured = disk_probe.tune_reads(engine, threads=2)
     assert not measured and "measured on the first run" in line
-    size = max(reads.record_bytes, DEFAULT_MAX_READ)
+    size = min(max(reads.record_bytes, DEFAULT_MAX_READ), disk_probe.PROBE_MAX_READ)
     speed, _ = disk_probe.disk_speed(file, size, 2, tmp_path / "home" / "disks.json")
     assert all(r.max_gap == speed.gap_bytes for r in engine.readers.values())
     # the gap changes how records are read, never what is computed: the widest gap decodes
