@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from tiny_models import CHAT_TEMPLATE, SPECIAL, byte_vocab, permute_qk
+from fixtures import add_byte_tokenizer
+from tiny_models import CHAT_TEMPLATE, byte_vocab, permute_qk
 
 # the model kinds, their GGUF architecture, mlx-lm model_type and MoE module
 MOE_ARCHS = {"qwen3moe": ("qwen3moe", "qwen3_moe", "mlp"),
@@ -182,14 +183,8 @@ def write_moe_gguf(path: Path, arch: str, qtype: str, seed: int = 0,
     writer = gguf.GGUFWriter(str(path), garch)
     for key, (value, kind) in kv.items():
         getattr(writer, f"add_{kind}")(key.format(arch=garch), value)
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("qwen2" if qwen else "smollm")
-    writer.add_token_list(tokens)
-    writer.add_token_types([3] * len(SPECIAL) + [1] * (len(tokens) - len(SPECIAL)))
-    writer.add_token_merges(merges)
-    writer.add_bos_token_id(config["bos_token_id"])
-    writer.add_eos_token_id(config["eos_token_id"])
-    writer.add_add_bos_token(False)
+    add_byte_tokenizer(writer, tokens, merges, "qwen2" if qwen else "smollm",
+                       config["bos_token_id"], config["eos_token_id"])
     writer.add_chat_template(CHAT_TEMPLATE)
 
     dequantized, qtypes = {}, {}

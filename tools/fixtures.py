@@ -37,3 +37,18 @@ def save_byte_tokenizer(folder: Path) -> int:
                                   chat_template=CHAT_TEMPLATE)
     tok.save_pretrained(str(folder))
     return len(tokens)
+
+
+def add_byte_tokenizer(writer, tokens: list[str], merges: list[str], pre: str, bos: int,
+                       eos: int) -> None:
+    """The byte-level BPE tokenizer `tokens`/`merges` (byte_vocab's, maybe extended) into a
+    gguf-py GGUFWriter, as llama.cpp's converter writes a gpt2-style one (specials typed
+    control, no BOS added)."""
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(pre)
+    writer.add_token_list(tokens)
+    writer.add_token_types([3] * len(SPECIAL) + [1] * (len(tokens) - len(SPECIAL)))
+    writer.add_token_merges(merges)
+    writer.add_bos_token_id(bos)
+    writer.add_eos_token_id(eos)
+    writer.add_add_bos_token(False)

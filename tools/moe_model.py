@@ -458,7 +458,7 @@ def write_gguf(path: Path, config: dict, design: Design) -> None:
     """The model as llama.cpp's qwen3moe GGUF (gguf-py's writer, tensor by tensor); its
     tokenizer a byte-level BPE over `vocab` distinct tokens (fed token ids, never text)."""
     import gguf
-    from fixtures import SPECIAL, byte_vocab
+    from fixtures import add_byte_tokenizer, byte_vocab
 
     made = ModelTensors(config, design)
     c = made.qconfig
@@ -480,14 +480,7 @@ def write_gguf(path: Path, config: dict, design: Design) -> None:
     writer.add_uint32("general.file_type", int(gguf.LlamaFileType.MOSTLY_Q4_1))
     tokens, merges = byte_vocab()
     tokens += [f"<t{i}>" for i in range(c["vocab_size"] - len(tokens))]
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("qwen2")
-    writer.add_token_list(tokens)
-    writer.add_token_types([3] * len(SPECIAL) + [1] * (len(tokens) - len(SPECIAL)))
-    writer.add_token_merges(merges)
-    writer.add_bos_token_id(c["bos_token_id"])
-    writer.add_eos_token_id(c["eos_token_id"])
-    writer.add_add_bos_token(False)
+    add_byte_tokenizer(writer, tokens, merges, "qwen2", c["bos_token_id"], c["eos_token_id"])
     order = list(gguf_tensors(made))
     for base, kind, shape in order:
         t = gguf.GGMLQuantizationType[kind]
