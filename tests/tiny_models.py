@@ -14,7 +14,13 @@ import mlx.core as mx
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
-from fixtures import CHAT_TEMPLATE, SPECIAL, byte_vocab, save_byte_tokenizer  # noqa: E402
+from fixtures import (  # noqa: E402, F401 (add_byte_tokenizer: for tiny_moe_gguf)
+    CHAT_TEMPLATE,
+    SPECIAL,
+    add_byte_tokenizer,
+    byte_vocab,
+    save_byte_tokenizer,
+)
 
 TINY_LLAMA = {
     "model_type": "llama",

@@ -15,8 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from fixtures import add_byte_tokenizer
-from tiny_models import CHAT_TEMPLATE, byte_vocab, permute_qk
+from tiny_models import CHAT_TEMPLATE, add_byte_tokenizer, byte_vocab, permute_qk
 
 # the model kinds, their GGUF architecture, mlx-lm model_type and MoE module
 MOE_ARCHS = {"qwen3moe": ("qwen3moe", "qwen3_moe", "mlp"),
