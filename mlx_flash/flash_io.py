@@ -96,9 +96,12 @@ class ReadPool:
             self.counters.records += records
             self.counters.seconds += time.perf_counter() - t0
 
-    def close(self) -> None:
+    def close(self, wait: bool = True) -> None:
+        """Stop the threads; `wait` for them to end (never from a finalizer: garbage
+        collection may run inside a thread that is starting, and joining there deadlocks the
+        thread waiting for it to start, seen once in the test suite)."""
         if self._pool is not None:
-            self._pool.shutdown()
+            self._pool.shutdown(wait=wait)
             self._pool = None
 
 
@@ -159,8 +162,8 @@ class FlashReader:
         mlx_flash.disk_probe; the scratch buffer grows on the next read)."""
         self.max_gap = gap
 
-    def close(self) -> None:
-        self.pool.close()
+    def close(self, wait: bool = True) -> None:
+        self.pool.close(wait)
         if self._map is not None:
             self._map.release()
             self._map = None
@@ -169,7 +172,7 @@ class FlashReader:
             self.fd = -1
 
     def __del__(self) -> None:
-        self.close()
+        self.close(wait=False)  # a finalizer never joins threads (ReadPool.close)
 
     def drop_cache(self, offset: int = 0, length: int = 0) -> None:
         """Ask the OS to forget its cached pages of [offset, offset + length) (0: to the end),

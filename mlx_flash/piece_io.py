@@ -84,13 +84,13 @@ class PieceReader:
         for f in self.files:
             f.set_max_gap(gap)
 
-    def close(self) -> None:
-        self.pool.close()
+    def close(self, wait: bool = True) -> None:
+        self.pool.close(wait)
         for f in self.files:
-            f.close()
+            f.close(wait)
 
     def __del__(self) -> None:
-        self.close()
+        self.close(wait=False)  # a finalizer never joins threads (ReadPool.close)
 
     def read_records(self, family: RecordFamily, layer: int, ids: np.ndarray,
                      slots: np.ndarray, matrix: NeuronMatrix,
