@@ -116,6 +116,14 @@ def _expert_names(names: set[str], path: str, t: str, count: int) -> list[str]:
                       f"{owner}.experts.E.{t}_proj.weight)")
 
 
+def routed_experts(config: dict[str, Any], where: object) -> dict[int, Any]:
+    """The model's routed MoE layers (`routed_layers`), or SourceError naming `where`."""
+    routed = routed_layers(build_model(config))
+    if not routed:
+        raise SourceError(f"{where}: no routed experts")
+    return routed
+
+
 def build_index(folder: Path, config: dict[str, Any], files: list[Path]) -> dict[str, Any]:
     """The index of `folder`'s experts (docs/FORMAT.md): reads only the files' headers."""
     where: dict[str, tuple[int, dict[str, Any], int]] = {}  # tensor -> (file, entry, data start)
@@ -126,9 +134,7 @@ def build_index(folder: Path, config: dict[str, Any], files: list[Path]) -> dict
         for name, entry in header.items():
             where[name] = (i, entry, start)
     count = int(config[MOE_TYPES[config["model_type"]]])
-    routed = routed_layers(build_model(config))
-    if not routed:
-        raise SourceError(f"{folder}: no routed experts")
+    routed = routed_experts(config, folder)
     layers: dict[str, Any] = {}
     quantization: dict[str, dict[str, int]] = {}
     experts: list[str] = []

@@ -28,7 +28,7 @@ from typing import Any
 import mlx.core as mx
 
 from .arch import check_finite, mlx_lm_quantization, resident_arrays
-from .arch.moe import MOE_TYPES, TENSORS, build_model, check_moe_config, routed_layers
+from .arch.moe import MOE_TYPES, TENSORS, build_model, check_moe_config
 from .bundle import DTYPES, Quantization
 from .errors import BundleError, ConversionError, SourceError
 from .expert_index import (
@@ -39,6 +39,7 @@ from .expert_index import (
     file_identity,
     index_is_fresh,
     open_index,
+    routed_experts,
 )
 from .sources.gguf import GGUFSource
 
@@ -75,9 +76,7 @@ def build_gguf_index(source: GGUFSource, config: dict[str, Any], digest: str
     """The index of the GGUF's experts (docs/FORMAT.md): from its header only."""
     name = source.path.name
     count = source.experts
-    routed = routed_layers(build_model(config))
-    if not routed:
-        raise SourceError(f"{name}: no routed experts")
+    routed = routed_experts(config, name)
     first = min(routed)
     layers: dict[str, Any] = {}
     quantization: dict[str, dict[str, int]] = {}
